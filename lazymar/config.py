@@ -1,0 +1,91 @@
+"""Model configurations: the official MAR sizes, the tiny fixture size and the embedded digits model."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MARConfig:
+    """Constructor settings of a MAR model, named as in the official ``args``."""
+
+    img_size: int = 256
+    vae_stride: int = 16
+    patch_size: int = 1
+    vae_embed_dim: int = 16
+    encoder_embed_dim: int = 1024
+    encoder_depth: int = 16
+    encoder_num_heads: int = 16
+    decoder_embed_dim: int = 1024
+    decoder_depth: int = 16
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    buffer_size: int = 64
+    diffloss_d: int = 3
+    diffloss_w: int = 1024
+    class_num: int = 1000
+    num_sampling_steps: str = "100"
+    label_drop_prob: float = 0.1
+    diffusion_batch_mul: int = 4
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side of the square token grid."""
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any] | Any) -> "MARConfig":
+        """Build from a dict or an argparse Namespace; unknown keys (lr, epochs, ...) are ignored."""
+        if not isinstance(args, dict):
+            args = vars(args)
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in args.items() if k in names}
+        if "num_sampling_steps" in kwargs:
+            kwargs["num_sampling_steps"] = str(kwargs["num_sampling_steps"])
+        return cls(**kwargs)
+
+
+def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:
+    return MARConfig(
+        encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
+        decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads,
+        diffloss_d=head_depth, diffloss_w=head_width,
+    )
+
+
+CONFIGS: dict[str, MARConfig] = {
+    "mar_base": _official(768, 12, 12, 6, 1024),
+    "mar_large": _official(1024, 16, 16, 8, 1280),
+    "mar_huge": _official(1280, 20, 16, 12, 1536),
+    # the size of ../shared/reference/mar_tiny_a.pth
+    "mar_tiny": MARConfig(
+        img_size=128, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, buffer_size=16,
+        diffloss_d=2, diffloss_w=96, class_num=10, num_sampling_steps="10",
+    ),
+    # the embedded model: 8x8 digits, one pixel value per token, MAR's buffer of 64
+    "digits": MARConfig(
+        img_size=8, vae_stride=1, patch_size=1, vae_embed_dim=1,
+        encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
+        decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=4,
+        buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> MARConfig:
+    """A named configuration, optionally with some fields replaced."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model configuration {name!r}; known: {', '.join(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)

@@ -1,0 +1,207 @@
+"""MAR's sampling loop, written as an explicit loop over steps with one seam per step.
+
+Each step builds a :class:`StepContext` (masks, statuses, CFG scale) that observers (the redundancy recorder) read
+and that a :class:`StepRunner` (plain, or the cache engine) executes. Module hooks can find the active step with
+:func:`current_step`. The loop itself follows the official ``sample_tokens``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .model import MAR
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The knobs of MAR sampling; checkpoints store their defaults."""
+
+    num_iter: int = 64
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class StepContext:
+    """Everything about one sampling step. Masks are (B, seq_len) booleans over the B samples (not doubled).
+
+    Statuses of token positions at step s partition them: ``known`` (decoded before s-1), ``new`` (decoded at
+    s-1), ``to_predict`` (decoded at s) and ``masked`` (still unknown after s). With CFG the network batch is
+    [cond; uncond] of size 2B.
+    """
+
+    model: MAR
+    step: int
+    num_iter: int
+    tokens: Tensor                 # (B, L, D) tokens known before this step (zeros where unknown)
+    labels: Tensor                 # (B,)
+    known: Tensor
+    new: Tensor
+    to_predict: Tensor
+    masked: Tensor
+    mask_ratio: float              # fraction of positions still unknown after this step (cosine schedule)
+    cfg_scale: float               # guidance scale of this step (after the cfg schedule)
+    use_cfg: bool
+    z: Optional[Tensor] = None     # (2B or B, L, dec) head conditioning, set after the transformer pass
+    sampled: Optional[Tensor] = None  # (n_to_predict, D) tokens sampled at this step
+    extras: dict = field(default_factory=dict)  # scratch space for runners and observers
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def unknown(self) -> Tensor:
+        """Positions unknown before this step: what the network sees as masked."""
+        return self.to_predict | self.masked
+
+    def doubled(self, x: Tensor) -> Tensor:
+        """x repeated for the [cond; uncond] network batch when CFG is on."""
+        return torch.cat([x, x]) if self.use_cfg else x
+
+    def network_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens, float mask with 1 = unknown, class embeddings) of the network batch."""
+        model, B = self.model, self.batch_size
+        emb = model.class_embedding(self.labels, B)
+        if self.use_cfg:
+            emb = torch.cat([emb, model.class_embedding(None, B)])
+        return self.doubled(self.tokens), self.doubled(self.unknown).float(), emb
+
+
+class StepRunner:
+    """Does a step's network work. This one runs the plain model; the cache engine replaces it."""
+
+    def start(self, model: MAR, settings: SamplingSettings, batch_size: int) -> None:
+        """Called once before the first step of a generation."""
+
+    def transformer(self, ctx: StepContext) -> Tensor:
+        return ctx.model.forward_transformer(*ctx.network_inputs())
+
+    def head(self, ctx: StepContext, z: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
+        """Sample the tokens of the rows of z (the to-predict positions, [cond; uncond] with CFG)."""
+        cfg = ctx.cfg_scale if ctx.use_cfg else None
+        sampled = ctx.model.diffloss.sample(z, temperature, cfg, generator)
+        return sampled[: z.shape[0] // 2] if ctx.use_cfg else sampled
+
+
+class StepObserver:
+    """Receives every step of every generation while registered with :func:`observe_steps`."""
+
+    def on_generation_start(self, model: MAR, settings: SamplingSettings, labels: Tensor) -> None: ...
+    def on_step_start(self, ctx: StepContext) -> None: ...
+    def on_step_end(self, ctx: StepContext) -> None: ...
+    def on_generation_end(self, model: MAR, tokens: Tensor) -> None: ...
+
+
+_observers: contextvars.ContextVar[tuple[StepObserver, ...]] = contextvars.ContextVar("lazymar_observers", default=())
+_current_step: contextvars.ContextVar[Optional[StepContext]] = contextvars.ContextVar("lazymar_step", default=None)
+
+
+@contextlib.contextmanager
+def observe_steps(observer: StepObserver) -> Iterator[StepObserver]:
+    """Register ``observer`` for the generations run inside the ``with`` block."""
+    token = _observers.set(_observers.get() + (observer,))
+    try:
+        yield observer
+    finally:
+        _observers.reset(token)
+
+
+def current_step() -> Optional[StepContext]:
+    """The step being computed (None outside sampling); for module hooks."""
+    return _current_step.get()
+
+
+def mask_length(step: int, num_iter: int, seq_len: int, num_unknown: int) -> int:
+    """Positions left unknown after ``step``: floor(L cos(pi/2 (s+1)/N)), clamped to [1, unknown - 1]."""
+    target = math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+    return max(1, min(num_unknown - 1, target))
+
+
+def step_cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
+    if schedule == "linear":
+        return 1 + (cfg - 1) * (seq_len - mask_len) / seq_len
+    return cfg
+
+
+def random_orders(batch_size: int, seq_len: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """One random generation order (a permutation of positions) per sample."""
+    return torch.argsort(torch.rand(batch_size, seq_len, generator=generator, device=device), dim=1)
+
+
+def _as_generator(seed: Optional[int | torch.Generator], device: torch.device) -> Optional[torch.Generator]:
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+@torch.no_grad()
+def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[SamplingSettings] = None,
+             seed: Optional[int | torch.Generator] = 0, runner: Optional[StepRunner] = None,
+             progress: bool = False) -> Tensor:
+    """Generate tokens (B, seq_len, token_dim) for class ``labels`` (-1 = unconditional).
+
+    The seed (or generator) fixes the orders and all noise, so the same seed gives the same tokens.
+    """
+    settings = settings or getattr(model, "sampling_defaults", None) or SamplingSettings()
+    runner = runner or StepRunner()
+    device = next(model.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() and int(labels.max()) >= model.config.class_num:
+        raise ValueError(f"label {int(labels.max())} out of range: the model has {model.config.class_num} classes")
+    generator = _as_generator(seed, device)
+    B, L, D = labels.shape[0], model.seq_len, model.token_dim
+    use_cfg = settings.cfg != 1.0
+    observers = _observers.get()
+
+    tokens = torch.zeros(B, L, D, device=device)
+    orders = random_orders(B, L, generator, device)
+    unknown = torch.ones(B, L, dtype=torch.bool, device=device)
+    new = torch.zeros_like(unknown)
+    runner.start(model, settings, B)
+    for obs in observers:
+        obs.on_generation_start(model, settings, labels)
+    for step in tqdm(range(settings.num_iter), desc="steps", disable=not progress, leave=False):
+        mask_len = mask_length(step, settings.num_iter, L, int(unknown[0].sum()))
+        masked = torch.zeros_like(unknown).scatter_(1, orders[:, :mask_len], True)
+        if step == settings.num_iter - 1:
+            masked = torch.zeros_like(unknown)
+        ctx = StepContext(
+            model=model, step=step, num_iter=settings.num_iter, tokens=tokens, labels=labels,
+            known=~unknown & ~new, new=new, to_predict=unknown & ~masked, masked=masked,
+            mask_ratio=mask_len / L if step < settings.num_iter - 1 else 0.0,
+            cfg_scale=step_cfg_scale(settings.cfg, settings.cfg_schedule, mask_len, L), use_cfg=use_cfg,
+        )
+        reset = _current_step.set(ctx)
+        try:
+            for obs in observers:
+                obs.on_step_start(ctx)
+            ctx.z = runner.transformer(ctx)
+            rows = ctx.doubled(ctx.to_predict)
+            ctx.sampled = runner.head(ctx, ctx.z[rows], settings.temperature, generator)
+            tokens = tokens.clone()
+            tokens[ctx.to_predict] = ctx.sampled
+            for obs in observers:
+                obs.on_step_end(ctx)
+        finally:
+            _current_step.reset(reset)
+        new, unknown = ctx.to_predict, masked
+    for obs in observers:
+        obs.on_generation_end(model, tokens)
+    return tokens
