@@ -1,3 +1,12 @@
-from .config import MARConfig, get_config
+"""lazymar: a workbench for token and condition redundancy in Masked Autoregressive image generators."""
+from .checkpoint import CheckpointError, load_model
+from .config import CONFIGS, MARConfig, get_config
 from .model import MAR
+from .sampling import SamplingSettings, StepContext, StepObserver, StepRunner, current_step, generate, observe_steps
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CONFIGS", "CheckpointError", "MAR", "MARConfig", "SamplingSettings", "StepContext", "StepObserver", "StepRunner",
+    "current_step", "generate", "get_config", "load_model", "observe_steps", "__version__",
+]

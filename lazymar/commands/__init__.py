@@ -1,0 +1,1 @@
+"""Subcommands of the ``lazymar`` CLI (see :mod:`lazymar.cli`)."""

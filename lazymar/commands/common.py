@@ -1,0 +1,43 @@
+"""Options shared by several subcommands: which model, which sampling settings, JSON output."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+from ..checkpoint import load_model
+from ..model import MAR
+from ..sampling import SamplingSettings
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="digits", help="'digits' (embedded) or a path to an official MAR checkpoint")
+    parser.add_argument("--arch", default=None, help="architecture name (mar_base, ...) when it cannot be inferred")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Sampling options; each defaults to the checkpoint's stored setting."""
+    parser.add_argument("--num-iter", type=int, default=None, help="MAR steps (default: the checkpoint's)")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="fixes generation orders and noise")
+
+
+def load_model_from_args(args: argparse.Namespace) -> MAR:
+    return load_model(args.model, arch=args.arch, device=args.device)
+
+
+def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings:
+    base = getattr(model, "sampling_defaults", None) or SamplingSettings()
+    overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")
+                 if getattr(args, k, None) is not None}
+    return replace(base, **overrides)
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=float)
+    sys.stdout.write("\n")
