@@ -11,7 +11,7 @@ import math
 import os
 import pickle
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -41,19 +41,28 @@ class CheckpointError(ValueError):
 
 # --- reading and checking state dicts (shared with lazymar.vae) ----------------------------------------------
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The dict stored at ``path``; CheckpointError if the file is missing or holds no dict."""
+    """The dict stored at ``path``; CheckpointError if the file is missing or holds no dict.
+
+    Plain tensors and containers load safely (``weights_only``, plus argparse.Namespace for the official ``args``);
+    a file that needs more unpickling is loaded fully, as the official code does, so pass only files you trust.
+    """
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"not a checkpoint file: {path} is a directory")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"not a checkpoint: {path} is empty")
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch's zip archive or a pickle
+        raise CheckpointError(f"not a checkpoint: {path} is neither a torch archive nor a pickle (it begins {head!r})")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err) or "GLOBAL" not in str(err):
+        if "Weights only load failed" not in str(err):
             raise CheckpointError(f"not a checkpoint: torch.load cannot read {path} ({_first_line(err)})") from None
-        # pickled objects beyond tensors and containers (as the official training code may store): trust the
-        # user's file as the official code does
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
@@ -140,14 +149,16 @@ def infer_config(state: Mapping[str, Any]) -> tuple[MARConfig, Optional[str]]:
     image size). Otherwise heads are chosen for a head size of 64, and tokens of 16 numbers are taken as KL-16
     latents (vae_stride 16) and other tokens as pixels (vae_stride 1).
     """
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in state:
             raise CheckpointError(f"cannot infer the architecture: no {key} in the state dict")
+        if len(state[key].shape) != ndim:
+            raise CheckpointError(f"cannot infer the architecture: {key} has shape {tuple(state[key].shape)}")
         return tuple(state[key].shape)
 
-    enc, token_dim = shape("z_proj.weight")
-    dec = shape("decoder_embed.weight")[0]
-    seq_len = shape("diffusion_pos_embed_learned")[1]
+    enc, token_dim = shape("z_proj.weight", 2)
+    dec = shape("decoder_embed.weight", 2)[0]
+    seq_len = shape("diffusion_pos_embed_learned", 3)[1]
     grid = math.isqrt(seq_len)
     if grid * grid != seq_len:
         raise CheckpointError(f"cannot infer the architecture: {seq_len} tokens do not form a square grid")
@@ -157,10 +168,10 @@ def infer_config(state: Mapping[str, Any]) -> tuple[MARConfig, Optional[str]]:
         encoder_embed_dim=enc, encoder_depth=_count(state, "encoder_blocks."),
         encoder_num_heads=_heads_for(enc),
         decoder_embed_dim=dec, decoder_depth=_count(state, "decoder_blocks."), decoder_num_heads=_heads_for(dec),
-        mlp_ratio=shape("encoder_blocks.0.mlp.fc1.weight")[0] / enc,
-        buffer_size=shape("encoder_pos_embed_learned")[1] - seq_len,
-        diffloss_d=_count(state, "diffloss.net.res_blocks."), diffloss_w=shape("diffloss.net.input_proj.weight")[0],
-        class_num=shape("class_emb.weight")[0],
+        mlp_ratio=shape("encoder_blocks.0.mlp.fc1.weight", 2)[0] / enc,
+        buffer_size=shape("encoder_pos_embed_learned", 3)[1] - seq_len,
+        diffloss_d=_count(state, "diffloss.net.res_blocks."), diffloss_w=shape("diffloss.net.input_proj.weight", 2)[0],
+        class_num=shape("class_emb.weight", 2)[0],
     )
     for name, named in CONFIGS.items():
         if shape_signature(named) == shape_signature(inferred):
@@ -168,26 +179,53 @@ def infer_config(state: Mapping[str, Any]) -> tuple[MARConfig, Optional[str]]:
     return inferred, None
 
 
+TRANSFORMER_FIELDS = ("encoder_embed_dim", "encoder_depth", "encoder_num_heads",
+                      "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
 def resolve_config(ckpt: Mapping[str, Any], state: Mapping[str, Tensor], arch: Optional[str],
                    path: Path) -> tuple[MARConfig, Optional[str]]:
-    """The configuration to build: the named ``arch``, else the checkpoint's ``args``, else inferred from shapes."""
+    """The configuration to build and its name, if it is a named one.
+
+    The named ``arch`` wins. Otherwise ``args``: ours hold every field; the official training script's hold the
+    model name (``model="mar_base"``) and the other settings (image size, buffer, head size, ...) but not the
+    transformer sizes. Without ``args`` (or a known model name in them) the sizes are inferred from the shapes.
+    """
     if arch is not None:
         if arch not in CONFIGS:
             raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(CONFIGS)}")
         return CONFIGS[arch], arch
-    if ckpt.get("args") is not None:
-        args = ckpt["args"]
+    args = ckpt.get("args")
+    if args is not None and not isinstance(args, Mapping):
+        args = getattr(args, "__dict__", None)
+        if args is None:
+            raise CheckpointError(f"{path}: 'args' is a {type(ckpt['args']).__name__}, not a dict or Namespace")
+    args = dict(args or {})
+    known = {f.name for f in fields(MARConfig)}
+    given = {k: v for k, v in args.items() if k in known}
+    if "num_sampling_steps" in given:
+        given["num_sampling_steps"] = str(given["num_sampling_steps"])
+    if all(f in given for f in TRANSFORMER_FIELDS):
+        base, name = MARConfig(), None
+    elif args.get("model") in CONFIGS:
+        base, name = CONFIGS[args["model"]], args["model"]
+    else:
         try:
-            config = MARConfig.from_dict(args)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: unusable 'args' ({_first_line(err)})") from None
-        named = [n for n, c in CONFIGS.items() if c == config]
-        return config, (named[0] if named else None)
-    config, name = infer_config(state)
+            base, name = infer_config(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        if name is None:
+            warnings.warn(f"{path}: no architecture in 'args' and no configuration with these shapes; the attention "
+                          f"head counts ({base.encoder_num_heads}/{base.decoder_num_heads}) are a guess (head size "
+                          f"{HEAD_DIM}): pass --arch if outputs look wrong", stacklevel=3)
+    try:
+        config = replace(base, **given)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unusable 'args' ({_first_line(err)})") from None
     if name is None:
-        warnings.warn(f"{path}: no 'args' and no configuration with these shapes; the attention head counts "
-                      f"({config.encoder_num_heads}/{config.decoder_num_heads}) are a guess (head size "
-                      f"{HEAD_DIM}): pass --arch or a checkpoint with 'args' if outputs look wrong", stacklevel=3)
+        name = next((n for n, c in CONFIGS.items() if c == config), None)
+    elif shape_signature(CONFIGS[name]) != shape_signature(config):
+        name = None  # the args changed the architecture of the named model
     return config, name
 
 
@@ -212,6 +250,8 @@ def load_model(name_or_path: str | Path, arch: Optional[str] = None, device: str
     ``model.arch`` the matching configuration name or None, ``model.weights`` which entry the weights came from.
     """
     path = EMBEDDED.get(str(name_or_path), Path(name_or_path))
+    if str(name_or_path) in EMBEDDED and not path.is_file():
+        raise CheckpointError(f"the embedded {name_or_path!r} checkpoint is missing: {path} (`lazymar train` makes it)")
     ckpt = read_checkpoint(path)
     state, source = select_state_dict(ckpt, path)
     config, name = resolve_config(ckpt, state, arch, path)

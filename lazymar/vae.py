@@ -106,7 +106,8 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder or decoder: res blocks (each optionally followed by attention), then a resampler."""
+    """One resolution of the encoder or decoder: res blocks, each optionally followed by attention, then a
+    resampler."""
 
     def __init__(self, blocks: list[ResnetBlock], attns: list[AttnBlock], resample: Optional[nn.Module], name: str):
         super().__init__()
@@ -237,25 +238,46 @@ def infer_vae_config(state: Mapping[str, Tensor]) -> VAEConfig:
             decoder_attn_levels=tuple(i for i in levels if f"decoder.up.{i}.attn.0.q.weight" in state),
         )
     except (KeyError, IndexError, ValueError) as err:
-        raise CheckpointError(f"not an AutoencoderKL state dict: cannot infer its sizes ({type(err).__name__}: {err})")
+        raise CheckpointError(
+            f"not an AutoencoderKL state dict: cannot infer its sizes ({type(err).__name__}: {err})") from None
 
 
 def load_vae(path: str | Path, config: Optional[VAEConfig] = None, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """The VAE of a checkpoint (official ``kl16.ckpt``: key ``"model"``; a bare state dict also works), in eval mode.
+    """The VAE of a checkpoint (MAR's ``kl16.ckpt``: key ``"model"``; LDM's ``"state_dict"`` or a bare state dict
+    also work), in eval mode.
 
     Sizes are inferred from the tensor shapes unless ``config`` is given.
     """
     path = Path(path)
     ckpt = read_checkpoint(path)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt.get("model"), Mapping) else ckpt
+    state = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), Mapping)), ckpt)
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # LDM training checkpoints carry the loss
-    config = config or infer_vae_config(state)
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"not a VAE checkpoint: {path} has no 'model' dict of tensors")
+    if config is None:
+        try:
+            config = infer_vae_config(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
     with torch.device("meta"):
         expected = AutoencoderKL(config).state_dict()
     check_state_dict(expected, state, path)
     vae = AutoencoderKL(config)
     vae.load_state_dict(state)
     return vae.eval().to(device)
+
+
+def check_vae_fits(model: MAR, vae: Optional[AutoencoderKL]) -> None:
+    """CheckpointError unless ``tokens_to_images(model, tokens, vae)`` can work: call it before sampling to fail fast."""
+    if vae is None:
+        if model.config.vae_stride != 1:
+            raise CheckpointError(
+                f"this model's tokens are {model.config.vae_embed_dim}-channel VAE latents (stride "
+                f"{model.config.vae_stride}), not pixels: pass the VAE it was trained with (--vae PATH)")
+    elif vae.config.embed_dim != model.config.vae_embed_dim:
+        raise CheckpointError(
+            f"VAE latent has {vae.config.embed_dim} channels but the model's tokens have "
+            f"{model.config.vae_embed_dim} (vae_embed_dim): use the VAE the model was trained with")
 
 
 @torch.no_grad()
@@ -265,15 +287,9 @@ def tokens_to_images(model: MAR, tokens: Tensor, vae: Optional[AutoencoderKL] = 
     With a VAE: ``vae.decode(unpatchify(tokens) / 0.2325)``. Without one the tokens must be pixels (vae_stride 1,
     as in the embedded digits model) and are only rearranged into images.
     """
+    check_vae_fits(model, vae)
     latents = model.unpatchify(tokens)
     if vae is None:
-        if model.config.vae_stride != 1:
-            raise CheckpointError(
-                f"this model's tokens are {model.config.vae_embed_dim}-channel VAE latents (stride "
-                f"{model.config.vae_stride}), not pixels: pass the VAE it was trained with (--vae PATH)")
         return latents
-    if vae.config.embed_dim != model.config.vae_embed_dim:
-        raise CheckpointError(
-            f"VAE latent has {vae.config.embed_dim} channels but the model's tokens have "
-            f"{model.config.vae_embed_dim} (vae_embed_dim): use the VAE the model was trained with")
-    return vae.decode(latents.to(next(vae.parameters()).dtype) / LATENT_SCALE)
+    weight = next(vae.parameters())
+    return vae.decode(latents.to(weight.device, weight.dtype) / LATENT_SCALE)

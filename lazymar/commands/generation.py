@@ -30,9 +30,16 @@ def _runner_factory(model, args, settings):
     return lambda: common.runner_from_args(model, args, settings)
 
 
-def _images(model, tokens, args):
-    from ..vae import load_vae, tokens_to_images
-    vae = load_vae(args.vae) if getattr(args, "vae", None) else None
+def _load_vae(model, args):
+    """The --vae decoder, checked against the model before any sampling (None for pixel-space models)."""
+    from ..vae import check_vae_fits, load_vae
+    vae = load_vae(args.vae, device=args.device) if getattr(args, "vae", None) else None
+    check_vae_fits(model, vae)
+    return vae
+
+
+def _images(model, tokens, vae):
+    from ..vae import tokens_to_images
     with torch.no_grad():
         return tokens_to_images(model, tokens, vae)
 
@@ -47,10 +54,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     labels = [l for l in parse_labels(args.labels) for _ in range(args.per_label)]
+    vae = _load_vae(model, args)
     start = time.perf_counter()
     tokens = generate_batched(model, labels, settings, args.seed, args.batch_size,
                               _runner_factory(model, args, settings))
-    images = _images(model, tokens, args)
+    images = _images(model, tokens, vae)
     seconds = time.perf_counter() - start
     title = f"{args.model}: {settings.num_iter} steps, cfg {settings.cfg:g} ({settings.cfg_schedule}), seed {args.seed}"
     save_sample_grid(images, labels, args.out, title=title)
@@ -64,11 +72,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     labels = balanced_labels(args.num_samples, model.config.class_num)
+    vae = _load_vae(model, args)
     start = time.perf_counter()
     tokens = generate_batched(model, labels, settings, args.seed, args.batch_size,
                               _runner_factory(model, args, settings))
     seconds = time.perf_counter() - start
-    images = _images(model, tokens, args)
+    images = _images(model, tokens, vae)
     result = {**evaluate_digits(images, torch.tensor(labels)), "num_samples": len(labels), "seconds": seconds,
               "model": args.model, "schedule": getattr(args, "schedule", "none"), "seed": args.seed,
               **settings.__dict__}
