@@ -1,0 +1,1 @@
+"""Real-browser test helpers (Voila + headless Chromium via Playwright) and the fixture notebook."""
