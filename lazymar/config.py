@@ -27,6 +27,9 @@ class MARConfig:
     num_sampling_steps: str = "100"
     label_drop_prob: float = 0.1
     diffusion_batch_mul: int = 4
+    # Not an official setting: clamp the head's predicted x0 to [-1, 1] while sampling. Right for pixel-space
+    # tokens with a known range (the digits model); the official latent-space models sample without it.
+    clip_denoised: bool = False
 
     @property
     def grid_size(self) -> int:
@@ -80,6 +83,7 @@ CONFIGS: dict[str, MARConfig] = {
         encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
         decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=4,
         buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
+        clip_denoised=True,
     ),
 }
 

@@ -227,9 +227,11 @@ def _discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: T
 class DiffLoss(nn.Module):
     """MAR's per-token diffusion head: ``net`` plus the training and the (respaced) sampling diffusions."""
 
-    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, num_sampling_steps: str):
+    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, num_sampling_steps: str,
+                 clip_denoised: bool = False):
         super().__init__()
         self.in_channels = token_dim
+        self.clip_denoised = clip_denoised
         self.net = SimpleMLPAdaLN(token_dim, width, z_channels, depth)
         self.train_diffusion = GaussianDiffusion.create("")
         self.gen_diffusion = GaussianDiffusion.create(str(num_sampling_steps))
@@ -268,7 +270,7 @@ class DiffLoss(nn.Module):
             x = torch.cat([x, x])
         for i in reversed(range(diffusion.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=z.device, dtype=torch.long)
-            out = diffusion.p_mean_variance(denoise(x, t, z), x, t)
+            out = diffusion.p_mean_variance(denoise(x, t, z), x, t, self.clip_denoised)
             noise = torch.randn(n, self.in_channels, device=z.device, generator=generator)
             if cfg is not None:
                 noise = torch.cat([noise, noise])

@@ -91,7 +91,7 @@ class MAR(nn.Module):
         self.decoder_norm = nn.LayerNorm(dec, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, dec))
 
-        self.diffloss = DiffLoss(c.token_dim, dec, c.diffloss_w, c.diffloss_d, c.num_sampling_steps)
+        self.diffloss = DiffLoss(c.token_dim, dec, c.diffloss_w, c.diffloss_d, c.num_sampling_steps, c.clip_denoised)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
