@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 COMMAND_MODULES = (
     "lazymar.commands.generation",  # sample, eval, train
+    "lazymar.commands.recording",  # record, merge-stats
+    "lazymar.commands.cache",  # bench, flops
 )
 
 

@@ -1,0 +1,165 @@
+"""Overhead of the redundancy recorder on the digits model: sampling wall time with and without it.
+
+Same process, interleaved repetitions (plain, recorded, plain, ...), medians. Peak memory added is measured
+in fresh child processes (growth of the resident set during one plain and one recorded generation,
+sampled every ms; CUDA: peak allocated) and compared
+with the bound "one step's features plus the output arrays". Prints one JSON object.
+
+    python benchmarks/recording_overhead.py [--batch-size 16] [--repeats 3] [--threads 1] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lazymar import MAR, get_config  # noqa: E402
+from lazymar.recording import RedundancyRecorder, save_stats  # noqa: E402
+from lazymar.sampling import SamplingSettings, generate  # noqa: E402
+
+
+def load_digits(device: str) -> tuple[MAR, str]:
+    """The trained digits model if its checkpoint exists, else the same architecture with random weights."""
+    try:
+        from lazymar.checkpoint import load_model
+        return load_model("digits", device=device), "trained"
+    except (ValueError, FileNotFoundError):
+        torch.manual_seed(0)
+        model = MAR(get_config("digits")).eval().to(device)
+        model.sampling_defaults = SamplingSettings(num_iter=64, cfg=3.0)
+        return model, "random (data/checkpoints/digits.pth missing)"
+
+
+def run_once(model: MAR, labels: list[int], settings: SamplingSettings, recorded: bool, seed: int = 0) -> float:
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    if recorded:
+        with RedundancyRecorder(model, model_name="digits") as rec:
+            generate(model, labels, settings, seed=seed)
+        rec.to_dataset()
+    else:
+        generate(model, labels, settings, seed=seed)
+    sync()
+    return time.perf_counter() - start
+
+
+def bound_bytes(model: MAR, batch: int, settings: SamplingSettings) -> dict[str, int]:
+    """One step's features the recorder keeps, and the output arrays of one batch (float32)."""
+    c = model.config
+    P, S, branches = model.buffer_size + model.seq_len, settings.num_iter, 2 if settings.cfg != 1.0 else 1
+    blocks = [c.encoder_embed_dim] * c.encoder_depth + [c.decoder_embed_dim] * c.decoder_depth
+    # block outputs of both branches, K and V of the cond branch, z of both branches
+    features = sum(branches * batch * P * w + 2 * batch * P * w for w in blocks) + branches * batch * P * c.decoder_embed_dim
+    L, T, H = len(blocks) + 1, model.diffloss.gen_diffusion.num_timesteps, c.diffloss_d + 1
+    floats = batch * S * (L * 3 * P + L * 4 * P + T * H)  # token_cosine, the 4 CFG statistics, head_change
+    return {"features": 4 * features, "outputs": 4 * floats + batch * S * P}  # + int8 status
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class PeakResident:
+    """Samples the resident set size every millisecond in a thread; ``peak`` is the largest seen."""
+
+    def __enter__(self) -> "PeakResident":
+        self.start = self.peak = resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+
+def child(args: argparse.Namespace) -> None:
+    """Measure one generation's peak memory growth in this fresh process; prints JSON."""
+    torch.set_num_threads(args.threads)
+    model, _ = load_digits(args.device)
+    settings = model.sampling_defaults
+    labels = [i % 10 for i in range(args.batch_size)]
+    run_once(model, labels, settings, recorded=False)  # warm up: allocator pools, lazily initialised kernels
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with PeakResident() as rss:
+        run_once(model, labels, settings, recorded=args.child == "recorded")
+    cuda = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+    print(json.dumps({"rss_growth_bytes": rss.peak - rss.start, "cuda_peak_bytes": cuda}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of each (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--child", choices=("plain", "recorded"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    torch.set_num_threads(args.threads)
+    model, weights = load_digits(args.device)
+    settings = model.sampling_defaults
+    labels = [i % 10 for i in range(args.batch_size)]
+    run_once(model, labels[:2], SamplingSettings(num_iter=2, cfg=settings.cfg), recorded=True)  # warm up
+    plain, recorded = [], []
+    for _ in range(args.repeats):
+        plain.append(run_once(model, labels, settings, recorded=False))
+        recorded.append(run_once(model, labels, settings, recorded=True))
+    with RedundancyRecorder(model, model_name="digits") as rec:
+        generate(model, labels, settings, seed=0)
+    ds = rec.to_dataset()
+    out = Path("/tmp") / f"recording_overhead_{int(time.time())}.nc"
+    start = time.perf_counter()
+    save_stats(ds, out)
+    save_seconds = time.perf_counter() - start
+    file_bytes = out.stat().st_size
+    out.unlink()
+
+    memory = {}
+    for mode in ("plain", "recorded"):
+        cmd = [sys.executable, __file__, "--child", mode, "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--device", args.device]
+        memory[mode] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    if args.device.startswith("cuda"):
+        added = memory["recorded"]["cuda_peak_bytes"] - memory["plain"]["cuda_peak_bytes"]
+    else:
+        added = memory["recorded"]["rss_growth_bytes"] - memory["plain"]["rss_growth_bytes"]
+    bound = bound_bytes(model, args.batch_size, settings)
+    median_plain, median_recorded = statistics.median(plain), statistics.median(recorded)
+    print(json.dumps({
+        "model": "digits", "weights": weights, "device": args.device, "threads": args.threads,
+        "batch_size": args.batch_size, "num_iter": settings.num_iter, "cfg": settings.cfg,
+        "head_steps": model.diffloss.gen_diffusion.num_timesteps, "repeats": args.repeats,
+        "seconds_plain": plain, "seconds_recorded": recorded,
+        "median_seconds_plain": median_plain, "median_seconds_recorded": median_recorded,
+        "overhead_fraction": median_recorded / median_plain - 1.0,
+        "save_seconds": save_seconds, "file_bytes_per_batch": file_bytes,
+        "peak_memory_added_bytes": added, "peak_memory_measure": "cuda max_memory_allocated" if
+        args.device.startswith("cuda") else "peak RSS growth during one generation in a fresh process, recorded - plain",
+        "bound_bytes": bound["features"] + bound["outputs"], "bound_detail": bound,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

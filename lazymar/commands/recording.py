@@ -1,0 +1,105 @@
+"""`lazymar record` (redundancy statistics of sampling into a NetCDF file) and `lazymar merge-stats`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from ..recording import load_stats, merge_stats, save_stats
+from ..recording.dataset import RecordingError
+from ..recording.driver import record
+from ..recording.summary import overview
+from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
+                     runner_from_args, sampling_from_args)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def shard_path(out: Path, rank: int, world_size: int) -> Path:
+    """OUT for one process, OUT.rankN for rank N under torchrun."""
+    return out if world_size == 1 else out.with_name(f"{out.name}.rank{rank}")
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    rank, world = distributed_rank()
+    out = shard_path(Path(args.out), rank, world)
+    if out.exists() and not (args.force or args.resume):
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it or --resume to continue it")
+    if world > 1 and str(args.device).startswith("cuda") and ":" not in str(args.device):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    model = load_model_from_args(args)
+    settings = sampling_from_args(model, args)
+    schedule = getattr(args, "schedule", None) or "none"
+    runner_factory = None  # "none": the plain model's own forward (the recorder's default row layout)
+    if schedule != "none":
+        runner_from_args(model, args, settings)  # a bad schedule fails now, not after the first batch
+        runner_factory = lambda: runner_from_args(model, args, settings)  # noqa: E731
+    start = time.perf_counter()
+    ds = record(model, out, args.num_samples, settings, seed=args.seed, batch_size=args.batch_size,
+                model_name=str(args.model), runner_factory=runner_factory, schedule=str(schedule), rank=rank,
+                world_size=world, resume=args.resume, keep_bits=args.keep_bits, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    result = {"out": str(out), "bytes": out.stat().st_size, "seconds": seconds, "rank": rank, "world_size": world,
+              **overview(ds)}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"wrote {out}: {ds.sizes['sample']} samples x {ds.sizes['step']} steps x {ds.sizes['layer']} layers, "
+              f"{result['bytes'] / 1e6:.1f} MB in {seconds:.1f} s")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if out.resolve() in {Path(p).resolve() for p in args.inputs}:
+        raise RecordingError(f"the output {out} is also an input")
+    ds = merge_stats(args.inputs)
+    keep_bits = ds.attrs.get("keep_bits")
+    save_stats(ds, out, keep_bits=json.loads(keep_bits) if keep_bits else None)
+    load_stats(out)
+    result = {"out": str(out), "inputs": [str(p) for p in args.inputs], "samples": int(ds.sizes["sample"]),
+              "bytes": out.stat().st_size}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"wrote {out}: {result['samples']} samples from {len(args.inputs)} files")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "record", help="record token and CFG redundancy of sampling into a NetCDF file",
+        description="Generate samples batch by batch and record, per step, layer and position, how much features "
+                    "and the CFG difference change from the previous step. Under torchrun each rank writes "
+                    "OUT.rankN with its share of the batches; join them with `lazymar merge-stats`.")
+    add_model_args(p)
+    add_sampling_args(p)
+    add_schedule_arg(p)
+    p.add_argument("--num-samples", type=int, default=64, help="samples to record (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per generation batch (default 16)")
+    p.add_argument("--out", required=True, help="output NetCDF file, e.g. data/stats/digits.nc")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--resume", action="store_true", help="keep the batches already in OUT and record the rest")
+    p.add_argument("--keep-bits", default=None, metavar="N|compact",
+                   help="round statistics to N float32 mantissa bits, or 'compact' (cosines 14 bits, relative "
+                        "changes 9), for a smaller file (lossy; default: exact float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_record)
+
+    m = subparsers.add_parser(
+        "merge-stats", help="concatenate recordings (e.g. torchrun shards) along sample",
+        description="Concatenate recordings of the same model and settings along the sample dimension.")
+    m.add_argument("out", help="output NetCDF file")
+    m.add_argument("inputs", nargs="+", help="recordings to merge (e.g. OUT.rank0 OUT.rank1 ...)")
+    m.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    m.add_argument("--json", action="store_true", help="print a JSON summary")
+    m.set_defaults(func=cmd_merge)

@@ -1,0 +1,384 @@
+"""The redundancy recorder: forward hooks plus a step observer that turn features into per-step statistics.
+
+Per sampling step s >= 1 and per layer (every encoder block, every decoder block, and the head conditioning z),
+it compares each position's features with the same position's features at step s-1 and stores scalars only:
+
+* token redundancy: cosine(h_s, h_{s-1}) of the block output, and of the attention keys K and values V (from the
+  fused qkv projection). For K and V the cosine is computed per head and then averaged over heads, which is how
+  LazyMAR ranks tokens by V similarity. Token statistics are measured on the conditional branch.
+* condition redundancy (CFG on): with r_s = h_cond - h_uncond per position, cosine(r_s, r_{s-1}),
+  ||r_s - r_{s-1}|| / ||r_{s-1}||, and the same relative change of h_cond and of h_uncond alone.
+* diffusion head, across its own sampling steps inside one MAR step: the relative change of the eps CFG
+  difference (cond eps - uncond eps) and of each res-block's residual update (output - input, on the cond rows),
+  averaged over the tokens each sample decodes at that MAR step.
+
+A position that is not computed at s or at s-1 (the encoder only sees known tokens; a cache engine may skip rows)
+is missing (NaN), never 0. Only one previous step's features per layer are kept.
+
+Row-to-position contract with step runners (e.g. the cache engine): a runner that passes a subset of rows through
+the blocks sets ``ctx.extras["encoder_rows"]`` / ``ctx.extras["decoder_rows"]`` to a LongTensor (network_batch, n)
+of indices into the buffer+sequence positions, and ``ctx.extras["branches"]`` to the branches of the network batch
+in order ("cond", "uncond"). Absent, the plain model's layout is assumed: encoder rows are the buffer and the known
+positions in position order, decoder rows are all positions, and the branches are ("cond", "uncond") with CFG.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import Tensor
+
+from ..model import MAR
+from ..sampling import SamplingSettings, StepContext, StepObserver, current_step, observe_steps
+from .dataset import CFG_STATS, FEATURE_KINDS, RecordingError, STATUS_CODES, concat_batches, make_dataset
+
+BRANCHES = ("cond", "uncond")
+OUTPUT, KEYS_VALUES = slice(0, 1), slice(1, 3)  # the FEATURE_KINDS a hook call delivers: (output,) or (k, v)
+
+
+def layer_names(model: MAR) -> list[str]:
+    """The recorded layers: "encoder.0" ... "decoder.N", then "z" (the head conditioning)."""
+    return ([f"encoder.{i}" for i in range(len(model.encoder_blocks))]
+            + [f"decoder.{i}" for i in range(len(model.decoder_blocks))] + ["z"])
+
+
+def head_part_names(model: MAR) -> list[str]:
+    """The recorded head quantities: the eps CFG difference, then each res-block's residual update."""
+    return ["eps_cfg"] + [f"res_block.{i}" for i in range(len(model.diffloss.net.res_blocks))]
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity over the last dim, then mean over the group (head) dim: (..., G, d) -> (...)."""
+    return F.cosine_similarity(a, b, dim=-1).mean(-1)
+
+
+def _relative_change(now: Tensor, before: Tensor) -> Tensor:
+    """||now - before|| / ||before|| per row (over the last dim)."""
+    return torch.linalg.vector_norm(now - before, dim=-1) / torch.linalg.vector_norm(before, dim=-1)
+
+
+class _Previous:
+    """A layer's features at one step, scattered to all positions: (R, P, K, G, d) with R = B or 2B rows
+    ([cond; uncond]), K feature kinds, G heads."""
+
+    __slots__ = ("step", "features", "valid")
+
+    def __init__(self, step: int, features: Tensor, valid: Tensor):
+        self.step, self.features, self.valid = step, features, valid
+
+
+class _StepBuffers:
+    """The statistics of the step being computed, on the model's device (flushed to numpy at step end)."""
+
+    def __init__(self, ctx: StepContext, num_layers: int, num_positions: int, head_steps: int, head_parts: int):
+        B, device = ctx.batch_size, ctx.tokens.device
+        nan = float("nan")
+        self.step = ctx.step
+        self.token_cosine = torch.full((B, num_layers, len(FEATURE_KINDS), num_positions), nan, device=device)
+        self.cfg = torch.full((B, num_layers, len(CFG_STATS), num_positions), nan, device=device)
+        rows = ctx.to_predict.nonzero()
+        self.head_samples = rows[:, 0]                     # sample of each token the head decodes, row order
+        self.num_tokens = rows.shape[0]
+        self.head = torch.full((head_steps, head_parts, self.num_tokens), nan, device=device)
+        self.head_index = -1                               # head network evaluations so far in this step
+        self.head_deltas: dict[int, Tensor] = {}           # res-block residual updates of this head step
+        self.head_previous: Optional[tuple] = None         # (head index, eps_cfg, deltas, stacked) of the last
+        self.encoder_positions: Optional[Tensor] = None
+
+
+class RedundancyRecorder(StepObserver):
+    """Record token and condition redundancy of every generation of ``model`` run inside the ``with`` block.
+
+    >>> with RedundancyRecorder(model, model_name="digits") as rec:
+    ...     generate(model, labels, settings, seed=0)
+    >>> ds = rec.to_dataset()
+
+    Several generations append batches along ``sample`` (numbered from ``first_sample``); they must share the
+    sampling settings. Recording never changes the computation: hooks only read tensors and return None.
+    The Dataset layout is described in :mod:`lazymar.recording.dataset` (token_cosine, cfg_*, head_change,
+    status, tokens). Cosines use ``torch.nn.functional.cosine_similarity`` (0 for a zero vector).
+    """
+
+    def __init__(self, model: MAR, model_name: str = "", seed: Optional[int] = None, schedule: str = "none",
+                 first_sample: int = 0, extra_attrs: Optional[dict[str, Any]] = None):
+        self.model = model
+        self.model_name = model_name or type(model).__name__
+        self.seed = seed
+        self.schedule = schedule
+        self.next_sample = first_sample
+        self.next_batch_index: Optional[int] = None  # set by drivers that number batches; stored per sample
+        self.extra_attrs = dict(extra_attrs or {})
+        self.layers = layer_names(model)
+        self.head_parts = head_part_names(model)
+        self.num_encoder = len(model.encoder_blocks)
+        self.buffer_size = model.buffer_size
+        self.num_positions = model.buffer_size + model.seq_len
+        self.head_steps = model.diffloss.gen_diffusion.num_timesteps
+        self._batches: list[xr.Dataset] = []
+        self._settings: Optional[SamplingSettings] = None
+        self._handles: list[Any] = []
+        self._stack: Optional[contextlib.ExitStack] = None
+        self._active = False
+
+    # --- context manager ----------------------------------------------------------------------------------
+    def __enter__(self) -> "RedundancyRecorder":
+        if self._stack is not None:
+            raise RecordingError("this RedundancyRecorder is already active")
+        m = self.model
+        for i, block in enumerate(m.encoder_blocks):
+            self._hook_block(block, i, "encoder_rows")
+        for i, block in enumerate(m.decoder_blocks):
+            self._hook_block(block, self.num_encoder + i, "decoder_rows")
+        net = m.diffloss.net
+        self._handles.append(net.time_embed.register_forward_pre_hook(self._on_head_call))
+        for k, block in enumerate(net.res_blocks):
+            self._handles.append(block.register_forward_hook(self._res_block_hook(k)))
+        self._handles.append(net.final_layer.register_forward_hook(self._on_head_output))
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(observe_steps(self))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        self._active = False
+
+    def _hook_block(self, block: torch.nn.Module, layer: int, rows_key: str) -> None:
+        heads = block.attn.num_heads
+
+        def on_output(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+            self._on_features(layer, OUTPUT, out[:, :, None, None], rows_key)
+
+        def on_qkv(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+            NB, n, C3 = out.shape
+            qkv = out.reshape(NB, n, 3, heads, C3 // (3 * heads))
+            self._on_features(layer, KEYS_VALUES, qkv[:, :, 1:], rows_key)
+
+        self._handles.append(block.register_forward_hook(on_output))
+        self._handles.append(block.attn.qkv.register_forward_hook(on_qkv))
+
+    # --- step observer ------------------------------------------------------------------------------------
+    def on_generation_start(self, model: MAR, settings: SamplingSettings, labels: Tensor) -> None:
+        self._active = model is self.model
+        if not self._active:
+            return
+        if self._settings is not None and self._settings != settings:
+            raise RecordingError(f"one recorder records one setting: got {settings} after {self._settings}")
+        self._settings = settings
+        B, S, P = labels.shape[0], settings.num_iter, self.num_positions
+        L, T, H = len(self.layers), self.head_steps, len(self.head_parts)
+        self._labels = labels.cpu().numpy()
+        self._arrays = {
+            "status": np.full((B, S, P), -1, dtype=np.int8),
+            "token_cosine": np.full((B, S, L, len(FEATURE_KINDS), P), np.nan, dtype=np.float32),
+            "cfg": np.full((B, S, L, len(CFG_STATS), P), np.nan, dtype=np.float32),
+            "head_change": np.full((B, S, T, H), np.nan, dtype=np.float32),
+        }
+        self._mask_ratio = np.zeros(S, dtype=np.float32)
+        self._cfg_scale = np.zeros(S, dtype=np.float32)
+        self._previous: dict[tuple[int, int], _Previous] = {}
+        self._step: Optional[_StepBuffers] = None
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        if not self._active:
+            return
+        self._step = _StepBuffers(ctx, len(self.layers), self.num_positions, self.head_steps, len(self.head_parts))
+        status = torch.full((ctx.batch_size, self.num_positions), STATUS_CODES["buffer"], dtype=torch.int8)
+        tokens = status[:, self.buffer_size:]
+        for name in ("known", "new", "to_predict", "masked"):
+            tokens[getattr(ctx, name).cpu()] = STATUS_CODES[name]
+        self._arrays["status"][:, ctx.step] = status.numpy()
+        self._mask_ratio[ctx.step] = ctx.mask_ratio
+        self._cfg_scale[ctx.step] = ctx.cfg_scale
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        if not self._active or self._step is None:
+            return
+        z = ctx.z
+        branches = BRANCHES if (ctx.use_cfg and z.shape[0] == 2 * ctx.batch_size) else ("cond",)
+        positions = torch.arange(self.buffer_size, self.num_positions, device=z.device).expand(z.shape[0], -1)
+        self._record(len(self.layers) - 1, OUTPUT, z[:, :, None, None], positions, branches, ctx)
+        buf, s = self._step, ctx.step
+        self._arrays["token_cosine"][:, s] = buf.token_cosine.cpu().numpy()
+        self._arrays["cfg"][:, s] = buf.cfg.cpu().numpy()
+        # head: mean over the tokens each sample decodes at this step
+        B = ctx.batch_size
+        sums = buf.head.new_zeros(buf.head.shape[:2] + (B,)).index_add_(2, buf.head_samples, buf.head)
+        counts = torch.bincount(buf.head_samples, minlength=B).to(sums.dtype)
+        self._arrays["head_change"][:, s] = (sums / counts).permute(2, 0, 1).cpu().numpy()
+        self._step = None
+
+    def on_generation_end(self, model: MAR, tokens: Tensor) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._previous = {}
+        B = tokens.shape[0]
+        samples = np.arange(self.next_sample, self.next_sample + B)
+        self.next_sample += B
+        cfg = self._arrays.pop("cfg")
+        variables = {**self._arrays, "tokens": tokens.float().cpu().numpy()}
+        for k, name in enumerate(CFG_STATS):
+            variables[f"cfg_{name}"] = cfg[:, :, :, k]
+        batch = np.full(B, -1 if self.next_batch_index is None else self.next_batch_index, dtype=np.int64)
+        self._batches.append(make_dataset(
+            variables, samples=samples, labels=self._labels, batch=batch, mask_ratio=self._mask_ratio,
+            cfg_scale=self._cfg_scale, layers=self.layers, head_parts=self.head_parts,
+            buffer_size=self.buffer_size, grid_size=self.model.config.grid_size, attrs=self.attributes()))
+        self._arrays = {}
+
+    # --- results ------------------------------------------------------------------------------------------
+    def attributes(self, settings: Optional[SamplingSettings] = None) -> dict[str, Any]:
+        """The dataset attributes: model, config, sampling settings (those recorded unless given), seed, ..."""
+        s = settings or self._settings or SamplingSettings()
+        return {
+            "model": self.model_name, "config": json.dumps(self.model.config.to_dict(), sort_keys=True),
+            "num_iter": s.num_iter, "cfg": float(s.cfg), "temperature": float(s.temperature),
+            "cfg_schedule": s.cfg_schedule, "seed": -1 if self.seed is None else int(self.seed),
+            "schedule": self.schedule, **self.extra_attrs,
+        }
+
+    def take_batches(self) -> list[xr.Dataset]:
+        """The batches recorded since the last call (and forget them): for streaming writers."""
+        batches, self._batches = self._batches, []
+        return batches
+
+    def to_dataset(self) -> xr.Dataset:
+        """All recorded batches as one Dataset along ``sample``."""
+        if not self._batches:
+            raise RecordingError("nothing recorded: run generate() inside the recorder's with-block")
+        return concat_batches(self._batches)
+
+    # --- transformer hooks --------------------------------------------------------------------------------
+    def _on_features(self, layer: int, kinds: slice, feats: Tensor, rows_key: str) -> None:
+        ctx = current_step()
+        if ctx is None or not self._active or self._step is None or ctx.z is not None:
+            return
+        branches = tuple(ctx.extras.get("branches") or (BRANCHES if ctx.use_cfg else ("cond",)))
+        rows = ctx.extras.get(rows_key)
+        if rows is None:
+            rows = self._default_rows(ctx, rows_key, feats.shape[1], len(branches))
+        self._record(layer, kinds, feats, rows, branches, ctx)
+
+    def _default_rows(self, ctx: StepContext, rows_key: str, n: int, num_branches: int) -> Optional[Tensor]:
+        if rows_key == "decoder_rows":
+            if n != self.num_positions:
+                raise RecordingError(f"a decoder block ran {n} of {self.num_positions} rows but "
+                                     "ctx.extras['decoder_rows'] does not say which")
+            return None
+        buf = self._step
+        if buf.encoder_positions is None:
+            visible = ~self.model.with_buffer(ctx.unknown)
+            buf.encoder_positions = visible.nonzero()[:, 1].reshape(ctx.batch_size, -1)
+        if buf.encoder_positions.shape[1] != n:
+            raise RecordingError(f"an encoder block ran {n} rows, not the buffer and known positions "
+                                 f"({buf.encoder_positions.shape[1]}), and ctx.extras['encoder_rows'] is not set")
+        return buf.encoder_positions.repeat(num_branches, 1)
+
+    def _record(self, layer: int, kinds: slice, feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...],
+                ctx: StepContext) -> None:
+        """feats (NB, n, K, G, d) of the network batch: K feature kinds (``kinds``) of G groups (heads) each;
+        rows (NB, n) positions or None (all positions)."""
+        B, P, step = ctx.batch_size, self.num_positions, ctx.step
+        if feats.shape[0] != len(branches) * B:
+            raise RecordingError(f"network batch of {feats.shape[0]} rows does not match branches {branches} "
+                                 f"x {B} samples")
+        is_output = kinds == OUTPUT
+        keep = BRANCHES if (is_output and "uncond" in branches) else ("cond",)
+        full, valid = self._scatter(feats, rows, branches, keep, B, P)
+        prev = self._previous.get((layer, kinds.start))
+        self._previous[(layer, kinds.start)] = _Previous(step, full, valid)
+        if prev is None or prev.step != step - 1:
+            return
+        buf = self._step
+        both = valid[:B] & prev.valid[:B]
+        cos = _cosine(full[:B], prev.features[:B])                               # (B, P, K)
+        buf.token_cosine[:, layer, kinds] = torch.where(both.unsqueeze(-1), cos, float("nan")).transpose(1, 2)
+        if not is_output or full.shape[0] != 2 * B or prev.features.shape[0] != 2 * B:
+            return
+        h, ph = full.flatten(2), prev.features.flatten(2)                        # (2B, P, C)
+        cond, uncond, pcond, puncond = h[:B], h[B:], ph[:B], ph[B:]
+        residual, previous_residual = cond - uncond, pcond - puncond
+        stats = torch.stack([
+            F.cosine_similarity(residual, previous_residual, dim=-1),
+            _relative_change(residual, previous_residual),
+            _relative_change(cond, pcond),
+            _relative_change(uncond, puncond),
+        ], dim=1)
+        ok = (both & valid[B:] & prev.valid[B:]).unsqueeze(1)
+        buf.cfg[:, layer] = torch.where(ok, stats, float("nan"))
+
+    @staticmethod
+    def _scatter(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...], keep: tuple[str, ...],
+                 B: int, P: int) -> tuple[Tensor, Tensor]:
+        """Network rows -> (len(keep) * B, P, ...) features at their positions, [cond; uncond], and validity."""
+        if rows is None and branches[: len(keep)] == keep:
+            full = feats[: len(keep) * B].clone()
+            return full, torch.ones(full.shape[:2], dtype=torch.bool, device=feats.device)
+        if rows is not None and rows.shape != feats.shape[:2]:
+            raise RecordingError(f"row positions of shape {tuple(rows.shape)} do not match features "
+                                 f"{tuple(feats.shape[:2])}")
+        full = feats.new_zeros((len(keep) * B, P) + feats.shape[2:])
+        valid = torch.zeros(len(keep) * B, P, dtype=torch.bool, device=feats.device)
+        samples = torch.arange(B, device=feats.device).unsqueeze(1)
+        for j, branch in enumerate(branches):
+            if branch not in keep:
+                continue
+            src, dst = slice(j * B, (j + 1) * B), slice(keep.index(branch) * B, (keep.index(branch) + 1) * B)
+            if rows is None:
+                full[dst], valid[dst] = feats[src], True
+            else:
+                full[dst][samples, rows[src]] = feats[src]
+                valid[dst][samples, rows[src]] = True
+        return full, valid
+
+    # --- diffusion-head hooks -----------------------------------------------------------------------------
+    def _head_step(self) -> Optional[_StepBuffers]:
+        ctx = current_step()
+        if ctx is None or not self._active or self._step is None or ctx.z is None:
+            return None
+        return self._step
+
+    def _on_head_call(self, module: torch.nn.Module, args: tuple) -> None:
+        buf = self._head_step()
+        if buf is not None:
+            buf.head_index += 1
+            buf.head_deltas = {}
+
+    def _res_block_hook(self, k: int):
+        def hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+            buf = self._head_step()
+            if buf is not None:
+                n = buf.num_tokens
+                buf.head_deltas[k] = out[:n] - args[0][:n]
+        return hook
+
+    def _on_head_output(self, module: torch.nn.Module, args: tuple, out: Tensor) -> None:
+        buf = self._head_step()
+        if buf is None or not 0 <= buf.head_index < self.head_steps:
+            return
+        n, D, K = buf.num_tokens, self.model.token_dim, len(self.head_parts) - 1
+        eps_cfg = out[:n, :D] - out[n:2 * n, :D] if out.shape[0] == 2 * n else None
+        deltas = buf.head_deltas
+        stacked = torch.stack([deltas[k] for k in range(K)]) if len(deltas) == K else None
+        previous, h = buf.head_previous, buf.head_index
+        buf.head_previous = (h, eps_cfg, deltas, stacked)
+        if previous is None or previous[0] != h - 1:
+            return
+        _, prev_eps, prev_deltas, prev_stacked = previous
+        if eps_cfg is not None and prev_eps is not None:
+            buf.head[h, 0] = _relative_change(eps_cfg, prev_eps)
+        if stacked is not None and prev_stacked is not None:
+            buf.head[h, 1:] = _relative_change(stacked, prev_stacked)
+        else:  # some res blocks did not run (a head cache): record those that ran at both head steps
+            for k in deltas.keys() & prev_deltas.keys():
+                buf.head[h, 1 + k] = _relative_change(deltas[k], prev_deltas[k])
