@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "lazymar.commands.generation",  # sample, eval, train
     "lazymar.commands.recording",  # record, merge-stats
     "lazymar.commands.cache",  # bench, flops
+    "lazymar.commands.derive",  # derive, sweep
 )
 
 

@@ -41,3 +41,17 @@ def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=float)
     sys.stdout.write("\n")
+
+
+# --- cache schedules (lazymar.cache) ------------------------------------------------------------------------
+def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schedule", default="none", metavar="NAME|PATH.json",
+                        help="cache schedule: 'none' (exact), 'lazymar', 'lazymar-released', or a schedule JSON file")
+
+
+def runner_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):
+    """The StepRunner for ``--schedule``: a CacheEngine (also for "none", which is exact and counts FLOPs)."""
+    from ..cache.engine import CacheEngine
+    from ..cache.schedule import load_schedule
+    schedule = load_schedule(getattr(args, "schedule", None) or "none", settings.num_iter, model.config)
+    return CacheEngine(schedule)

@@ -1,0 +1,8 @@
+"""The cache engine: run MAR under a cache schedule (token cache, condition cache, incremental encoder K/V,
+diffusion-head cache) with FLOPs accounting."""
+from .flops import FlopsLedger, estimate_generation_flops, floor_flops
+from .schedule import (CacheSchedule, HeadCachePolicy, ScheduleError, StepPlan, lazymar_schedule, load_schedule,
+                       none_schedule)
+
+__all__ = ["CacheSchedule", "HeadCachePolicy", "ScheduleError", "StepPlan", "lazymar_schedule", "load_schedule",
+           "none_schedule", "FlopsLedger", "estimate_generation_flops", "floor_flops"]

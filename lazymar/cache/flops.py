@@ -1,0 +1,213 @@
+"""FLOPs accounting of a generation: what each step ran, per component (encoder, decoder, head).
+
+What is counted, as ``torch.utils.flop_counter.FlopCounterMode`` counts it: matrix products only, 2*m*n*k for a
+(m x k) @ (k x n) product (Linear layers: 2 * rows * fan_in * fan_out, bias adds not counted) and attention as its
+two batched products, 4 * batch * heads * q_len * kv_len * head_dim. Norms, activations, softmax, the diffusion
+update, gathers and scatters are not counted. One FLOP is one multiply or one add (1 MAC = 2 FLOPs).
+
+:class:`FlopsLedger` collects what ran; :func:`estimate_generation_flops` predicts it from the token counts alone
+(no model needed), which is how the MAR-B/L/H totals are computed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from ..config import MARConfig
+from ..sampling import mask_length
+
+COMPONENTS = ("encoder", "decoder", "head")
+TIME_FREQUENCIES = 256  # the sinusoidal features the head's time embedder projects
+
+
+# --- formulas ------------------------------------------------------------------------------------------------
+def linear_flops(rows: int, fan_in: int, fan_out: int) -> int:
+    return 2 * rows * fan_in * fan_out
+
+
+def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> int:
+    """softmax(q k^T) v: two batched products."""
+    return 4 * batch * heads * q_len * kv_len * head_dim
+
+
+def block_flops(batch: int, q_len: int, kv_len: int, dim: int, heads: int, mlp_hidden: int) -> int:
+    """One pre-norm ViT block run on ``q_len`` rows per sample attending over ``kv_len`` keys."""
+    rows = batch * q_len
+    return (linear_flops(rows, dim, 3 * dim) + attention_flops(batch, heads, q_len, kv_len, dim // heads)
+            + linear_flops(rows, dim, dim) + linear_flops(rows, dim, mlp_hidden) + linear_flops(rows, mlp_hidden, dim))
+
+
+def head_net_flops(config: MARConfig, rows: int, skipped_blocks: int = 0, mlp_skipped_blocks: int = 0,
+                   time_rows: Optional[int] = None, cond_rows: Optional[int] = None) -> int:
+    """One call of the head's denoiser (SimpleMLPAdaLN) on ``rows`` rows; ``skipped_blocks`` res-blocks not run at
+    all (cached residual), ``mlp_skipped_blocks`` run with fresh modulation but a cached MLP output; the time and
+    cond embeddings on ``time_rows`` / ``cond_rows`` rows (default: all rows; fewer when hoisted)."""
+    w, d, z = config.diffloss_w, config.token_dim, config.decoder_embed_dim
+    run = config.diffloss_d - skipped_blocks
+    time_rows = rows if time_rows is None else time_rows
+    cond_rows = rows if cond_rows is None else cond_rows
+    return (linear_flops(rows, d, w)                                                            # input_proj
+            + linear_flops(time_rows, TIME_FREQUENCIES, w) + linear_flops(time_rows, w, w)     # time_embed
+            + linear_flops(cond_rows, z, w)                                                     # cond_embed
+            + run * linear_flops(rows, w, 3 * w)                                                # res-block adaLN
+            + (run - mlp_skipped_blocks) * 2 * linear_flops(rows, w, w)                         # their MLPs
+            + linear_flops(rows, w, 2 * w) + linear_flops(rows, w, 2 * d))                      # final layer
+
+
+# --- the ledger --------------------------------------------------------------------------------------------
+@dataclass
+class FlopsLedger:
+    """FLOPs per step and component; ``add`` charges the step opened last by ``begin_step``."""
+
+    steps: list[dict[str, int]] = field(default_factory=list)
+
+    def begin_step(self) -> None:
+        self.steps.append({c: 0 for c in COMPONENTS})
+
+    def add(self, component: str, flops: int) -> None:
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown FLOPs component {component!r}; known: {', '.join(COMPONENTS)}")
+        if not self.steps:
+            self.begin_step()
+        self.steps[-1][component] += int(flops)
+
+    def totals(self) -> dict[str, int]:
+        out = {c: sum(s[c] for s in self.steps) for c in COMPONENTS}
+        out["total"] = sum(out[c] for c in COMPONENTS)
+        return out
+
+    @property
+    def total(self) -> int:
+        return self.totals()["total"]
+
+    def merge(self, other: "FlopsLedger") -> "FlopsLedger":
+        """Step-wise sum of two ledgers (e.g. two batches of the same schedule)."""
+        n = max(len(self.steps), len(other.steps))
+        pad = [{c: 0 for c in COMPONENTS}]
+        a, b = self.steps + pad * (n - len(self.steps)), other.steps + pad * (n - len(other.steps))
+        return FlopsLedger([{c: x[c] + y[c] for c in COMPONENTS} for x, y in zip(a, b)])
+
+    def to_dict(self) -> dict:
+        return {"totals": self.totals(), "per_step": [dict(s) for s in self.steps]}
+
+
+# --- prediction from token counts --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepCounts:
+    """Per-sample token counts of one step (equal for every sample of a batch)."""
+
+    step: int
+    known: int        # decoded before s-1
+    new: int          # decoded at s-1
+    to_predict: int   # decoded at s
+
+
+def step_counts(seq_len: int, num_iter: int) -> list[StepCounts]:
+    """The token counts of every step of MAR's cosine mask schedule."""
+    unknown, new, out = seq_len, 0, []
+    for step in range(num_iter):
+        masked = 0 if step == num_iter - 1 else mask_length(step, num_iter, seq_len, unknown)
+        out.append(StepCounts(step, seq_len - unknown - new, new, unknown - masked))
+        new, unknown = unknown - masked, masked
+    return out
+
+
+def estimate_generation_flops(config: MARConfig, schedule, num_iter: Optional[int] = None, batch_size: int = 1,
+                              use_cfg: bool = True) -> FlopsLedger:
+    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (a CacheSchedule), from the token
+    counts alone. Equals the engine's ledger of an actual run (tests check it)."""
+    from .schedule import CacheSchedule  # local: schedule imports nothing from here, keep it that way
+    assert isinstance(schedule, CacheSchedule)
+    num_iter = num_iter or schedule.num_iter
+    c, ledger = config, FlopsLedger()
+    buf, L = c.buffer_size, c.seq_len
+    total = buf + L
+    enc_hidden, dec_hidden = int(c.encoder_embed_dim * c.mlp_ratio), int(c.decoder_embed_dim * c.mlp_ratio)
+    head_steps = len(_respaced_steps(c.num_sampling_steps))
+    for counts in step_counts(L, num_iter):
+        s = counts.step
+        ledger.begin_step()
+        plan = schedule.step_plan(s, use_cfg)
+        N = batch_size * plan.branches
+        visible = buf + counts.known + counts.new
+        # encoder
+        if plan.incremental_encoder:
+            embedded, run = counts.new, buf + counts.new
+        else:
+            embedded, run = L, visible
+        enc = linear_flops(N * embedded, c.token_dim, c.encoder_embed_dim)
+        enc += c.encoder_depth * block_flops(N, run, visible, c.encoder_embed_dim, c.encoder_num_heads, enc_hidden)
+        ledger.add("encoder", enc)
+        # decoder
+        dec = linear_flops(N * run, c.encoder_embed_dim, c.decoder_embed_dim)
+        dim, heads = c.decoder_embed_dim, c.decoder_num_heads
+        if plan.token_cache:
+            always = counts.to_predict * ("to_predict" in schedule.always_keep) + counts.new * (
+                "new" in schedule.always_keep) + buf * ("buffer" in schedule.always_keep)
+            keep = schedule.kept_count(s, total, always)
+            full_layers = schedule.selection_layer + 1
+            dec += full_layers * block_flops(N, total, total, dim, heads, dec_hidden)
+            dec += (c.decoder_depth - full_layers) * block_flops(N, keep, total, dim, heads, dec_hidden)
+        else:
+            dec += c.decoder_depth * block_flops(N, total, total, dim, heads, dec_hidden)
+        ledger.add("decoder", dec)
+        # head
+        rows = batch_size * counts.to_predict
+        cfg_rows = 2 * rows if use_cfg else rows
+        if not plan.head_cache:
+            ledger.add("head", head_steps * head_net_flops(c, cfg_rows))
+            continue
+        policy = schedule.head
+        skipped = len(policy.reuse_blocks)
+        cached_rows = rows if (use_cfg and policy.cfg_cache) else cfg_rows
+        hoist = policy.hoist_invariants
+        if hoist:
+            ledger.add("head", linear_flops(cfg_rows, c.decoder_embed_dim, c.diffloss_w))  # cond_embed once
+        embed_rows = {"time_rows": 1, "cond_rows": 0} if hoist else {}
+        for i in reversed(range(head_steps)):
+            if policy.full_step(i, head_steps):
+                ledger.add("head", head_net_flops(c, cfg_rows, **embed_rows))
+            else:
+                mlp_skipped = 0 if policy.mlp_fresh(i, head_steps) else c.diffloss_d - skipped
+                ledger.add("head", head_net_flops(c, cached_rows, skipped, mlp_skipped, **embed_rows))
+    return ledger
+
+
+def floor_flops(config: MARConfig, batch_size: int = 1, use_cfg: bool = True) -> dict[str, int]:
+    """A floor for the analysis: every position through the transformer once over the whole generation (as a
+    causal KV cache would allow: the buffer and each token once through the encoder, each of the buffer + seq
+    positions once through the decoder, attending over all positions) plus the head once per token (all its head
+    steps), cond and uncond."""
+    c = config
+    N = batch_size * (2 if use_cfg else 1)
+    total = c.buffer_size + c.seq_len
+    enc_hidden, dec_hidden = int(c.encoder_embed_dim * c.mlp_ratio), int(c.decoder_embed_dim * c.mlp_ratio)
+    head_steps = len(_respaced_steps(c.num_sampling_steps))
+    enc = linear_flops(N * c.seq_len, c.token_dim, c.encoder_embed_dim) + c.encoder_depth * block_flops(
+        N, total, total, c.encoder_embed_dim, c.encoder_num_heads, enc_hidden)
+    dec = linear_flops(N * total, c.encoder_embed_dim, c.decoder_embed_dim) + c.decoder_depth * block_flops(
+        N, total, total, c.decoder_embed_dim, c.decoder_num_heads, dec_hidden)
+    head = head_steps * head_net_flops(c, N * c.seq_len)
+    return {"encoder": enc, "decoder": dec, "head": head, "total": enc + dec + head}
+
+
+def _respaced_steps(section_counts: str) -> list[int]:
+    from ..diffusion import space_timesteps
+    return space_timesteps(1000, str(section_counts))
+
+
+def teraflops(x: int | float) -> float:
+    return float(x) / 1e12
+
+
+def summarize(ledgers: Iterable[FlopsLedger]) -> dict[str, int]:
+    out = {c: 0 for c in (*COMPONENTS, "total")}
+    for ledger in ledgers:
+        for k, v in ledger.totals().items():
+            out[k] += v
+    return out
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.inf

@@ -1,0 +1,142 @@
+"""`lazymar bench`: a cache schedule against the uncached sampler (FLOPs, wall time, memory, fidelity, quality),
+and `lazymar flops`: the analytic FLOPs of a schedule for any architecture, without running it."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from ..config import get_config
+from ..grid import balanced_labels
+from ..model import MAR
+from ..sampling import SamplingSettings
+from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
+                     sampling_from_args)
+
+COMPUTE_BOUND = dict(arch="mar_base", batch_size=8, num_iter=16, cfg=3.0)
+
+
+def random_model(arch: str, seed: int, device: str) -> MAR:
+    """A model of ``arch`` with random weights, the zero-initialised ones made random too (so that the head's
+    output depends on z and the token cache's similarity ranking is not degenerate)."""
+    torch.manual_seed(seed)
+    model = MAR(get_config(arch)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if bool((p == 0).all()):
+                p.normal_(0.0, 0.02)
+    model.sampling_defaults = SamplingSettings(num_iter=64, cfg=3.0)
+    return model.to(device)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..cache.bench import benchmark, prepare_cpu_memory_measurement, resident_mb
+    from ..cache.schedule import load_schedule
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu_baseline = None
+    if torch.device(args.device).type == "cpu" and prepare_cpu_memory_measurement():
+        cpu_baseline = resident_mb()
+    if args.compute_bound:
+        args.arch = args.arch or COMPUTE_BOUND["arch"]
+        args.batch_size = args.batch_size or COMPUTE_BOUND["batch_size"]
+        args.num_samples = args.num_samples or args.batch_size
+        model = random_model(args.arch, args.seed, args.device)
+        settings = replace(sampling_from_args(model, args), num_iter=args.num_iter or COMPUTE_BOUND["num_iter"],
+                           cfg=args.cfg if args.cfg is not None else COMPUTE_BOUND["cfg"])
+    else:
+        model = random_model(args.arch or "digits", args.seed, args.device) if args.random_init \
+            else load_model_from_args(args)
+        settings = sampling_from_args(model, args)
+    num_samples = args.num_samples or 200
+    batch_size = args.batch_size or 100
+    schedule = load_schedule(args.schedule, settings.num_iter, model.config)
+    labels = balanced_labels(num_samples, model.config.class_num)
+
+    pixels = model.config.vae_stride == 1  # the digits model: tokens are pixels
+    images = evaluate = None
+    if pixels:
+        images = model.unpatchify
+        if model.config.class_num == 10 and model.config.img_size == 8:
+            from ..metrics import evaluate_digits
+            evaluate = lambda imgs: evaluate_digits(imgs, torch.tensor(labels))  # noqa: E731
+    result = benchmark(model, labels, settings, schedule, seed=args.seed, batch_size=batch_size,
+                       repeats=args.repeats, evaluate=evaluate, images=images, cpu_baseline_mb=cpu_baseline,
+                       progress=not args.json)
+    result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,
+              "weights": "random" if (args.compute_bound or args.random_init) else "checkpoint",
+              "schedule": args.schedule, "device": str(args.device), "threads": torch.get_num_threads(),
+              "num_samples": num_samples, "batch_size": batch_size, "repeats": args.repeats, "seed": args.seed,
+              "settings": settings.__dict__, **result}
+    if args.json:
+        print_json(result)
+    else:
+        b, c = result["baseline"], result["cached"]
+        print(f"{result['model']} under {args.schedule}: FLOPs {b['flops'] / 1e12:.3f} T -> {c['flops'] / 1e12:.3f} T "
+              f"(x{result['flops_ratio']:.2f}); wall {b['seconds']:.2f} s -> {c['seconds']:.2f} s "
+              f"(x{result['wall_ratio']:.2f}); PSNR {result['psnr']} dB")
+        for name in ("baseline", "cached"):
+            r = result[name]
+            print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB, accuracy {r['accuracy']}, fid {r['fid']}")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from ..cache.flops import estimate_generation_flops, floor_flops
+    from ..cache.schedule import load_schedule
+    rows = []
+    for arch in args.arch:
+        config = get_config(arch)
+        base = estimate_generation_flops(config, load_schedule("none", args.num_iter, config),
+                                         batch_size=args.batch_size, use_cfg=not args.no_cfg).totals()
+        row = {"arch": arch, "num_iter": args.num_iter, "batch_size": args.batch_size, "cfg": not args.no_cfg,
+               "none": base, "floor": floor_flops(config, args.batch_size, not args.no_cfg)}
+        for name in args.schedule:
+            totals = estimate_generation_flops(config, load_schedule(name, args.num_iter, config),
+                                               batch_size=args.batch_size, use_cfg=not args.no_cfg).totals()
+            row[name] = {**totals, "ratio": base["total"] / totals["total"]}
+        rows.append(row)
+    if args.json:
+        print_json(rows)
+    else:
+        for row in rows:
+            parts = [f"none {row['none']['total'] / 1e12:.2f} T", f"floor {row['floor']['total'] / 1e12:.2f} T"]
+            parts += [f"{n} {row[n]['total'] / 1e12:.2f} T (x{row[n]['ratio']:.2f})" for n in args.schedule]
+            print(f"{row['arch']}: " + ", ".join(parts))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark a cache schedule against the uncached sampler",
+                       description="Run the uncached sampler and a cache schedule on the same labels and seeds; "
+                                   "report FLOPs, median wall time of interleaved repetitions, peak memory, "
+                                   "PSNR/token MSE against the uncached tokens, and (digits) accuracy and FID.")
+    add_model_args(p)
+    add_sampling_args(p)
+    add_schedule_arg(p)
+    p.set_defaults(schedule="lazymar")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per run (default 200; compute-bound: "
+                                                                     "one batch)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 100 (compute-bound: 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each run (default 3)")
+    p.add_argument("--compute-bound", action="store_true",
+                   help="mar_base-sized random weights, batch 8, 16 steps, cfg 3 (override with --arch, "
+                        "--batch-size, --num-iter, --cfg)")
+    p.add_argument("--random-init", action="store_true", help="random weights of --arch (default digits) "
+                                                                  "instead of loading --model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("flops", help="analytic FLOPs of cache schedules for MAR architectures",
+                       description="FLOPs (2 per multiply-add, matrix products and attention only) of one "
+                                   "generation under each schedule, from the token counts alone; plus the floor "
+                                   "(every position through the transformer once, the head once per token).")
+    p.add_argument("--arch", nargs="+", default=["mar_base", "mar_large", "mar_huge"])
+    p.add_argument("--schedule", nargs="+", default=["lazymar-released", "lazymar"])
+    p.add_argument("--num-iter", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--no-cfg", action="store_true", help="without classifier-free guidance (one branch)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_flops)
