@@ -1,0 +1,590 @@
+"""Cache schedules derived from a redundancy recording, with no per-model constants.
+
+A recording (lazymar.recording layout) says, per step, how much each position's features changed since the step
+before. :class:`RedundancyProfile` condenses it once into per-step arrays; :func:`derive_schedule` then turns four
+thresholds into a :class:`~lazymar.cache.schedule.CacheSchedule` in milliseconds (notebook sliders call it live):
+
+- token cache (``tau_token``, a cosine): on a cached step s the decoder recomputes, after the selection layer, the
+  positions whose V similarity with step s-1 at that layer is below ``tau_token`` (the engine's own ranking), plus
+  the always-kept ones (to predict now, decoded at s-1). ``keep_fraction[s]`` is the mean over the recorded samples
+  of that count over all decoder positions (buffer + sequence).
+- refresh (``tau_refresh``, in step-equivalents of change): a TeaCache-style accumulator. The change of step s is
+  1 - cosine of the block outputs with step s-1, averaged over positions and samples and then over all encoder and
+  decoder blocks, and calibrated on the recording: divided by its mean over steps, so 1.0 is an average step's
+  change. The accumulated change since the last refresh grows step by step; the step at which it reaches
+  ``tau_refresh`` refreshes and the accumulator restarts. Step 0 always refreshes.
+- condition cache (``tau_cfg``, a cosine): the cond-uncond residual r of the last decoder block is reused from the
+  last step that ran both branches (the anchor). Its similarity to the anchor is estimated by
+  1 - sum of (1 - cosine(r_t, r_{t-1})) over the steps since, averaged over the positions still unknown at t (the
+  ones whose z the head will use); a cached step uses the condition cache while that estimate stays >= tau_cfg,
+  otherwise both branches run and it becomes the anchor. Refresh steps run both branches.
+- diffusion head (``tau_head``, a relative change): from the median relative change per head step of the eps CFG
+  difference and of each res-block's residual update. For a refresh interval k over head steps, a part's error is
+  the mean, over the head steps that reuse it, of its accumulated change since the last full head step. Each k
+  reuses the parts whose error is <= tau_head (eps difference -> CFG cache; res-blocks -> reused residuals); the
+  k that saves the most head FLOPs wins (ties: the smaller k). The exact hoisting of the head's invariants is on.
+
+Predicted FLOPs come from :func:`lazymar.cache.flops.estimate_generation_flops`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from lazymar.cache.flops import estimate_generation_flops, head_net_flops, linear_flops
+from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
+from lazymar.config import MARConfig
+from lazymar.recording import STATUS_CODES, load_stats
+
+ALWAYS_KEEP = ("to_predict", "new")
+MATRIX_COMPONENTS = ("refresh", "keep_fraction", "condition_cache", "head_cache")
+
+
+class DerivationError(ValueError):
+    """Thresholds or a recording from which no schedule can be derived; the message names the problem."""
+
+
+# --- the profile ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadProfile:
+    """Median relative change per head step (execution order) of each head part, and the head's layout."""
+
+    parts: tuple[str, ...]          # "eps_cfg", "res_block.0", ...
+    timestep: np.ndarray            # (T,) respaced index i of each head step (T-1 first)
+    change: np.ndarray              # (T, parts) median relative change since the previous head step (NaN at 0)
+
+
+@dataclass(frozen=True, eq=False)
+class RedundancyProfile:
+    """Per-step arrays from a recording, computed once; everything :func:`derive_schedule` needs."""
+
+    config: MARConfig
+    num_iter: int
+    num_samples: int
+    use_cfg: bool
+    decoder_layers: tuple[str, ...]
+    always_kept: np.ndarray          # (S,) always-kept positions per sample (to_predict + new)
+    similarity_levels: tuple         # per decoder block, per step: (lower, upper, count) arrays, see _levels
+    step_change: np.ndarray          # (S,) calibrated token change (mean 1 over steps >= 1; 0 at step 0)
+    raw_step_change: np.ndarray      # (S,) mean 1 - cosine before calibration
+    residual_drift: np.ndarray       # (S,) mean 1 - residual cosine at the last decoder block (NaN without CFG)
+    head: HeadProfile
+    selection: pd.DataFrame          # the selection-layer study (analysis.selection), indexed by layer
+    source: str = "recording"
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def total_positions(self) -> int:
+        return self.config.buffer_size + self.config.seq_len
+
+    @property
+    def decoder_depth(self) -> int:
+        return len(self.decoder_layers)
+
+    @classmethod
+    def from_stats(cls, stats: xr.Dataset | str | Path) -> "RedundancyProfile":
+        """Condense a recording (a Dataset or a path, validated by ``load_stats``)."""
+        source = "dataset"
+        if not isinstance(stats, xr.Dataset):
+            source = str(stats)
+            stats = load_stats(stats)
+        ds = stats
+        try:
+            config = MARConfig.from_dict(json.loads(ds.attrs["config"]))
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise DerivationError(f"{source}: attribute 'config' is not a model configuration ({err})") from None
+        layers = [str(x) for x in ds["layer"].values]
+        decoder = tuple(sorted((l for l in layers if l.startswith("decoder.")), key=lambda l: int(l.split(".")[1])))
+        transformer = [l for l in layers if l.startswith(("encoder.", "decoder."))]
+        if not decoder:
+            raise DerivationError(f"{source} has no decoder layers")
+        S, P = ds.sizes["step"], ds.sizes["position"]
+        if S < 2:
+            raise DerivationError(f"{source} has {S} step(s); deriving a schedule needs at least 2")
+        status = ds["status"].values  # (n, S, P)
+        n = status.shape[0]
+        always = np.zeros_like(status, dtype=bool)
+        for name in ALWAYS_KEEP:
+            always |= status == STATUS_CODES[name]
+        always_kept = always.sum(-1).mean(0)  # counts are equal for every sample; the mean is robust anyway
+
+        cos = ds["token_cosine"]
+        v = cos.sel(kind="v", layer=list(decoder)).transpose("layer", "step", "sample", "position").values
+        v = np.where(always.transpose(1, 0, 2)[None], np.nan, v).reshape(len(decoder), S, n * P)
+        bits = _stored_bits(ds.attrs.get("keep_bits"), "token_cosine")
+        similarity_levels = tuple(tuple(_levels(row, bits) for row in layer) for layer in v)
+
+        out = cos.sel(kind="output", layer=transformer).values  # (n, S, layers, P)
+        with np.errstate(invalid="ignore"), _quiet():
+            per_layer = np.nanmean(1.0 - out, axis=(0, 3))  # (S, layers)
+            raw = np.nanmean(per_layer, axis=1)
+        raw = np.nan_to_num(raw, nan=0.0)
+        raw[0] = 0.0
+        mean_change = raw[1:].mean()
+        step_change = raw / mean_change if mean_change > 0 else np.ones_like(raw)
+        step_change[0] = 0.0
+
+        use_cfg = float(ds.attrs.get("cfg", 1.0)) != 1.0
+        residual_drift = np.full(S, np.nan)
+        if use_cfg:
+            rc = ds["cfg_residual_cosine"].sel(layer=decoder[-1]).values  # (n, S, P)
+            buf = config.buffer_size
+            unknown = (status == STATUS_CODES["to_predict"]) | (status == STATUS_CODES["masked"])
+            unknown[:, :, :buf] = False
+            drift = np.where(unknown, 1.0 - rc, np.nan)
+            with _quiet():
+                residual_drift = np.nanmean(drift, axis=(0, 2))
+            residual_drift[0] = 0.0
+            residual_drift = np.nan_to_num(residual_drift, nan=0.0)
+
+        parts = tuple(str(p) for p in ds["head_part"].values)
+        with _quiet():
+            head_change = np.nanmedian(ds["head_change"].values, axis=(0, 1))  # (T, parts)
+        head = HeadProfile(parts=parts, timestep=np.asarray(ds["head_timestep"].values), change=head_change)
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in ds.attrs.items()}
+        from .selection import selection_study
+        return cls(config=config, num_iter=S, num_samples=n, use_cfg=use_cfg, decoder_layers=decoder,
+                   always_kept=always_kept, similarity_levels=similarity_levels, step_change=step_change,
+                   raw_step_change=raw, residual_drift=residual_drift, head=head, selection=selection_study(ds),
+                   source=source, attrs=attrs)
+
+    @property
+    def recommended_layer(self) -> int:
+        """The selection layer the selection-layer study recommends."""
+        return int(self.selection.attrs["recommended"])
+
+    # --- pieces of the derivation ----------------------------------------------------------------------------
+    def check_layer(self, selection_layer: int) -> int:
+        if not isinstance(selection_layer, (int, np.integer)) or not 0 <= selection_layer < self.decoder_depth - 1:
+            raise DerivationError(f"selection_layer must be a decoder block in 0..{self.decoder_depth - 2} (the last "
+                                  f"block has no later blocks to save), got {selection_layer!r}")
+        return int(selection_layer)
+
+    def keep_fractions(self, tau_token: float, selection_layer: int) -> np.ndarray:
+        """(S,) fraction of decoder positions recomputed per step: similarity < tau_token, or always kept."""
+        levels = self.similarity_levels[self.check_layer(selection_layer)]
+        below = np.array([_count_below(tau_token, *lv) for lv in levels]) / self.num_samples
+        return np.clip((self.always_kept + below) / self.total_positions, 0.0, 1.0)
+
+    def refresh_steps(self, tau_refresh: float) -> np.ndarray:
+        """(S,) bool: the accumulated calibrated change since the last refresh reaches tau_refresh."""
+        refresh = np.zeros(self.num_iter, dtype=bool)
+        refresh[0] = True
+        acc = 0.0
+        for s in range(1, self.num_iter):
+            acc += self.step_change[s]
+            if acc >= tau_refresh:
+                refresh[s], acc = True, 0.0
+        return refresh
+
+    def condition_steps(self, tau_cfg: float, refresh: np.ndarray) -> np.ndarray:
+        """(S,) bool: condition cache while the estimated residual similarity to the anchor stays >= tau_cfg."""
+        cached = np.zeros(self.num_iter, dtype=bool)
+        if not self.use_cfg:
+            return cached
+        drift = 0.0
+        for s in range(1, self.num_iter):
+            if refresh[s]:
+                drift = 0.0
+                continue
+            drift += self.residual_drift[s]
+            if 1.0 - drift >= tau_cfg:
+                cached[s] = True
+            else:
+                drift = 0.0  # both branches run: this step is the new anchor
+        return cached
+
+    def head_errors(self, refresh_every: int) -> dict[str, float]:
+        """Per head part, the mean accumulated change since the last full head step over the cached head steps."""
+        change = np.nan_to_num(self.head.change, nan=0.0)
+        T = len(self.head.timestep)
+        acc = np.zeros(change.shape[1])
+        total, cached = np.zeros(change.shape[1]), 0
+        policy = HeadCachePolicy(refresh_every=refresh_every)
+        for j, i in enumerate(self.head.timestep):
+            if policy.full_step(int(i), T):
+                acc[:] = 0.0
+            else:
+                acc += change[j]
+                total += acc
+                cached += 1
+        errors = total / cached if cached else np.zeros_like(total)
+        return dict(zip(self.head.parts, errors.tolist()))
+
+    @lru_cache(maxsize=64)
+    def head_policy(self, tau_head: float) -> HeadCachePolicy:
+        """The head policy that saves the most FLOPs with every reused part's error <= tau_head."""
+        T = len(self.head.timestep)
+        best, best_saving = HeadCachePolicy(hoist_invariants=True), 0.0
+        full_cost = self._head_cost(HeadCachePolicy(hoist_invariants=True))
+        for k in range(2, T + 1):
+            errors = self.head_errors(k)
+            ok = [p for p, e in errors.items() if e <= tau_head]
+            cfg_cache = self.use_cfg and "eps_cfg" in ok
+            blocks = tuple(int(p.split(".")[1]) for p in ok if p.startswith("res_block."))
+            if not cfg_cache and not blocks:
+                continue
+            policy = HeadCachePolicy(refresh_every=k, cfg_cache=cfg_cache, reuse_blocks=blocks,
+                                     hoist_invariants=True)
+            saving = full_cost - self._head_cost(policy)
+            if saving > best_saving * (1 + 1e-12):
+                best, best_saving = policy, saving
+        return best
+
+    def _head_cost(self, policy: HeadCachePolicy) -> float:
+        """Head FLOPs per decoded token under ``policy`` (the per-row part of the flops module's head formula)."""
+        c, T = self.config, len(self.head.timestep)
+        rows = 2 if self.use_cfg else 1
+        cached_rows = 1 if (self.use_cfg and policy.cfg_cache) else rows
+        cost = 0.0
+        for i in self.head.timestep:
+            if policy.full_step(int(i), T):
+                cost += head_net_flops(c, rows, time_rows=0, cond_rows=0)
+            else:
+                mlp_skipped = 0 if policy.mlp_fresh(int(i), T) else c.diffloss_d - len(policy.reuse_blocks)
+                cost += head_net_flops(c, cached_rows, len(policy.reuse_blocks), mlp_skipped, time_rows=0,
+                                       cond_rows=0)
+        return cost
+
+    def similarity_quantiles(self, selection_layer: int, q: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)
+                             ) -> dict[float, float]:
+        """Quantiles of the selection layer's V similarity over all cached-candidate positions (slider ranges)."""
+        levels = self.similarity_levels[self.check_layer(selection_layer)]
+        values = np.concatenate([np.repeat((lo + hi) / 2, c) for lo, hi, c in levels])
+        return {float(x): float(np.quantile(values, x)) for x in q} if len(values) else {}
+
+
+def _stored_bits(keep_bits, variable: str) -> Optional[int]:
+    """Mantissa bits a compact recording kept for ``variable`` (None: exact float32)."""
+    if keep_bits is None or keep_bits == "none":
+        return None
+    try:
+        return int(json.loads(keep_bits)[variable])
+    except (TypeError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _levels(values: np.ndarray, bits: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct finite values as (lower, upper, count). A compact recording rounded cosines to ``bits``
+    mantissa bits, so each stored value stands for the interval that rounds to it (capped at 1, the largest
+    cosine); counting fractions of those intervals makes keep fractions continuous in tau_token. Exact values
+    have lower == upper."""
+    finite = values[np.isfinite(values)].astype(np.float64)
+    level, count = np.unique(finite, return_counts=True)
+    if bits is None:
+        return level, level, count
+    magnitude = np.abs(level)
+    exponent = np.floor(np.log2(np.where(magnitude > 0, magnitude, 1.0)))
+    above = np.where(magnitude > 0, 2.0 ** (exponent - bits), 0.0)
+    below = np.where(magnitude == 2.0 ** exponent, above / 2, above)  # the spacing halves below a power of two
+    lower = level - np.where(level >= 0, below, above) / 2
+    upper = np.minimum(level + np.where(level >= 0, above, below) / 2, 1.0)
+    return lower, upper, count
+
+
+def _count_below(tau: float, lower: np.ndarray, upper: np.ndarray, count: np.ndarray) -> float:
+    """How many values are < tau, values spread uniformly over their [lower, upper] interval."""
+    width = upper - lower
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(width > 0, np.clip((tau - lower) / np.where(width > 0, width, 1.0), 0.0, 1.0),
+                         (upper < tau).astype(float))
+    return float(share @ count)
+
+
+# --- derivation ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DerivedSchedule:
+    """A derived schedule, the thresholds it came from, and what they predict."""
+
+    schedule: CacheSchedule
+    params: dict
+    predicted_flops_ratio: float
+    flops: dict
+    head_errors: dict
+    profile_source: str
+
+    def summary(self) -> str:
+        s, p = self.schedule, self.params
+        cached = [i for i in range(s.num_iter) if not s.refresh[i]]
+        refresh = [i for i in range(s.num_iter) if s.refresh[i]]
+        keep = [s.keep_fraction[i] for i in cached]
+        keep_text = (f"keeps {min(keep):.0%}-{max(keep):.0%} (mean {np.mean(keep):.0%}) of decoder positions after "
+                     f"block {s.selection_layer} on {len(cached)} cached steps" if cached else "no cached steps")
+        h = s.head
+        if h.refresh_every > 1:
+            reuse = [x for x in (["CFG"] if h.cfg_cache else []) + [f"block {b}" for b in h.reuse_blocks]]
+            head_text = f"head refreshes every {h.refresh_every} head steps, reusing {', '.join(reuse)}"
+        else:
+            head_text = "head exact (invariants hoisted)"
+        return (f"{s.name}: predicted FLOPs ratio {self.predicted_flops_ratio:.2f}x. "
+                f"tau_token {p['tau_token']:g} {keep_text}; "
+                f"tau_refresh {p['tau_refresh']:g} refreshes {len(refresh)} steps {_ranges(refresh)}; "
+                f"tau_cfg {p['tau_cfg']:g} condition cache on {sum(s.condition_cache)} steps; "
+                f"tau_head {p['tau_head']:g}: {head_text}.")
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "predicted_flops_ratio": self.predicted_flops_ratio, "flops": self.flops,
+                "head_errors": self.head_errors, "source": self.profile_source, "summary": self.summary()}
+
+
+def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_token: float = 0.995,
+                    tau_refresh: float = 8.0, tau_cfg: float = 0.95, selection_layer: Optional[int] = None,
+                    tau_head: float = 0.3, name: Optional[str] = None) -> DerivedSchedule:
+    """A CacheSchedule from a recording and four thresholds (see the module docstring).
+
+    ``profile`` is a :class:`RedundancyProfile` (fast: build it once) or a recording. ``selection_layer`` None
+    takes the recommendation of the selection-layer study. Deterministic."""
+    if not isinstance(profile, RedundancyProfile):
+        profile = RedundancyProfile.from_stats(profile)
+    if selection_layer is None:
+        selection_layer = profile.recommended_layer
+    selection_layer = profile.check_layer(selection_layer)
+    for label, value in (("tau_token", tau_token), ("tau_cfg", tau_cfg)):
+        if not isinstance(value, (int, float)) or math.isnan(value) or not -1.0 <= value <= 1.0 + 1e-9:
+            raise DerivationError(f"{label} is a cosine similarity threshold in [-1, 1], got {value!r}")
+    if not isinstance(tau_refresh, (int, float)) or not tau_refresh > 0:
+        raise DerivationError(f"tau_refresh must be > 0 (step-equivalents of change), got {tau_refresh!r}")
+    if not isinstance(tau_head, (int, float)) or math.isnan(tau_head) or tau_head < 0:
+        raise DerivationError(f"tau_head must be >= 0 (accumulated relative change), got {tau_head!r}")
+
+    refresh = profile.refresh_steps(tau_refresh)
+    keep = np.where(refresh, 1.0, profile.keep_fractions(tau_token, selection_layer))
+    condition = profile.condition_steps(tau_cfg, refresh)
+    head = profile.head_policy(float(tau_head))
+    params = {"tau_token": float(tau_token), "tau_refresh": float(tau_refresh), "tau_cfg": float(tau_cfg),
+              "selection_layer": selection_layer, "tau_head": float(tau_head)}
+    schedule = CacheSchedule(
+        num_iter=profile.num_iter, refresh=refresh.tolist(), keep_fraction=[round(float(k), 6) for k in keep],
+        condition_cache=condition.tolist(), head_cache=[True] * profile.num_iter,
+        name=name or _default_name(params), keep_min_extra=0.0, selection="similarity",
+        selection_layer=selection_layer, always_keep=ALWAYS_KEEP, encoder="incremental", head=head)
+    schedule.validate_for(profile.config, profile.num_iter)
+    flops = predicted_flops(schedule, profile.config, profile.use_cfg)
+    return DerivedSchedule(schedule=schedule, params=params, predicted_flops_ratio=flops["ratio"], flops=flops,
+                           head_errors=profile.head_errors(head.refresh_every) if head.refresh_every > 1 else {},
+                           profile_source=profile.source)
+
+
+def _default_name(params: dict) -> str:
+    return ("derived-t{tau_token:g}-r{tau_refresh:g}-c{tau_cfg:g}-l{selection_layer}-h{tau_head:g}"
+            .format(**params))
+
+
+def _ranges(steps: Sequence[int]) -> str:
+    """[0-4, 9, 14] style."""
+    out, start = [], None
+    for i, s in enumerate(steps):
+        if start is None:
+            start = s
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return "[" + ", ".join(out) + "]"
+
+
+@lru_cache(maxsize=16)
+def _baseline_flops(config: MARConfig, num_iter: int, use_cfg: bool, batch_size: int) -> int:
+    return estimate_generation_flops(config, none_schedule(num_iter), use_cfg=use_cfg, batch_size=batch_size).total
+
+
+@lru_cache(maxsize=256)
+def _head_flops(config: MARConfig, num_iter: int, use_cfg: bool, batch_size: int, head: HeadCachePolicy) -> int:
+    """Head FLOPs of a generation whose every step runs the head under ``head`` (they do not depend on the rest)."""
+    schedule = none_schedule(num_iter).with_changes(head_cache=[True] * num_iter, head=head)
+    return estimate_generation_flops(config, schedule, use_cfg=use_cfg, batch_size=batch_size).totals()["head"]
+
+
+def predicted_flops(schedule: CacheSchedule, config: MARConfig, use_cfg: bool = True, batch_size: int = 1) -> dict:
+    """FLOPs of ``schedule`` and of no caching for a batch of ``batch_size`` (flops-module accounting), and their
+    ratio. The ratio grows a little with the batch (the hoisted time embedding is shared by a batch's rows);
+    batch 1, a single image, is the conservative figure.
+
+    A schedule that runs the head cache on every step (all derived ones) is priced in two exact parts: the encoder
+    and decoder with the head uncached, and the head's total for its policy (memoised), so that searches over
+    thousands of schedules stay fast."""
+    if all(schedule.head_cache):
+        no_head = schedule.with_changes(head_cache=[False] * schedule.num_iter)
+        totals = estimate_generation_flops(config, no_head, use_cfg=use_cfg, batch_size=batch_size).totals()
+        totals["head"] = _head_flops(config, schedule.num_iter, use_cfg, batch_size, schedule.head)
+        totals["total"] = totals["encoder"] + totals["decoder"] + totals["head"]
+    else:
+        totals = estimate_generation_flops(config, schedule, use_cfg=use_cfg, batch_size=batch_size).totals()
+    base = _baseline_flops(config, schedule.num_iter, use_cfg, batch_size)
+    return {**{k: int(v) for k, v in totals.items()}, "baseline": int(base), "ratio": base / totals["total"]}
+
+
+# --- the heat map ----------------------------------------------------------------------------------------------
+def schedule_matrix(schedule: CacheSchedule) -> pd.DataFrame:
+    """Step x component table for heat maps: refresh (0/1), keep_fraction (1 on refresh steps: all recomputed),
+    condition_cache (0/1), head_cache (1 where the head policy reuses anything on that step, else 0)."""
+    head_on = schedule.head.refresh_every > 1 and (schedule.head.cfg_cache or bool(schedule.head.reuse_blocks)
+                                                   or schedule.head.reuse_mlp)
+    frame = pd.DataFrame({
+        "refresh": np.asarray(schedule.refresh, dtype=float),
+        "keep_fraction": np.where(schedule.refresh, 1.0, schedule.keep_fraction),
+        "condition_cache": np.asarray(schedule.condition_cache, dtype=float),
+        "head_cache": np.asarray(schedule.head_cache, dtype=float) * float(head_on),
+    }, index=pd.Index(range(schedule.num_iter), name="step"))
+    frame.columns.name = "component"
+    return frame
+
+
+# --- budget and fidelity-floor search ------------------------------------------------------------------------
+DEFAULT_GRID = {
+    "tau_token": (0.9, 0.98, 0.99, 0.995, 0.998, 0.999),
+    "tau_refresh": (2.0, 4.0, 8.0, 16.0, 32.0, 1e9),
+    "tau_cfg": (0.9, 0.95, 0.98, 0.99, 1.0),
+    "tau_head": (0.0, 0.1, 0.2, 0.4, 0.8),
+}
+
+
+def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
+                        layers: Optional[Iterable[int]] = None, progress: bool = False) -> list[DerivedSchedule]:
+    """Every grid point derived (duplicates by schedule removed), sorted by predicted FLOPs ratio."""
+    from itertools import product
+
+    from tqdm.auto import tqdm
+    grid = {**DEFAULT_GRID, **(grid or {})}
+    layers = list(range(profile.decoder_depth - 1)) if layers is None else list(layers)
+    points = list(product(grid["tau_token"], grid["tau_refresh"], grid["tau_cfg"], grid["tau_head"], layers))
+    seen, out = set(), []
+    for t, r, c, h, l in tqdm(points, desc="derive", disable=not progress):
+        d = derive_schedule(profile, tau_token=t, tau_refresh=r, tau_cfg=c, selection_layer=l, tau_head=h)
+        key = json.dumps({k: v for k, v in d.schedule.to_dict().items() if k != "name"}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return sorted(out, key=lambda d: d.predicted_flops_ratio)
+
+
+def predicted_error(profile: RedundancyProfile, derived: DerivedSchedule) -> float:
+    """A unitless proxy of how far a schedule drifts from the uncached run, to rank candidates before measuring:
+    token staleness (non-kept share x calibrated change accumulated since the refresh, per step), condition
+    drift (estimated 1 - residual similarity to the anchor, in units of the mean step drift) and head error
+    (the largest reused part's accumulated change, per head step), each averaged over steps."""
+    s = derived.schedule
+    token = cfg = 0.0
+    acc = drift = 0.0
+    mean_drift = float(np.mean(profile.residual_drift[1:])) if profile.use_cfg else 1.0
+    for i in range(1, s.num_iter):
+        if s.refresh[i]:
+            acc = drift = 0.0
+            continue
+        acc += profile.step_change[i]
+        token += (1.0 - s.keep_fraction[i]) * acc
+        if s.condition_cache[i]:
+            drift += profile.residual_drift[i]
+            cfg += drift / mean_drift if mean_drift > 0 else 0.0
+        else:
+            drift = 0.0
+    head = max(derived.head_errors.values(), default=0.0)
+    reused = [p for p in derived.head_errors if (p == "eps_cfg" and s.head.cfg_cache)
+              or (p.startswith("res_block.") and int(p.split(".")[1]) in s.head.reuse_blocks)]
+    head = max((derived.head_errors[p] for p in reused), default=0.0)
+    return (token + cfg) / s.num_iter + head
+
+
+@dataclass
+class SearchResult:
+    best: DerivedSchedule
+    measured: list[dict]       # one row per measured candidate: name, predicted ratio, proxy, psnr, ...
+    considered: int
+
+
+def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
+                  measure: Optional[Callable[[CacheSchedule], float]] = None, num_measured: int = 6,
+                  band: float = 0.15, grid: Optional[dict] = None, progress: bool = False) -> SearchResult:
+    """The schedule with predicted FLOPs ratio >= ``target_flops_ratio`` and the best fidelity.
+
+    Candidates within ``band`` (relative) above the target that are not dominated in (ratio, proxy error) are
+    ranked by :func:`predicted_error`; the ``num_measured`` best are measured with ``measure`` (schedule -> PSNR
+    in dB vs uncached, e.g. :func:`analysis.sweep.measure_psnr`) and the highest PSNR wins. Without ``measure`` the
+    lowest proxy error wins."""
+    if not target_flops_ratio > 0:
+        raise DerivationError(f"target FLOPs ratio must be > 0, got {target_flops_ratio}")
+    candidates = candidate_schedules(profile, grid, progress=progress)
+    feasible = [d for d in candidates if d.predicted_flops_ratio >= target_flops_ratio]
+    if not feasible:
+        reach = max(d.predicted_flops_ratio for d in candidates)
+        raise DerivationError(f"no derived schedule reaches a FLOPs ratio of {target_flops_ratio:g}; the most any "
+                              f"grid point reaches on this recording is {reach:.2f}")
+    lowest = feasible[0].predicted_flops_ratio
+    near = [d for d in feasible if d.predicted_flops_ratio <= max(lowest, target_flops_ratio) * (1 + band)]
+    ranked = sorted(near, key=lambda d: (predicted_error(profile, d), -d.predicted_flops_ratio))
+    if measure is None:
+        return SearchResult(best=ranked[0], measured=[], considered=len(candidates))
+    rows = []
+    for d in ranked[:num_measured]:
+        rows.append({"name": d.schedule.name, **d.params, "predicted_flops_ratio": d.predicted_flops_ratio,
+                     "proxy_error": predicted_error(profile, d), "psnr": float(measure(d.schedule)),
+                     "_derived": d})
+    best_row = max(rows, key=lambda r: (r["psnr"], r["predicted_flops_ratio"]))
+    best = best_row["_derived"]
+    for r in rows:
+        r.pop("_derived")
+    return SearchResult(best=best, measured=rows, considered=len(candidates))
+
+
+def search_fidelity(profile: RedundancyProfile, min_psnr: float, measure: Callable[[CacheSchedule], float],
+                    grid: Optional[dict] = None, progress: bool = False, max_measured: int = 12) -> SearchResult:
+    """The fastest schedule (highest predicted FLOPs ratio) whose measured PSNR vs uncached is >= ``min_psnr``.
+
+    Candidates are the Pareto set of (predicted ratio up, proxy error down); a bisection over it (PSNR falls as
+    the ratio rises along that set, up to noise) measures at most ``max_measured`` of them."""
+    candidates = candidate_schedules(profile, grid, progress=progress)
+    front = _proxy_front(profile, candidates)
+    rows, cache = [], {}
+
+    def psnr_of(i: int) -> float:
+        if i not in cache:
+            d = front[i]
+            cache[i] = float(measure(d.schedule))
+            rows.append({"name": d.schedule.name, **d.params, "predicted_flops_ratio": d.predicted_flops_ratio,
+                         "proxy_error": predicted_error(profile, d), "psnr": cache[i]})
+        return cache[i]
+
+    lo, hi = 0, len(front) - 1  # front sorted by ratio ascending; find the last index with psnr >= min_psnr
+    if psnr_of(lo) < min_psnr:
+        raise DerivationError(f"no derived schedule reaches PSNR {min_psnr:g} dB; the most cautious candidate "
+                              f"({front[lo].schedule.name}) measures {cache[lo]:.2f} dB")
+    while lo < hi and len(cache) < max_measured:
+        mid = (lo + hi + 1) // 2
+        if psnr_of(mid) >= min_psnr:
+            lo = mid
+        else:
+            hi = mid - 1
+    best = max((i for i, v in cache.items() if v >= min_psnr), key=lambda i: front[i].predicted_flops_ratio)
+    return SearchResult(best=front[best], measured=rows, considered=len(candidates))
+
+
+def _proxy_front(profile: RedundancyProfile, candidates: list[DerivedSchedule]) -> list[DerivedSchedule]:
+    """Candidates not dominated in (higher predicted ratio, lower proxy error), by ratio ascending."""
+    scored = sorted(((d.predicted_flops_ratio, predicted_error(profile, d), d) for d in candidates),
+                    key=lambda x: (-x[0], x[1]))
+    front, best_err = [], math.inf
+    for ratio, err, d in scored:
+        if err < best_err:
+            front.append(d)
+            best_err = err
+    return front[::-1]
+
+
+class _quiet:
+    """Silence numpy's all-NaN slice warnings (NaN marks values that were not computed)."""
+
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

@@ -1,0 +1,134 @@
+"""Small measured runs for the workbook: schedules against the uncached sampler on a few samples (the quick
+check of notebook 03, the ablations of notebook 04), and the ablation schedules themselves.
+
+Every run uses the same labels, batches and seeds as the uncached baseline (lazymar.cache.bench.run_schedule),
+so differences come from caching alone. FLOPs are the engine's ledger of what ran; fidelity is PSNR of the
+images (the tokens for latent models) against the uncached ones; accuracy uses the digits classifier when the
+model is the 8x8 digits model. Wall times on a shared CPU are indicative only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lazymar.cache.bench import run_schedule
+from lazymar.cache.schedule import CacheSchedule, lazymar_schedule, none_schedule
+from lazymar.config import MARConfig
+from lazymar.metrics import psnr, token_mse
+
+from .phenomena import AnalysisError
+
+
+@dataclass
+class Measurement:
+    """A table (one row per schedule, "none" first) and the images of every run, keyed by schedule name."""
+
+    table: pd.DataFrame
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: list[int] = field(default_factory=list)
+    seed: int = 0
+    settings: object = None
+
+    def reusable_for(self, labels: Sequence[int], settings, seed: int) -> bool:
+        """Whether this measurement's uncached run is the one ``labels``/``settings``/``seed`` would make."""
+        return list(labels) == self.labels and settings == self.settings and seed == self.seed
+
+
+def is_digits_model(config: MARConfig) -> bool:
+    """Tokens are the pixels of 8x8 digit images (the embedded model): images and the classifier apply."""
+    return config.vae_stride == 1 and config.img_size == 8 and config.class_num == 10
+
+
+def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Sequence[int], settings,
+                      seed: int = 0, batch_size: Optional[int] = None, progress: bool = False,
+                      baseline: Optional[Measurement] = None) -> Measurement:
+    """Run the uncached sampler and each schedule on ``labels`` (same seeds); one row per run with
+    flops_per_image, flops_ratio (uncached / this), seconds, wall_ratio, psnr and token_mse against the
+    uncached run, and accuracy (digits model only, else NaN). ``baseline``: an earlier Measurement of the same
+    labels, settings and seed whose uncached run is reused instead of run again."""
+    if not schedules:
+        raise AnalysisError("no schedules to measure")
+    if "none" in schedules:
+        raise AnalysisError("'none' is the baseline and is always measured; do not pass it")
+    labels = [int(x) for x in labels]
+    if not labels:
+        raise AnalysisError("need at least one label")
+    batch_size = batch_size or len(labels)
+    digits = is_digits_model(model.config)
+    to_images = model.unpatchify if model.config.vae_stride == 1 else (lambda t: t)
+    runs = {"none": none_schedule(settings.num_iter), **schedules}
+    rows, images = [], {}
+    if baseline is not None and baseline.reusable_for(labels, settings, seed):
+        del runs["none"]
+        images["none"] = baseline.images["none"]
+        rows.append({"schedule": "none", **baseline.table.loc["none", ["flops_per_image", "seconds", "accuracy"]]})
+    for name, schedule in tqdm(runs.items(), desc="measured runs", disable=not progress, leave=False):
+        start = time.perf_counter()
+        tokens, ledger = run_schedule(model, labels, settings, schedule, seed, batch_size)
+        seconds = time.perf_counter() - start
+        images[name] = to_images(tokens).detach().cpu()
+        row = {"schedule": name, "flops_per_image": ledger.totals()["total"] / len(labels), "seconds": seconds}
+        if digits:
+            from lazymar.metrics import class_accuracy
+            row["accuracy"] = class_accuracy(images[name], labels)
+        else:
+            row["accuracy"] = float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("schedule")
+    base = table.loc["none"]
+    table["flops_ratio"] = base["flops_per_image"] / table["flops_per_image"]
+    table["wall_ratio"] = base["seconds"] / table["seconds"]
+    reference = images["none"].float()
+    data_range = 2.0 if model.config.vae_stride == 1 else float(reference.max() - reference.min()) or 1.0
+    table["psnr"] = [psnr(images[n].float(), reference, data_range=data_range) for n in table.index]
+    table["token_mse"] = [token_mse(images[n].float(), reference) for n in table.index]
+    columns = ["flops_ratio", "psnr", "token_mse", "accuracy", "wall_ratio", "seconds", "flops_per_image"]
+    return Measurement(table[columns], images, labels, seed, settings)
+
+
+# --- ablation schedules -----------------------------------------------------------------------------------
+def ablation_schedules(config: MARConfig, num_iter: int) -> dict[str, CacheSchedule]:
+    """The released scheme ("lazymar", all mechanisms) and each mechanism alone, on ``num_iter`` steps:
+
+    - token cache only: its refresh steps, keep ratios and incremental encoder; no condition or head cache;
+    - condition cache only: every step recomputes all tokens, the cond-only branch on its cached steps;
+    - head cache only: every MAR step in full, the head policy of the released scheme;
+    - all: the released scheme."""
+    full = lazymar_schedule(num_iter, config)
+    never = [False] * num_iter
+    every = [True] * num_iter
+    return {
+        "token cache only": replace(full, name="token-only", condition_cache=never, head_cache=never),
+        "condition cache only": replace(full, name="condition-only", refresh=every, head_cache=never),
+        "head cache only": replace(full, name="head-only", refresh=every, condition_cache=never),
+        "all (lazymar)": full,
+    }
+
+
+def selection_schedules(config: MARConfig, num_iter: int, seed: int = 0) -> dict[str, CacheSchedule]:
+    """The token cache alone under each selection rule: V similarity (LazyMAR), random positions of the same
+    count, and the always-kept statuses only (to-predict and new tokens)."""
+    token_only = ablation_schedules(config, num_iter)["token cache only"]
+    return {
+        "similarity": token_only,
+        "random": replace(token_only, name="token-only-random", selection="random", seed=seed),
+        "status only": replace(token_only, name="token-only-status", selection="status"),
+    }
+
+
+def refresh_interval_schedule(config: MARConfig, num_iter: int, interval: int) -> CacheSchedule:
+    """The released scheme with its refresh interval replaced: the same warm-up (the first 5/64 of the steps
+    refresh) then a refresh every ``interval`` steps (9 at 64 steps is the released scheme)."""
+    if not isinstance(interval, (int, np.integer)) or interval < 1:
+        raise AnalysisError(f"refresh interval must be an integer >= 1, got {interval!r}")
+    full = lazymar_schedule(num_iter, config)
+    warmup = max(1, round(5 * num_iter / 64))
+    refresh = [s < warmup or (s - warmup) % interval == 0 for s in range(num_iter)]
+    return replace(full, name=f"lazymar-refresh-{interval}", refresh=refresh,
+                   condition_cache=[not r for r in refresh])

@@ -1,0 +1,331 @@
+"""The redundancy phenomena as numbers: tables computed from a recording (lazymar.recording layout), plus a live
+capture of per-step features for what a recording does not keep (the step x step similarity, absolute changes).
+
+Conventions: NaN marks a value that was not computed (a position absent at s or s-1) and is excluded from every
+count; "fraction above t" is (#values > t) / (#finite values); statuses are the recording's (buffer, known, new,
+to_predict, masked).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from lazymar.recording import STATUS_CODES, STATUS_NAMES
+
+COSINE_VARIABLES = ("token_cosine", "cfg_residual_cosine")
+CHANGE_VARIABLES = ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change")
+STATISTICS = ("mean", "median", "above")
+
+
+class AnalysisError(ValueError):
+    """A request the recording or the inputs cannot answer; the message names the problem."""
+
+
+def sampling_settings(attrs: dict):
+    """The SamplingSettings a recording was made with (from its attributes), to rerun that setting live."""
+    from lazymar.sampling import SamplingSettings
+    try:
+        return SamplingSettings(num_iter=int(attrs["num_iter"]), cfg=float(attrs["cfg"]),
+                                cfg_schedule=str(attrs.get("cfg_schedule", "linear")),
+                                temperature=float(attrs.get("temperature", 1.0)))
+    except KeyError as err:
+        raise AnalysisError(f"the recording's attributes lack {err.args[0]!r}") from None
+
+
+# --- selecting values -------------------------------------------------------------------------------------
+def layer_group(layer: str) -> str:
+    """"encoder", "decoder" or "z" for a recorded layer name ("encoder.3", "decoder.0", "z")."""
+    group = str(layer).split(".")[0]
+    if group not in ("encoder", "decoder", "z"):
+        raise AnalysisError(f"unknown layer {layer!r}: expected encoder.i, decoder.i or z")
+    return group
+
+
+def _check_layers(ds: xr.Dataset, layers: Optional[Sequence[str]]) -> list[str]:
+    known = [str(x) for x in ds["layer"].values]
+    if layers is None:
+        return known
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    missing = [x for x in layers if x not in known]
+    if missing:
+        raise AnalysisError(f"layer {missing[0]!r} is not in the recording; it has {', '.join(known)}")
+    return layers
+
+
+def _status_codes(statuses: Optional[Iterable[str]]) -> Optional[list[int]]:
+    if statuses is None:
+        return None
+    statuses = [statuses] if isinstance(statuses, str) else list(statuses)
+    unknown = [s for s in statuses if s not in STATUS_CODES]
+    if unknown:
+        raise AnalysisError(f"unknown status {unknown[0]!r}; known: {', '.join(STATUS_NAMES)}")
+    return [STATUS_CODES[s] for s in statuses]
+
+
+def statistic_values(ds: xr.Dataset, variable: str = "token_cosine", kind: str = "output",
+                     statuses: Optional[Iterable[str]] = None) -> xr.DataArray:
+    """The per-position statistic (sample, step, layer, position), NaN outside ``statuses`` (None: all)."""
+    if variable not in ds:
+        raise AnalysisError(f"the recording has no variable {variable!r}")
+    da = ds[variable]
+    if "kind" in da.dims:
+        kinds = [str(k) for k in ds["kind"].values]
+        if kind not in kinds:
+            raise AnalysisError(f"unknown feature kind {kind!r}; the recording has {', '.join(kinds)}")
+        da = da.sel(kind=kind, drop=True)
+    codes = _status_codes(statuses)
+    if codes is not None:
+        da = da.where(ds["status"].isin(codes))
+    return da
+
+
+def values_by_status(ds: xr.Dataset, layer: str, variable: str = "token_cosine", kind: str = "output",
+                     steps: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
+    """The finite values of one layer, flattened, per status (statuses without values are left out)."""
+    _check_layers(ds, [layer])
+    da = statistic_values(ds, variable, kind).sel(layer=layer)
+    status = ds["status"]
+    if steps is not None:
+        da, status = da.sel(step=list(steps)), status.sel(step=list(steps))
+    values, codes = da.values, status.values
+    out = {}
+    for name, code in STATUS_CODES.items():
+        v = values[(codes == code) & np.isfinite(values)]
+        if v.size:
+            out[name] = v
+    return out
+
+
+# --- token redundancy -------------------------------------------------------------------------------------
+def fraction_above(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), layers: Optional[Sequence[str]] = None,
+                   variable: str = "token_cosine", kind: str = "output",
+                   statuses: Optional[Iterable[str]] = None) -> pd.DataFrame:
+    """Per (layer, step): the number of finite values (``count``) and the fraction above each threshold
+    (``above_<t>``), over samples and positions. Steps where a layer has no value are dropped."""
+    layers = _check_layers(ds, layers)
+    da = statistic_values(ds, variable, kind, statuses).sel(layer=layers)
+    values = da.transpose("layer", "step", "sample", "position").values
+    finite = np.isfinite(values)
+    count = finite.sum(axis=(2, 3))
+    columns = {"count": count}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for t in thresholds:
+            columns[f"above_{t:g}"] = np.where(finite, values > t, False).sum(axis=(2, 3)) / count
+    steps = da["step"].values
+    index = pd.MultiIndex.from_product([layers, steps], names=["layer", "step"])
+    df = pd.DataFrame({k: np.asarray(v, dtype=float).ravel() for k, v in columns.items()}, index=index)
+    df["count"] = df["count"].astype(int)
+    return df[df["count"] > 0]
+
+
+def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "token_cosine", kind: str = "output",
+                      threshold: Optional[float] = None, statuses: Optional[Iterable[str]] = None,
+                      layers: Optional[Sequence[str]] = None) -> xr.DataArray:
+    """(layer, step) matrix of a statistic over samples and positions: "mean", "median", or "above" (the
+    fraction of values above ``threshold``). NaN where a layer has no value at a step."""
+    if statistic not in STATISTICS:
+        raise AnalysisError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
+    if statistic == "above" and threshold is None:
+        raise AnalysisError("statistic 'above' needs a threshold")
+    layers = _check_layers(ds, layers)
+    da = statistic_values(ds, variable, kind, statuses).sel(layer=layers)
+    over = ("sample", "position")
+    with warnings.catch_warnings():  # all-NaN cells are NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if statistic == "mean":
+            out = da.mean(over, skipna=True)
+        elif statistic == "median":
+            out = da.median(over, skipna=True)
+        else:
+            count = da.count(over)
+            out = (da > threshold).where(da.notnull()).sum(over) / count.where(count > 0)
+    out = out.transpose("layer", "step")
+    out.name = f"{variable}_{statistic}" + (f"_{threshold:g}" if statistic == "above" else "")
+    out.attrs.update(variable=variable, statistic=statistic, kind=kind if variable == "token_cosine" else "")
+    return out
+
+
+def encoder_vs_decoder(ds: xr.Dataset, kind: str = "output",
+                       statuses: Optional[Iterable[str]] = ("buffer", "known")) -> pd.DataFrame:
+    """Per step: the mean cosine of the encoder layers and of the decoder layers over the same positions
+    (by default the buffer and the known tokens, which both see at s and s-1), and 1 - mean (the change)."""
+    da = statistic_values(ds, "token_cosine", kind, statuses)
+    layers = [str(x) for x in ds["layer"].values]
+    rows = {}
+    for group in ("encoder", "decoder"):
+        members = [x for x in layers if layer_group(x) == group]
+        if not members:
+            raise AnalysisError(f"the recording has no {group} layers")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rows[f"{group}_cosine"] = da.sel(layer=members).mean(("sample", "layer", "position"), skipna=True).values
+    df = pd.DataFrame(rows, index=pd.Index(ds["step"].values, name="step")).dropna(how="all")
+    for group in ("encoder", "decoder"):
+        df[f"{group}_change"] = 1.0 - df[f"{group}_cosine"]
+    return df
+
+
+def group_summary(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), kind: str = "output",
+                  statuses: Optional[Iterable[str]] = None) -> pd.DataFrame:
+    """Per layer group (encoder, decoder, z): mean cosine and fraction above each threshold over all finite
+    values of its layers (every sample, step and position)."""
+    da = statistic_values(ds, "token_cosine", kind, statuses)
+    rows = []
+    for group in ("encoder", "decoder", "z"):
+        members = [str(x) for x in ds["layer"].values if layer_group(str(x)) == group]
+        if not members:
+            continue
+        v = da.sel(layer=members).values
+        v = v[np.isfinite(v)]
+        if not v.size:
+            continue
+        rows.append({"group": group, "count": int(v.size), "mean_cosine": float(v.mean()),
+                     **{f"above_{t:g}": float((v > t).mean()) for t in thresholds}})
+    return pd.DataFrame(rows).set_index("group")
+
+
+# --- condition redundancy ---------------------------------------------------------------------------------
+def _reduce(values: np.ndarray, statistic: str) -> float:
+    v = values[np.isfinite(values)]
+    if not v.size:
+        return float("nan")
+    if statistic == "mean":
+        return float(v.mean())
+    if statistic == "median":
+        return float(np.median(v))
+    raise AnalysisError(f"unknown statistic {statistic!r}; use 'mean' or 'median'")
+
+
+def branch_vs_residual(ds: xr.Dataset, statistic: str = "median", by: str = "layer",
+                       layers: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """The relative step-to-step change of each CFG branch against that of their residual r = cond - uncond.
+
+    Per layer (``by="layer"``) or per (layer, step) (``by="step"``): ``statistic`` over the finite values of
+    cfg_cond_change, cfg_uncond_change and cfg_residual_change, and the ratios cond/residual and uncond/residual
+    (how many times more a branch changes than the residual). Ratios > 1 mean the residual is the stabler one."""
+    if by not in ("layer", "step"):
+        raise AnalysisError(f"by must be 'layer' or 'step', got {by!r}")
+    layers = _check_layers(ds, layers)
+    arrays = {name: ds[name].sel(layer=layers).transpose("layer", "step", "sample", "position").values
+              for name in CHANGE_VARIABLES}
+    rows = []
+    steps = ds["step"].values
+    for i, layer in enumerate(layers):
+        cells = [(None, slice(None))] if by == "layer" else [(int(s), j) for j, s in enumerate(steps)]
+        for step, j in cells:
+            row = {"layer": layer} if by == "layer" else {"layer": layer, "step": step}
+            for name, arr in arrays.items():
+                row[name.removeprefix("cfg_")] = _reduce(arr[i, j], statistic)
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["cond_over_residual"] = df["cond_change"] / df["residual_change"]
+        df["uncond_over_residual"] = df["uncond_change"] / df["residual_change"]
+    df = df.set_index(["layer"] if by == "layer" else ["layer", "step"])
+    return df.dropna(subset=["residual_change"])
+
+
+def head_change_profile(ds: xr.Dataset, statistic: str = "mean") -> pd.DataFrame:
+    """Per head step (rows, in execution order, t = T-1 first) and head part (columns): the relative change
+    between consecutive head steps, ``statistic`` over samples and MAR steps."""
+    if "head_change" not in ds:
+        raise AnalysisError("the recording has no head statistics")
+    arr = ds["head_change"].transpose("head_step", "head_part", "sample", "step").values
+    parts = [str(p) for p in ds["head_part"].values]
+    data = {part: [_reduce(arr[h, k], statistic) for h in range(arr.shape[0])] for k, part in enumerate(parts)}
+    df = pd.DataFrame(data, index=pd.Index(ds["head_step"].values, name="head_step"))
+    df.columns.name = "head_part"
+    return df.dropna(how="all")
+
+
+# --- live capture (what a recording does not keep) --------------------------------------------------------
+def capture_step_features(model, labels: Sequence[int], settings, layers: Sequence[str] = ("decoder.3",),
+                          seed: int = 0, runner=None) -> dict[str, torch.Tensor]:
+    """Generate ``labels`` once and keep every step's output of the given decoder blocks ("decoder.i") and of
+    z, all rows: {layer: (steps, rows, positions, dim)} with rows [cond; uncond] under CFG (B rows without).
+    Decoder blocks cover buffer + sequence positions, z the sequence positions. Memory grows with the steps:
+    meant for a few samples."""
+    from lazymar.sampling import StepObserver, generate, observe_steps
+
+    captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = []
+    depth = len(model.decoder_blocks)
+    for layer in layers:
+        group = layer_group(layer)
+        if group == "decoder":
+            index = int(layer.split(".")[1])
+            if not 0 <= index < depth:
+                raise AnalysisError(f"layer {layer!r} out of range: the decoder has {depth} blocks")
+            handles.append(model.decoder_blocks[index].register_forward_hook(
+                lambda module, args, out, layer=layer: captured[layer].append(out.detach().clone())))
+        elif group != "z":
+            raise AnalysisError(f"capture_step_features supports decoder.i and z (the encoder sees a different "
+                                f"set of tokens at each step), got {layer!r}")
+
+    class _ZObserver(StepObserver):
+        def on_step_end(self, ctx) -> None:
+            if "z" in captured:
+                captured["z"].append(ctx.z.detach().clone())
+
+    try:
+        with observe_steps(_ZObserver()):
+            generate(model, list(labels), settings, seed=seed, runner=runner)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for layer, steps in captured.items():
+        if len(steps) != settings.num_iter:
+            raise AnalysisError(f"captured {len(steps)} calls of {layer} for {settings.num_iter} steps: the runner "
+                                "skips or repeats blocks; capture with the plain runner")
+        out[layer] = torch.stack(steps)
+    return out
+
+
+def step_similarity_matrix(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(S, S) mean cosine similarity between the features of steps i and j, over rows and positions, from
+    features of shape (S, rows, positions, dim). The diagonal is 1 (for nonzero features)."""
+    f = torch.as_tensor(features, dtype=torch.float64)
+    if f.ndim != 4:
+        raise AnalysisError(f"features must be (steps, rows, positions, dim), got shape {tuple(f.shape)}")
+    unit = torch.nn.functional.normalize(f, dim=-1)
+    S = unit.shape[0]
+    flat = unit.reshape(S, -1, unit.shape[-1])
+    sim = torch.einsum("ind,jnd->ij", flat, flat) / flat.shape[1]
+    return sim.numpy()
+
+
+def absolute_change(features: torch.Tensor | np.ndarray, use_cfg: bool = True) -> pd.DataFrame:
+    """From features (S, rows, positions, dim) with rows [cond; uncond]: per step s >= 1, the mean over samples
+    and positions of ||c_s - c_{s-1}||, ||u_s - u_{s-1}|| and ||r_s - r_{s-1}|| with r = c - u, and the
+    ratios of the branch changes to the residual change (absolute, not relative, changes)."""
+    f = torch.as_tensor(features, dtype=torch.float64)
+    if f.ndim != 4 or f.shape[0] < 2:
+        raise AnalysisError(f"features must be (steps >= 2, rows, positions, dim), got shape {tuple(f.shape)}")
+    if not use_cfg or f.shape[1] % 2:
+        raise AnalysisError("absolute_change needs CFG features: rows [cond; uncond]")
+    B = f.shape[1] // 2
+    cond, uncond = f[:, :B], f[:, B:]
+    residual = cond - uncond
+    rows = {}
+    for name, x in (("cond", cond), ("uncond", uncond), ("residual", residual)):
+        rows[f"{name}_change"] = torch.linalg.vector_norm(x[1:] - x[:-1], dim=-1).mean(dim=(1, 2)).numpy()
+    df = pd.DataFrame(rows, index=pd.Index(np.arange(1, f.shape[0]), name="step"))
+    df["cond_over_residual"] = df["cond_change"] / df["residual_change"]
+    df["uncond_over_residual"] = df["uncond_change"] / df["residual_change"]
+    return df
+
+
+def overall_change_ratio(change: pd.DataFrame) -> dict[str, float]:
+    """Branch change over residual change summed over all steps (a total-variation ratio) from
+    :func:`absolute_change` or :func:`branch_vs_residual` columns."""
+    residual = float(change["residual_change"].sum())
+    if residual <= 0:
+        raise AnalysisError("the residual never changes: the ratio is undefined")
+    return {"cond_over_residual": float(change["cond_change"].sum()) / residual,
+            "uncond_over_residual": float(change["uncond_change"].sum()) / residual}

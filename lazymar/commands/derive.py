@@ -1,0 +1,262 @@
+"""`lazymar derive`: a cache schedule derived from a redundancy recording (thresholds, a FLOPs budget or a
+fidelity floor), and `lazymar sweep`: the speed/quality trade-off of schedules and baselines into a CSV."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
+
+
+def _analysis():
+    """The analysis package lives beside lazymar in the repository (``analysis/``)."""
+    try:
+        from analysis import derive, sweep  # noqa: F401
+    except ImportError:  # run from elsewhere: the repository root is the parent of the lazymar package
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from analysis import derive, sweep  # noqa: F401
+    return derive, sweep
+
+
+def _check_out(path: str | None, force: bool) -> None:
+    if path and Path(path).exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
+def _reference(args: argparse.Namespace, profile):
+    """The uncached reference run on --measure-samples fixed samples, for measured PSNR."""
+    _, sweep = _analysis()
+    from ..grid import balanced_labels
+    model = load_model_from_args(args)
+    if model.config != profile.config:
+        raise ValueError(f"model {args.model!r} does not match the recording's model configuration "
+                         f"({profile.source}); pass the --model that was recorded")
+    settings = sampling_from_args(model, args)
+    if settings.num_iter != profile.num_iter:
+        raise ValueError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
+                         f"pass --num-iter {profile.num_iter}")
+    labels = balanced_labels(args.measure_samples, model.config.class_num)
+    return sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
+
+
+def cmd_derive(args: argparse.Namespace) -> int:
+    derive, _ = _analysis()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_out(args.out, args.force)
+    if args.target_flops_ratio is not None and args.min_psnr is not None:
+        raise ValueError("pass either --target-flops-ratio or --min-psnr, not both")
+    profile = derive.RedundancyProfile.from_stats(args.stats)
+    measured, considered, reference = [], None, None
+    mode = "thresholds"
+    if args.target_flops_ratio is not None or args.min_psnr is not None:
+        grid = {k: tuple(v) for k, v in (("tau_token", args.grid_tau_token), ("tau_refresh", args.grid_tau_refresh),
+                                          ("tau_cfg", args.grid_tau_cfg), ("tau_head", args.grid_tau_head)) if v}
+        if args.target_flops_ratio is not None:
+            mode = "budget"
+            if not args.target_flops_ratio > 1.0:
+                raise ValueError(f"--target-flops-ratio must be > 1 (1 is no caching), got {args.target_flops_ratio}")
+            measure = None
+            if not args.no_measure:
+                derive.search_budget(profile, args.target_flops_ratio, None, grid=grid)  # impossible budget: fail now
+                reference = _reference(args, profile)
+                measure = reference.psnr
+            result = derive.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
+                                          grid=grid, progress=not args.json)
+        else:
+            mode = "fidelity"
+            if args.no_measure:
+                raise ValueError("--min-psnr needs measured PSNR; drop --no-measure")
+            reference = _reference(args, profile)
+            result = derive.search_fidelity(profile, args.min_psnr, reference.psnr, grid=grid,
+                                            progress=not args.json)
+        derived, measured, considered = result.best, result.measured, result.considered
+    else:
+        derived = derive.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
+                                         tau_cfg=args.tau_cfg, selection_layer=args.selection_layer,
+                                         tau_head=args.tau_head)
+    schedule = derived.schedule
+    if args.name:
+        schedule = schedule.with_changes(name=args.name)
+    out = {"mode": mode, "stats": str(args.stats), "name": schedule.name, **derived.to_dict()}
+    if args.target_flops_ratio is not None:
+        out["target_flops_ratio"] = args.target_flops_ratio
+    if args.min_psnr is not None:
+        out["min_psnr"] = args.min_psnr
+    if considered is not None:
+        out["candidates_considered"] = considered
+    if measured:
+        out["measured"] = measured
+        best = [m for m in measured if m["name"] == derived.schedule.name]
+        out["measured_psnr"] = best[0]["psnr"] if best else None
+        out["measure_samples"] = args.measure_samples
+    if args.out:
+        path = schedule.save(args.out)
+        report = path.with_suffix(".md")
+        report.write_text(_report(out, derive))
+        out["out"], out["report"] = str(path), str(report)
+    if args.json:
+        print_json(out)
+    else:
+        print(derived.summary() if not args.name else derived.summary().replace(derived.schedule.name, args.name, 1))
+        for row in measured:
+            print(f"  measured {row['name']}: predicted x{row['predicted_flops_ratio']:.2f}, "
+                  f"PSNR {row['psnr']:.2f} dB (proxy error {row['proxy_error']:.3f})")
+        if args.out:
+            print(f"wrote {out['out']} and {out['report']}")
+    return 0
+
+
+def _report(out: dict, derive) -> str:
+    lines = [f"# Derived cache schedule `{out['name']}`", "", out["summary"], "",
+             f"- recording: `{out['stats']}`; mode: {out['mode']}"]
+    if "target_flops_ratio" in out:
+        lines.append(f"- target FLOPs ratio: >= {out['target_flops_ratio']:g}")
+    if "min_psnr" in out:
+        lines.append(f"- PSNR floor: >= {out['min_psnr']:g} dB")
+    lines.append(f"- thresholds: {json.dumps(out['params'])}")
+    lines.append(f"- predicted FLOPs per image: {out['flops']['total'] / 1e9:.3f} GFLOPs "
+                 f"(uncached {out['flops']['baseline'] / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
+    if out.get("measured"):
+        lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples):", "",
+                  "| name | predicted FLOPs ratio | proxy error | PSNR (dB) |", "|---|---|---|---|"]
+        for row in out["measured"]:
+            lines.append(f"| {row['name']} | {row['predicted_flops_ratio']:.3f} | {row['proxy_error']:.3f} | "
+                         f"{row['psnr']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- sweep ---------------------------------------------------------------------------------------------------
+def default_points(profile, reference_settings, config, derive, sweep) -> list:
+    """The committed sweep: the lazymar preset, a grid of derived thresholds, and the baselines."""
+    from ..cache.schedule import load_schedule
+    points = []
+    lazymar = load_schedule("lazymar", reference_settings.num_iter, config)
+    lazymar_point = sweep.SweepPoint("lazymar", "lazymar", lazymar, params={"preset": "lazymar"})
+    points.append(lazymar_point)
+    derived_points = []
+    for params in DERIVED_GRID:
+        d = derive.derive_schedule(profile, **params)
+        derived_points.append(sweep.SweepPoint(d.schedule.name, "derived", d.schedule, params=d.params))
+    points += derived_points
+    lazymar_ratio = derive.predicted_flops(lazymar, config, reference_settings.cfg != 1.0)["ratio"]
+    points.append(sweep.fewer_steps_point(reference_settings, config, lazymar_ratio))
+    points.append(sweep.fewer_steps_point(reference_settings, config, 3.5))
+    for interval in (4, 8):
+        points.append(sweep.fixed_interval_point(reference_settings.num_iter, interval))
+    points.append(sweep.random_point(lazymar_point))
+    closest = min(derived_points, key=lambda p: abs(
+        derive.predicted_flops(p.schedule, config, reference_settings.cfg != 1.0)["ratio"] - lazymar_ratio))
+    points.append(sweep.random_point(closest))
+    return points
+
+
+# thresholds of the derived points of the default sweep (tau_token, tau_refresh, tau_cfg, selection_layer, tau_head)
+DERIVED_GRID = [
+    dict(tau_token=0.9999, tau_refresh=8.0, tau_cfg=0.95, selection_layer=1, tau_head=0.3),
+]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    derive, sweep = _analysis()
+    from ..grid import balanced_labels
+    from ..cache.schedule import load_schedule
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_out(args.out, args.force)
+    profile = derive.RedundancyProfile.from_stats(args.stats)
+    model = load_model_from_args(args)
+    if model.config != profile.config:
+        raise ValueError(f"model {args.model!r} does not match the recording's model configuration ({args.stats})")
+    settings = sampling_from_args(model, args)
+    if settings.num_iter != profile.num_iter:
+        raise ValueError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
+    points = [] if args.no_defaults else default_points(profile, settings, model.config, derive, sweep)
+    for spec in args.schedule or []:
+        schedule = load_schedule(spec, settings.num_iter, model.config)
+        family = "lazymar" if spec in ("lazymar", "lazymar-released") else "derived"
+        points.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
+                                       params={"schedule": spec}))
+    labels = balanced_labels(args.num_samples, model.config.class_num)
+    reference = sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
+    df = sweep.run_sweep(reference, points, quality=not args.no_quality, progress=not args.json)
+    if args.out:
+        sweep.save_sweep(df, args.out)
+    if args.json:
+        print_json(json.loads(df.to_json(orient="records")))
+    else:
+        print(sweep.front_markdown(df))
+        print("\nPareto front (flops_ratio vs psnr):")
+        print(sweep.front_markdown(sweep.pareto_front(df)))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("derive", help="derive a cache schedule from a redundancy recording",
+                       description="Derive a cache schedule from a recording (lazymar record): from thresholds, "
+                                   "or the best measured fidelity at a FLOPs budget (--target-flops-ratio), or "
+                                   "the highest FLOPs ratio above a PSNR floor (--min-psnr).")
+    p.add_argument("--stats", required=True, help="recording (NetCDF) made by `lazymar record`")
+    p.add_argument("--out", default=None, help="schedule JSON to write (a markdown report goes beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--name", default=None, help="schedule name (default: from the thresholds)")
+    mode = p.add_argument_group("search (instead of fixed thresholds)")
+    mode.add_argument("--target-flops-ratio", type=float, default=None,
+                      help="best fidelity among schedules with at least this predicted FLOPs ratio")
+    mode.add_argument("--min-psnr", type=float, default=None,
+                      help="highest predicted FLOPs ratio with measured PSNR vs uncached >= this (dB)")
+    mode.add_argument("--no-measure", action="store_true",
+                      help="budget search ranked by the proxy error only (no sampling)")
+    mode.add_argument("--candidates", type=int, default=6, help="candidates measured near the budget (default 6)")
+    mode.add_argument("--measure-samples", type=int, default=32, help="fixed samples for measured PSNR (default 32)")
+    mode.add_argument("--batch-size", type=int, default=100)
+    for name, help_text in (("tau-token", "cosine thresholds"), ("tau-refresh", "step-equivalents"),
+                            ("tau-cfg", "cosine thresholds"), ("tau-head", "relative change")):
+        mode.add_argument(f"--grid-{name}", type=float, nargs="+", default=None,
+                          help=f"search grid of {name.replace('-', '_')} ({help_text}; default: analysis.derive."
+                               f"DEFAULT_GRID)")
+    th = p.add_argument_group("thresholds (without a search)")
+    th.add_argument("--tau-token", type=float, default=0.9999,
+                    help="recompute positions whose V similarity with the previous step is below this")
+    th.add_argument("--tau-refresh", type=float, default=8.0,
+                    help="refresh when the accumulated change reaches this many average steps' worth")
+    th.add_argument("--tau-cfg", type=float, default=0.95,
+                    help="condition cache while the estimated residual similarity to the anchor is >= this")
+    th.add_argument("--tau-head", type=float, default=0.3,
+                    help="largest accumulated relative change of a reused head part")
+    th.add_argument("--selection-layer", type=int, default=None,
+                    help="decoder block that ranks positions (default: the selection-layer study's pick)")
+    add_model_args(p)
+    p.add_argument("--num-iter", type=int, default=None, help="MAR steps for measuring (must match the recording)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the measured samples")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_derive, cfg=None, cfg_schedule=None, temperature=None)
+
+    p = sub.add_parser("sweep", help="speed/quality trade-off of cache schedules and baselines",
+                       description="Run the lazymar preset, derived schedules and baselines (fewer MAR steps, "
+                                   "fixed-interval reuse, random token selection) on fixed seeds against the "
+                                   "uncached sampler; write FLOPs ratio, wall ratio, PSNR, token MSE, accuracy, "
+                                   "FID and the Pareto front (flops_ratio vs psnr) to a CSV.")
+    add_model_args(p)
+    p.add_argument("--stats", default="data/stats/digits.nc", help="recording for the derived points")
+    p.add_argument("--schedule", nargs="+", default=None, metavar="NAME|PATH.json",
+                   help="extra schedules to include (presets or schedule JSON files)")
+    p.add_argument("--no-defaults", action="store_true", help="only the --schedule points (and the reference)")
+    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-iter", type=int, default=None, help="MAR steps (must match the recording)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-quality", action="store_true", help="skip accuracy and FID")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="CSV to write, e.g. data/sweeps/digits.csv")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_sweep, cfg=None, cfg_schedule=None, temperature=None)
