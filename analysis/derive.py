@@ -14,9 +14,12 @@ thresholds into a :class:`~lazymar.cache.schedule.CacheSchedule` in milliseconds
   change. The accumulated change since the last refresh grows step by step; the step at which it reaches
   ``tau_refresh`` refreshes and the accumulator restarts. Step 0 always refreshes.
 - condition cache (``tau_cfg``, a cosine): the cond-uncond residual r of the last decoder block is reused from the
-  last step that ran both branches (the anchor). Its similarity to the anchor is estimated by
-  1 - sum of (1 - cosine(r_t, r_{t-1})) over the steps since, averaged over the positions still unknown at t (the
-  ones whose z the head will use); a cached step uses the condition cache while that estimate stays >= tau_cfg,
+  last step that ran both branches (the anchor). The angle between r and its anchor value is bounded by the sum of
+  the per-step angles arccos(cosine(r_t, r_{t-1})) since the anchor (triangle inequality on the sphere), each the
+  mean over the positions still unknown at t (those whose z the head will use). A stale residual moves the guided
+  output by (cfg_s - 1) times its error, so the dissimilarity is weighted by ((cfg_s - 1) / (max cfg_s - 1))^2
+  (the recording's per-step guidance scale; early steps of the linear schedule barely use the unconditional
+  branch). A cached step uses the condition cache while 1 - weight * (1 - cos(angle sum)) stays >= tau_cfg,
   otherwise both branches run and it becomes the anchor. Refresh steps run both branches.
 - diffusion head (``tau_head``, a relative change): from the median relative change per head step of the eps CFG
   difference and of each res-block's residual update. For a refresh interval k over head steps, a part's error is
@@ -24,7 +27,13 @@ thresholds into a :class:`~lazymar.cache.schedule.CacheSchedule` in milliseconds
   reuses the parts whose error is <= tau_head (eps difference -> CFG cache; res-blocks -> reused residuals); the
   k that saves the most head FLOPs wins (ties: the smaller k). The exact hoisting of the head's invariants is on.
 
-Predicted FLOPs come from :func:`lazymar.cache.flops.estimate_generation_flops`.
+Predicted FLOPs come from :func:`lazymar.cache.flops.estimate_generation_flops` (per image, batch 1: the
+conservative figure; a batch shares the hoisted time embedding, so measured ratios at batch 100 are ~4% higher).
+
+Searches (``lazymar derive --target-flops-ratio`` / ``--min-psnr``): every point of a threshold grid is derived
+(a few seconds); an error model, the sum of weight x stale component (token, condition, head; see
+:func:`error_components`), is calibrated by measuring one probe schedule per component against the uncached run,
+ranks the candidates, and the best few are measured (PSNR vs uncached on fixed seeds); the measured best wins.
 """
 from __future__ import annotations
 
@@ -75,7 +84,8 @@ class RedundancyProfile:
     similarity_levels: tuple         # per decoder block, per step: (lower, upper, count) arrays, see _levels
     step_change: np.ndarray          # (S,) calibrated token change (mean 1 over steps >= 1; 0 at step 0)
     raw_step_change: np.ndarray      # (S,) mean 1 - cosine before calibration
-    residual_drift: np.ndarray       # (S,) mean 1 - residual cosine at the last decoder block (NaN without CFG)
+    residual_angle: np.ndarray       # (S,) mean angle (rad) of r_t vs r_{t-1} at the last decoder block (0 w/o CFG)
+    guidance_weight: np.ndarray      # (S,) ((cfg_s - 1) / (max cfg_s - 1))^2: how much the uncond branch matters
     head: HeadProfile
     selection: pd.DataFrame          # the selection-layer study (analysis.selection), indexed by layer
     source: str = "recording"
@@ -133,17 +143,19 @@ class RedundancyProfile:
         step_change[0] = 0.0
 
         use_cfg = float(ds.attrs.get("cfg", 1.0)) != 1.0
-        residual_drift = np.full(S, np.nan)
+        residual_angle = np.zeros(S)
+        guidance_weight = np.zeros(S)
         if use_cfg:
             rc = ds["cfg_residual_cosine"].sel(layer=decoder[-1]).values  # (n, S, P)
             buf = config.buffer_size
             unknown = (status == STATUS_CODES["to_predict"]) | (status == STATUS_CODES["masked"])
             unknown[:, :, :buf] = False
-            drift = np.where(unknown, 1.0 - rc, np.nan)
+            angle = np.where(unknown, np.arccos(np.clip(rc, -1.0, 1.0)), np.nan)
             with _quiet():
-                residual_drift = np.nanmean(drift, axis=(0, 2))
-            residual_drift[0] = 0.0
-            residual_drift = np.nan_to_num(residual_drift, nan=0.0)
+                residual_angle = np.nan_to_num(np.nanmean(angle, axis=(0, 2)), nan=0.0)
+            residual_angle[0] = 0.0
+            scale = np.asarray(ds["cfg_scale"].values, dtype=np.float64) - 1.0
+            guidance_weight = (scale / scale.max()) ** 2 if scale.max() > 0 else np.zeros(S)
 
         parts = tuple(str(p) for p in ds["head_part"].values)
         with _quiet():
@@ -153,7 +165,8 @@ class RedundancyProfile:
         from .selection import selection_study
         return cls(config=config, num_iter=S, num_samples=n, use_cfg=use_cfg, decoder_layers=decoder,
                    always_kept=always_kept, similarity_levels=similarity_levels, step_change=step_change,
-                   raw_step_change=raw, residual_drift=residual_drift, head=head, selection=selection_study(ds),
+                   raw_step_change=raw, residual_angle=residual_angle,
+                   guidance_weight=guidance_weight, head=head, selection=selection_study(ds),
                    source=source, attrs=attrs)
 
     @property
@@ -186,21 +199,26 @@ class RedundancyProfile:
         return refresh
 
     def condition_steps(self, tau_cfg: float, refresh: np.ndarray) -> np.ndarray:
-        """(S,) bool: condition cache while the estimated residual similarity to the anchor stays >= tau_cfg."""
-        cached = np.zeros(self.num_iter, dtype=bool)
+        """(S,) bool: condition cache while the weighted residual similarity to the anchor stays >= tau_cfg."""
+        return self.condition_drift(tau_cfg, refresh)[0]
+
+    def condition_drift(self, tau_cfg: float, refresh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(condition cache per step, weighted dissimilarity to the anchor of each condition-cached step)."""
+        cached, dissimilarity = np.zeros(self.num_iter, dtype=bool), np.zeros(self.num_iter)
         if not self.use_cfg:
-            return cached
-        drift = 0.0
+            return cached, dissimilarity
+        angle = 0.0
         for s in range(1, self.num_iter):
             if refresh[s]:
-                drift = 0.0
+                angle = 0.0
                 continue
-            drift += self.residual_drift[s]
-            if 1.0 - drift >= tau_cfg:
-                cached[s] = True
+            angle += self.residual_angle[s]
+            d = self.guidance_weight[s] * (1.0 - math.cos(min(angle, math.pi)))
+            if 1.0 - d >= tau_cfg:
+                cached[s], dissimilarity[s] = True, d
             else:
-                drift = 0.0  # both branches run: this step is the new anchor
-        return cached
+                angle = 0.0  # both branches run: this step is the new anchor
+        return cached, dissimilarity
 
     def head_errors(self, refresh_every: int) -> dict[str, float]:
         """Per head part, the mean accumulated change since the last full head step over the cached head steps."""
@@ -253,6 +271,17 @@ class RedundancyProfile:
                 cost += head_net_flops(c, cached_rows, len(policy.reuse_blocks), mlp_skipped, time_rows=0,
                                        cond_rows=0)
         return cost
+
+    def tau_token_at(self, quantile: float, selection_layer: int) -> float:
+        """The tau_token at a quantile of the selection layer's similarity (0: below every value, so only the
+        always-kept positions are recomputed; 1: above every value, all are)."""
+        if not 0.0 <= quantile <= 1.0:
+            raise DerivationError(f"token quantile must lie in [0, 1], got {quantile}")
+        if quantile == 0.0:
+            return -1.0
+        if quantile == 1.0:
+            return 1.0 + 1e-6
+        return self.similarity_quantiles(selection_layer, [quantile])[float(quantile)]
 
     def similarity_quantiles(self, selection_layer: int, q: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)
                              ) -> dict[float, float]:
@@ -439,24 +468,34 @@ def schedule_matrix(schedule: CacheSchedule) -> pd.DataFrame:
 
 # --- budget and fidelity-floor search ------------------------------------------------------------------------
 DEFAULT_GRID = {
-    "tau_token": (0.9, 0.98, 0.99, 0.995, 0.998, 0.999),
-    "tau_refresh": (2.0, 4.0, 8.0, 16.0, 32.0, 1e9),
-    "tau_cfg": (0.9, 0.95, 0.98, 0.99, 1.0),
-    "tau_head": (0.0, 0.1, 0.2, 0.4, 0.8),
+    # tau_token as quantiles of the selection layer's similarity (0: only the always-kept positions)
+    "token_quantile": (0.0, 0.25, 0.5, 0.75),
+    "tau_refresh": (4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 1e9),
+    "tau_cfg": (0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0),
+    "tau_head": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
 }
+PSNR_RANGE = 2.0  # PSNR <-> MSE conversions inside the error model; any value works, it cancels
 
 
 def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
                         layers: Optional[Iterable[int]] = None, progress: bool = False) -> list[DerivedSchedule]:
-    """Every grid point derived (duplicates by schedule removed), sorted by predicted FLOPs ratio."""
+    """Every grid point derived (duplicate schedules dropped), sorted by predicted FLOPs ratio. ``grid`` may give
+    "tau_token" values directly instead of "token_quantile"s."""
     from itertools import product
 
     from tqdm.auto import tqdm
     grid = {**DEFAULT_GRID, **(grid or {})}
     layers = list(range(profile.decoder_depth - 1)) if layers is None else list(layers)
-    points = list(product(grid["tau_token"], grid["tau_refresh"], grid["tau_cfg"], grid["tau_head"], layers))
+    points = []
+    for layer in layers:
+        if "tau_token" in grid:
+            tokens = list(grid["tau_token"])
+        else:
+            tokens = [profile.tau_token_at(q, layer) for q in grid["token_quantile"]]
+        points += [(t, r, c, h, layer) for t, r, c, h in product(tokens, grid["tau_refresh"], grid["tau_cfg"],
+                                                                  grid["tau_head"])]
     seen, out = set(), []
-    for t, r, c, h, l in tqdm(points, desc="derive", disable=not progress):
+    for t, r, c, h, l in tqdm(points, desc="derive", unit="schedule", disable=not progress):
         d = derive_schedule(profile, tau_token=t, tau_refresh=r, tau_cfg=c, selection_layer=l, tau_head=h)
         key = json.dumps({k: v for k, v in d.schedule.to_dict().items() if k != "name"}, sort_keys=True)
         if key not in seen:
@@ -465,49 +504,120 @@ def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
     return sorted(out, key=lambda d: d.predicted_flops_ratio)
 
 
-def predicted_error(profile: RedundancyProfile, derived: DerivedSchedule) -> float:
-    """A unitless proxy of how far a schedule drifts from the uncached run, to rank candidates before measuring:
-    token staleness (non-kept share x calibrated change accumulated since the refresh, per step), condition
-    drift (estimated 1 - residual similarity to the anchor, in units of the mean step drift) and head error
-    (the largest reused part's accumulated change, per head step), each averaged over steps."""
+ERROR_COMPONENTS = ("token", "condition", "head")
+
+
+def error_components(profile: RedundancyProfile, derived: DerivedSchedule) -> dict[str, float]:
+    """What a schedule leaves stale, per component, from the recording alone (each >= 0, 0 when unused):
+
+    - token: per step, the share of decoder positions not recomputed times the calibrated change accumulated
+      since the last refresh, averaged over steps;
+    - condition: the weighted dissimilarity of the reused residual to its anchor (see the module docstring),
+      averaged over steps;
+    - head: the sum over reused head parts of their squared error (accumulated relative change)."""
     s = derived.schedule
-    token = cfg = 0.0
-    acc = drift = 0.0
-    mean_drift = float(np.mean(profile.residual_drift[1:])) if profile.use_cfg else 1.0
+    token, acc = 0.0, 0.0
     for i in range(1, s.num_iter):
         if s.refresh[i]:
-            acc = drift = 0.0
+            acc = 0.0
             continue
         acc += profile.step_change[i]
         token += (1.0 - s.keep_fraction[i]) * acc
-        if s.condition_cache[i]:
-            drift += profile.residual_drift[i]
-            cfg += drift / mean_drift if mean_drift > 0 else 0.0
-        else:
-            drift = 0.0
-    head = max(derived.head_errors.values(), default=0.0)
-    reused = [p for p in derived.head_errors if (p == "eps_cfg" and s.head.cfg_cache)
-              or (p.startswith("res_block.") and int(p.split(".")[1]) in s.head.reuse_blocks)]
-    head = max((derived.head_errors[p] for p in reused), default=0.0)
-    return (token + cfg) / s.num_iter + head
+    _, dissimilarity = profile.condition_drift(derived.params["tau_cfg"], np.asarray(s.refresh))
+    condition = float(dissimilarity[np.asarray(s.condition_cache)].sum())
+    errors = profile.head_errors(s.head.refresh_every) if s.head.refresh_every > 1 else {}
+    reused = (["eps_cfg"] if s.head.cfg_cache else []) + [f"res_block.{b}" for b in s.head.reuse_blocks]
+    head = float(sum(errors.get(p, 0.0) ** 2 for p in reused))
+    return {"token": token / s.num_iter, "condition": condition / s.num_iter, "head": head}
+
+
+@dataclass(frozen=True)
+class ErrorModel:
+    """Predicted MSE vs the uncached run = sum of weight x component (:func:`error_components`). Calibrated by
+    measuring one probe per component (a schedule that caches only that component); uncalibrated weights are
+    1 / the component's mean over the candidates, a unitless ranking."""
+
+    weights: dict
+    calibrated: bool = False
+    probes: tuple = ()
+
+    def mse(self, components: dict) -> float:
+        return float(sum(self.weights[k] * components[k] for k in ERROR_COMPONENTS))
+
+    def psnr(self, components: dict) -> float:
+        mse = self.mse(components)
+        return math.inf if mse <= 0 else 10.0 * math.log10(PSNR_RANGE ** 2 / mse)
+
+
+def uncalibrated_error_model(profile: RedundancyProfile, candidates: Sequence[DerivedSchedule]) -> ErrorModel:
+    comps = [error_components(profile, d) for d in candidates]
+    weights = {}
+    for k in ERROR_COMPONENTS:
+        mean = float(np.mean([c[k] for c in comps])) if comps else 0.0
+        weights[k] = 1.0 / mean if mean > 0 else 0.0
+    return ErrorModel(weights)
+
+
+def component_probe(derived: DerivedSchedule, component: str) -> CacheSchedule:
+    """``derived``'s schedule caching only ``component`` (the head's exact hoisting stays on)."""
+    s, n = derived.schedule, derived.schedule.num_iter
+    exact_head = HeadCachePolicy(hoist_invariants=True)
+    if component == "token":
+        return s.with_changes(condition_cache=[False] * n, head=exact_head, name=s.name + "-probe-token")
+    if component == "condition":
+        return s.with_changes(keep_fraction=[1.0] * n, head=exact_head, name=s.name + "-probe-condition")
+    if component == "head":
+        return none_schedule(n).with_changes(head_cache=[True] * n, head=s.head, name=s.name + "-probe-head")
+    raise DerivationError(f"unknown error component {component!r}; known: {', '.join(ERROR_COMPONENTS)}")
+
+
+def calibrate_error_model(profile: RedundancyProfile, candidates: Sequence[DerivedSchedule],
+                          measure: Callable[[CacheSchedule], float]) -> tuple[ErrorModel, list[dict]]:
+    """Measure one probe per component and set weight = probe MSE / probe component. Each probe is built from the
+    candidate with the median (upper) value of that component among the candidates that use it, so the linear
+    model is calibrated at the operating point (errors grow faster than linearly far from it). Returns the model
+    and the measured probe rows."""
+    weights, rows = {}, []
+    comps = [(d, error_components(profile, d)) for d in candidates]
+    for k in ERROR_COMPONENTS:
+        using = sorted((dc for dc in comps if dc[1][k] > 0), key=lambda dc: (dc[1][k], dc[0].schedule.name))
+        if not using:
+            weights[k] = 0.0
+            continue
+        derived, c = using[len(using) // 2]
+        probe = component_probe(derived, k)
+        psnr = float(measure(probe))
+        mse = 0.0 if math.isinf(psnr) else PSNR_RANGE ** 2 / 10 ** (psnr / 10)
+        weights[k] = mse / c[k]
+        rows.append({"name": probe.name, "role": f"probe ({k})", **derived.params,
+                     "predicted_flops_ratio": predicted_flops(probe, profile.config, profile.use_cfg)["ratio"],
+                     "predicted_psnr": None, "psnr": psnr})
+    return ErrorModel(weights, calibrated=True, probes=tuple(r["name"] for r in rows)), rows
 
 
 @dataclass
 class SearchResult:
     best: DerivedSchedule
-    measured: list[dict]       # one row per measured candidate: name, predicted ratio, proxy, psnr, ...
+    measured: list[dict]       # the probes and candidates measured: name, role, thresholds, ratio, PSNR, ...
     considered: int
+    error_model: ErrorModel
+
+
+def _row(profile: RedundancyProfile, d: DerivedSchedule, model: ErrorModel, psnr: float, role: str) -> dict:
+    return {"name": d.schedule.name, "role": role, **d.params, "predicted_flops_ratio": d.predicted_flops_ratio,
+            "predicted_psnr": model.psnr(error_components(profile, d)) if model.calibrated else None,
+            "psnr": psnr}
 
 
 def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
-                  measure: Optional[Callable[[CacheSchedule], float]] = None, num_measured: int = 6,
+                  measure: Optional[Callable[[CacheSchedule], float]] = None, num_measured: int = 4,
                   band: float = 0.15, grid: Optional[dict] = None, progress: bool = False) -> SearchResult:
     """The schedule with predicted FLOPs ratio >= ``target_flops_ratio`` and the best fidelity.
 
-    Candidates within ``band`` (relative) above the target that are not dominated in (ratio, proxy error) are
-    ranked by :func:`predicted_error`; the ``num_measured`` best are measured with ``measure`` (schedule -> PSNR
-    in dB vs uncached, e.g. :func:`analysis.sweep.measure_psnr`) and the highest PSNR wins. Without ``measure`` the
-    lowest proxy error wins."""
+    The candidates within ``band`` (relative) above the budget are ranked by the error model; with ``measure``
+    (schedule -> PSNR in dB vs uncached, e.g. ``analysis.sweep.Reference.psnr``) the model is first calibrated
+    on three probes, then the ``num_measured`` best-predicted candidates are measured and the highest measured
+    PSNR wins. Without ``measure`` the best-predicted (uncalibrated) candidate wins."""
     if not target_flops_ratio > 0:
         raise DerivationError(f"target FLOPs ratio must be > 0, got {target_flops_ratio}")
     candidates = candidate_schedules(profile, grid, progress=progress)
@@ -516,42 +626,50 @@ def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
         reach = max(d.predicted_flops_ratio for d in candidates)
         raise DerivationError(f"no derived schedule reaches a FLOPs ratio of {target_flops_ratio:g}; the most any "
                               f"grid point reaches on this recording is {reach:.2f}")
-    lowest = feasible[0].predicted_flops_ratio
-    near = [d for d in feasible if d.predicted_flops_ratio <= max(lowest, target_flops_ratio) * (1 + band)]
-    ranked = sorted(near, key=lambda d: (predicted_error(profile, d), -d.predicted_flops_ratio))
+    limit = max(feasible[0].predicted_flops_ratio, target_flops_ratio) * (1 + band)
+    near = [d for d in feasible if d.predicted_flops_ratio <= limit]
+    rows: list[dict] = []
     if measure is None:
-        return SearchResult(best=ranked[0], measured=[], considered=len(candidates))
-    rows = []
+        model = uncalibrated_error_model(profile, near)
+    else:
+        model, rows = calibrate_error_model(profile, near, measure)
+    ranked = sorted(near, key=lambda d: (model.mse(error_components(profile, d)), -d.predicted_flops_ratio))
+    if measure is None:
+        return SearchResult(best=ranked[0], measured=[], considered=len(candidates), error_model=model)
+    measured = []
     for d in ranked[:num_measured]:
-        rows.append({"name": d.schedule.name, **d.params, "predicted_flops_ratio": d.predicted_flops_ratio,
-                     "proxy_error": predicted_error(profile, d), "psnr": float(measure(d.schedule)),
-                     "_derived": d})
-    best_row = max(rows, key=lambda r: (r["psnr"], r["predicted_flops_ratio"]))
-    best = best_row["_derived"]
-    for r in rows:
-        r.pop("_derived")
-    return SearchResult(best=best, measured=rows, considered=len(candidates))
+        psnr = float(measure(d.schedule))
+        measured.append((psnr, d.predicted_flops_ratio, d))
+        rows.append(_row(profile, d, model, psnr, "candidate"))
+    best = max(measured, key=lambda x: (x[0], x[1]))[2]
+    return SearchResult(best=best, measured=rows, considered=len(candidates), error_model=model)
 
 
 def search_fidelity(profile: RedundancyProfile, min_psnr: float, measure: Callable[[CacheSchedule], float],
-                    grid: Optional[dict] = None, progress: bool = False, max_measured: int = 12) -> SearchResult:
+                    grid: Optional[dict] = None, progress: bool = False, max_measured: int = 8) -> SearchResult:
     """The fastest schedule (highest predicted FLOPs ratio) whose measured PSNR vs uncached is >= ``min_psnr``.
 
-    Candidates are the Pareto set of (predicted ratio up, proxy error down); a bisection over it (PSNR falls as
-    the ratio rises along that set, up to noise) measures at most ``max_measured`` of them."""
+    The error model is calibrated on probes from all candidates; along the predicted front (ratio up, predicted
+    PSNR down) a bisection measures at most ``max_measured`` candidates."""
     candidates = candidate_schedules(profile, grid, progress=progress)
-    front = _proxy_front(profile, candidates)
-    rows, cache = [], {}
+    model, rows = calibrate_error_model(profile, candidates, measure)
+    scored = sorted(((d.predicted_flops_ratio, model.psnr(error_components(profile, d)), d) for d in candidates),
+                    key=lambda x: (-x[0], -x[1]))
+    front, best_psnr = [], -math.inf
+    for ratio, psnr, d in scored:  # fastest first; keep those with a better predicted PSNR than any faster one
+        if psnr > best_psnr:
+            front.append(d)
+            best_psnr = psnr
+    front = front[::-1]  # ratio ascending, predicted PSNR descending
+    cache: dict[int, float] = {}
 
     def psnr_of(i: int) -> float:
         if i not in cache:
-            d = front[i]
-            cache[i] = float(measure(d.schedule))
-            rows.append({"name": d.schedule.name, **d.params, "predicted_flops_ratio": d.predicted_flops_ratio,
-                         "proxy_error": predicted_error(profile, d), "psnr": cache[i]})
+            cache[i] = float(measure(front[i].schedule))
+            rows.append(_row(profile, front[i], model, cache[i], "candidate"))
         return cache[i]
 
-    lo, hi = 0, len(front) - 1  # front sorted by ratio ascending; find the last index with psnr >= min_psnr
+    lo, hi = 0, len(front) - 1  # the last index with measured PSNR >= min_psnr
     if psnr_of(lo) < min_psnr:
         raise DerivationError(f"no derived schedule reaches PSNR {min_psnr:g} dB; the most cautious candidate "
                               f"({front[lo].schedule.name}) measures {cache[lo]:.2f} dB")
@@ -562,19 +680,7 @@ def search_fidelity(profile: RedundancyProfile, min_psnr: float, measure: Callab
         else:
             hi = mid - 1
     best = max((i for i, v in cache.items() if v >= min_psnr), key=lambda i: front[i].predicted_flops_ratio)
-    return SearchResult(best=front[best], measured=rows, considered=len(candidates))
-
-
-def _proxy_front(profile: RedundancyProfile, candidates: list[DerivedSchedule]) -> list[DerivedSchedule]:
-    """Candidates not dominated in (higher predicted ratio, lower proxy error), by ratio ascending."""
-    scored = sorted(((d.predicted_flops_ratio, predicted_error(profile, d), d) for d in candidates),
-                    key=lambda x: (-x[0], x[1]))
-    front, best_err = [], math.inf
-    for ratio, err, d in scored:
-        if err < best_err:
-            front.append(d)
-            best_err = err
-    return front[::-1]
+    return SearchResult(best=front[best], measured=rows, considered=len(candidates), error_model=model)
 
 
 class _quiet:

@@ -117,7 +117,7 @@ class ScheduleExplorer:
         d = self.derived
         self.summary.value = (f"{head} &middot; predicted FLOPs ratio <b>{d.predicted_flops_ratio:.2f}x</b><br>"
                               f"{html.escape(d.summary())}")
-        self._draw(self.heatmap, plots.plot_schedule(schedule_matrix(d.schedule).T, title=d.schedule.name))
+        self._draw(self.heatmap, plots.plot_schedule(schedule_matrix(d.schedule), title=d.schedule.name))
         self._draw(self.tradeoff, self.tradeoff_figure())
         return d
 
@@ -185,11 +185,14 @@ class ScheduleExplorer:
             with self.check:
                 self.check.clear_output(wait=True)
                 display(result.table.round(3))
-                fig = plots.plot_sample_comparison({"uncached": result.images["none"],
-                                                    "derived": result.images["derived"],
-                                                    "lazymar": result.images["lazymar"]}, labels=labels)
-                display(fig)
-                plt.close(fig)
+                if result.images["none"].ndim == 4:  # pixel-space tokens (the digits model)
+                    fig = plots.plot_sample_comparison({"uncached": result.images["none"],
+                                                        "derived": result.images["derived"],
+                                                        "lazymar": result.images["lazymar"]}, labels=labels)
+                    display(fig)
+                    plt.close(fig)
+                else:
+                    print("sample grids need a pixel-space model (digits); latent tokens are compared by PSNR")
             self._draw(self.tradeoff, self.tradeoff_figure())
             return result
         finally:

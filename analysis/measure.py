@@ -50,8 +50,9 @@ def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Seq
                       baseline: Optional[Measurement] = None) -> Measurement:
     """Run the uncached sampler and each schedule on ``labels`` (same seeds); one row per run with
     flops_per_image, flops_ratio (uncached / this), seconds, wall_ratio, psnr and token_mse against the
-    uncached run, and accuracy (digits model only, else NaN). ``baseline``: an earlier Measurement of the same
-    labels, settings and seed whose uncached run is reused instead of run again."""
+    uncached run, and accuracy (digits model only, else NaN). Schedules identical up to their name run once
+    and share the row. ``baseline``: an earlier Measurement of the same labels, settings and seed whose
+    uncached run is reused instead of run again."""
     if not schedules:
         raise AnalysisError("no schedules to measure")
     if "none" in schedules:
@@ -68,7 +69,14 @@ def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Seq
         del runs["none"]
         images["none"] = baseline.images["none"]
         rows.append({"schedule": "none", **baseline.table.loc["none", ["flops_per_image", "seconds", "accuracy"]]})
+    done: dict[str, str] = {}  # schedule content -> the name it was measured under
     for name, schedule in tqdm(runs.items(), desc="measured runs", disable=not progress, leave=False):
+        key = _content_key(schedule)
+        if key in done:
+            images[name] = images[done[key]]
+            rows.append({**next(r for r in rows if r["schedule"] == done[key]), "schedule": name})
+            continue
+        done[key] = name
         start = time.perf_counter()
         tokens, ledger = run_schedule(model, labels, settings, schedule, seed, batch_size)
         seconds = time.perf_counter() - start
@@ -90,6 +98,22 @@ def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Seq
     table["token_mse"] = [token_mse(images[n].float(), reference) for n in table.index]
     columns = ["flops_ratio", "psnr", "token_mse", "accuracy", "wall_ratio", "seconds", "flops_per_image"]
     return Measurement(table[columns], images, labels, seed, settings)
+
+
+def _content_key(schedule: CacheSchedule) -> str:
+    import json
+    return json.dumps({k: v for k, v in schedule.to_dict().items() if k != "name"}, sort_keys=True)
+
+
+def speed_quality_from_sweep(sweep: pd.DataFrame) -> pd.DataFrame:
+    """The speed/quality table from a sweep (analysis.sweep.load_sweep): the uncached reference, the "lazymar"
+    preset and the derived schedules on the Pareto front, by FLOPs ratio; indexed by name."""
+    missing = [c for c in ("name", "family", "flops_ratio", "psnr", "pareto") if c not in sweep]
+    if missing:
+        raise AnalysisError(f"the sweep table lacks the column(s) {', '.join(missing)}")
+    keep = sweep["family"].isin(["none", "lazymar"]) | (sweep["family"].eq("derived") & sweep["pareto"].astype(bool))
+    columns = [c for c in ("name", "family", "flops_ratio", "wall_ratio", "psnr", "accuracy", "fid") if c in sweep]
+    return sweep.loc[keep, columns].sort_values("flops_ratio", kind="stable").set_index("name")
 
 
 # --- ablation schedules -----------------------------------------------------------------------------------

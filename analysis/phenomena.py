@@ -19,11 +19,23 @@ from lazymar.recording import STATUS_CODES, STATUS_NAMES
 
 COSINE_VARIABLES = ("token_cosine", "cfg_residual_cosine")
 CHANGE_VARIABLES = ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change")
-STATISTICS = ("mean", "median", "above")
+STATISTICS = ("mean", "median", "above", "log10_change")
 
 
 class AnalysisError(ValueError):
     """A request the recording or the inputs cannot answer; the message names the problem."""
+
+
+def resolution(ds: xr.Dataset, variable: str = "token_cosine") -> float:
+    """The smallest nonzero 1 - cosine the recording can hold: a compact recording (attribute keep_bits) rounded
+    cosines to b mantissa bits, so values just below 1 are spaced 2**-(b+1); exact float32: 2**-24."""
+    import json
+    bits = None
+    try:
+        bits = int(json.loads(ds.attrs.get("keep_bits", "{}")).get(variable))
+    except (TypeError, ValueError, AttributeError):
+        bits = None
+    return 2.0 ** -(bits + 1) if bits else 2.0 ** -24
 
 
 def sampling_settings(attrs: dict):
@@ -125,9 +137,11 @@ def fraction_above(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), l
 
 def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "token_cosine", kind: str = "output",
                       threshold: Optional[float] = None, statuses: Optional[Iterable[str]] = None,
-                      layers: Optional[Sequence[str]] = None) -> xr.DataArray:
-    """(layer, step) matrix of a statistic over samples and positions: "mean", "median", or "above" (the
-    fraction of values above ``threshold``). NaN where a layer has no value at a step."""
+                      layers: Optional[Sequence[str]] = None, floor: Optional[float] = None) -> xr.DataArray:
+    """(layer, step) matrix of a statistic over samples and positions: "mean", "median", "above" (the
+    fraction of values above ``threshold``) or "log10_change" (the mean of log10(max(1 - value, floor)), a
+    geometric mean of the change; floor defaults to half the recording's :func:`resolution`). NaN where a
+    layer has no value at a step."""
     if statistic not in STATISTICS:
         raise AnalysisError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
     if statistic == "above" and threshold is None:
@@ -141,6 +155,9 @@ def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "
             out = da.mean(over, skipna=True)
         elif statistic == "median":
             out = da.median(over, skipna=True)
+        elif statistic == "log10_change":
+            floor = floor if floor is not None else resolution(ds, variable) / 2
+            out = np.log10(np.maximum(1.0 - da, floor)).mean(over, skipna=True)
         else:
             count = da.count(over)
             out = (da > threshold).where(da.notnull()).sum(over) / count.where(count > 0)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from lazymar.recording import STATUS_NAMES
 
-from .phenomena import AnalysisError, layer_group, values_by_status
+from .phenomena import AnalysisError, resolution, values_by_status
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "data" / "figures"
 STATUS_COLORS = {"buffer": "#7f7f7f", "known": "#1f77b4", "new": "#d62728", "to_predict": "#ff7f0e",
@@ -82,14 +82,18 @@ def _distance(values: np.ndarray, floor: float) -> np.ndarray:
 
 # --- token redundancy -------------------------------------------------------------------------------------
 def plot_cosine_ecdf(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
-                     statuses: Optional[Sequence[str]] = None, floor: float = FLOOR, ncols: int = 3) -> Figure:
+                     statuses: Optional[Sequence[str]] = None, floor: Optional[float] = None, ncols: int = 3) -> Figure:
     """One panel per layer: the ECDF of 1 - cos(h_s, h_{s-1}) over all samples, steps and positions, one curve
-    per position status."""
+    per position status. Values identical at the recording's precision are drawn at ``floor`` (default: half
+    the recording's resolution)."""
+    floor = floor if floor is not None else resolution(ds) / 2
     layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
     statuses = list(statuses) if statuses is not None else list(STATUS_NAMES)
     fig, axes = _grid(len(layers), ncols)
     for ax, layer in zip(axes, layers):
         groups = values_by_status(ds, layer, kind=kind)
+        if not any(status in groups for status in statuses):
+            ax.text(0.5, 0.5, f"no {kind} values recorded", ha="center", va="center", transform=ax.transAxes)
         for status in statuses:
             if status not in groups:
                 continue
@@ -97,24 +101,26 @@ def plot_cosine_ecdf(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kin
             ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", color=STATUS_COLORS[status],
                     label=f"{status} (n={x.size})")
         ax.set_xscale("log")
-        ax.set_xlim(floor, 2.0)
+        ax.set_xlim(floor / 2, 2.0)
         ax.set_ylim(0, 1.01)
         ax.set_title(f"{layer} ({kind})", fontsize=9)
         ax.set_xlabel("1 − cosine to step s−1")
         ax.set_ylabel("fraction of positions")
-        ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"Adjacent-step token similarity by position status (values ≤ {floor:g} drawn at {floor:g})",
-                 fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Adjacent-step token similarity by position status (1 − cos below the recording's resolution "
+                 f"drawn at {floor:.1e})", fontsize=10)
     return fig
 
 
 def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
                        statuses: Sequence[str] = ("known", "new", "to_predict", "masked"), max_points: int = 3000,
-                       floor: float = FLOOR, seed: int = 0) -> Figure:
+                       floor: Optional[float] = None, seed: int = 0) -> Figure:
     """Violins of log10(1 - cosine) per layer, split by status; at most ``max_points`` values per violin
-    (a fixed random subsample, for speed)."""
+    (a fixed random subsample, for speed). Floor as in :func:`plot_cosine_ecdf`."""
     import seaborn as sns
 
+    floor = floor if floor is not None else resolution(ds) / 2
     layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
     rng = np.random.default_rng(seed)
     frames = []
@@ -135,7 +141,7 @@ def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, k
                    palette=STATUS_COLORS, density_norm="width", cut=0, linewidth=0.6, inner=None, ax=ax)
     ax.set_xlabel("layer")
     ax.set_ylabel("log10(1 − cosine to step s−1)")
-    ax.set_title(f"Token feature change per layer and status ({kind}; floor {floor:g})", fontsize=10)
+    ax.set_title(f"Token feature change per layer and status ({kind}; floor {floor:.1e})", fontsize=10)
     ax.legend(fontsize=7, ncols=len(order), loc="upper left")
     return fig
 
@@ -260,13 +266,33 @@ def plot_head_change(profile: pd.DataFrame) -> Figure:
 
 
 # --- schedules, trade-offs, ablations ---------------------------------------------------------------------
+COMPUTED_ROWS = {  # analysis.derive.schedule_matrix column -> (row label, value as "share computed afresh")
+    "refresh": ("full refresh", lambda v: v),
+    "keep_fraction": ("decoder positions after selection layer", lambda v: v),
+    "condition_cache": ("unconditional branch", lambda v: 1.0 - v),
+    "head_cache": ("diffusion head without cache", lambda v: 1.0 - v),
+}
+
+
+def computed_share(matrix: pd.DataFrame) -> pd.DataFrame:
+    """A step x component schedule matrix (analysis.derive.schedule_matrix: refresh, keep_fraction,
+    condition_cache, head_cache) as (component, step) shares computed afresh: 1 = computed, 0 = reused.
+    refresh and keep_fraction already are; the two cache flags are inverted (cache on = reused)."""
+    unknown = [c for c in matrix.columns if c not in COMPUTED_ROWS]
+    if unknown:
+        raise AnalysisError(f"unknown schedule component {unknown[0]!r}; known: {', '.join(COMPUTED_ROWS)}")
+    rows = {COMPUTED_ROWS[c][0]: COMPUTED_ROWS[c][1](matrix[c].to_numpy(dtype=float)) for c in matrix.columns}
+    return pd.DataFrame(rows, index=matrix.index).T
+
+
 def plot_schedule(matrix: pd.DataFrame | np.ndarray, components: Optional[Sequence[str]] = None,
                   title: str = "", ax: Optional[plt.Axes] = None) -> Figure:
-    """A schedule as a (component, step) heat map with values in [0, 1]: the fraction of work each component
-    recomputes at each step (1 = full computation, 0 = fully reused)."""
+    """A schedule as a (component, step) heat map of the share of each component computed afresh at each step
+    (1 = computed, 0 = reused from a cache). A step x component matrix from analysis.derive.schedule_matrix
+    is converted with :func:`computed_share`."""
     if isinstance(matrix, pd.DataFrame):
         if matrix.index.name == "step":  # analysis.derive.schedule_matrix is step x component
-            matrix = matrix.T
+            matrix = computed_share(matrix)
         components = [str(c) for c in matrix.index]
         values = matrix.to_numpy(dtype=float)
     else:
@@ -282,7 +308,7 @@ def plot_schedule(matrix: pd.DataFrame | np.ndarray, components: Optional[Sequen
     ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel("component")
     ax.set_title(title or "Cache schedule", fontsize=10)
-    fig.colorbar(image, ax=ax, label="fraction recomputed", pad=0.01)
+    fig.colorbar(image, ax=ax, label="computed (1) / reused (0)", pad=0.01)
     return fig
 
 
@@ -300,12 +326,18 @@ def plot_tradeoff(points: pd.DataFrame, x: str = "flops_ratio", y: str = "psnr",
         if column not in points:
             raise AnalysisError(f"the table has no column {column!r}; it has {', '.join(map(str, points.columns))}")
     finite = points[np.isfinite(points[x].astype(float)) & np.isfinite(points[y].astype(float))]
-    ax.scatter(finite[x], finite[y], s=16, color="#7f7f7f", alpha=0.7, label="measured schedules")
+    if "family" in finite:  # a sweep: one colour per family (derived, lazymar, baselines)
+        colors = plt.get_cmap("tab10")
+        for i, (family, group) in enumerate(finite.groupby("family", sort=True)):
+            ax.scatter(group[x], group[y], s=16, color=colors(i % 10), alpha=0.8, label=str(family))
+    else:
+        ax.scatter(finite[x], finite[y], s=16, color="#7f7f7f", alpha=0.7, label="measured schedules")
     if label and label in finite:
         for _, row in finite.iterrows():
             if str(row[label]) in ("none", "lazymar", "lazymar-released") or str(row[label]).startswith("derived"):
                 ax.annotate(str(row[label]), (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front is not None and len(front):
+        front = front[np.isfinite(front[x].astype(float)) & np.isfinite(front[y].astype(float))]
         ordered = front.sort_values(x)
         ax.plot(ordered[x], ordered[y], "-o", color="#d62728", markersize=3, linewidth=1, label="Pareto front")
     if highlight is not None:

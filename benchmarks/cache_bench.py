@@ -16,9 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from lazymar.cli import main as lazymar
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    from lazymar.cli import main as lazymar
+except ModuleNotFoundError:  # not installed: run from the checkout
+    sys.path.insert(0, str(ROOT))
+    from lazymar.cli import main as lazymar
 
-OUT = Path(__file__).resolve().parents[1] / "data" / "bench"
+OUT = ROOT / "data" / "bench"
 
 
 def run(name: str, argv: list[str]) -> dict:
@@ -43,7 +48,7 @@ def main() -> int:
     quick = ["--num-samples", "40", "--repeats", "1"] if args.quick else []
     cases = {
         "flops": ["flops", "--json"],
-        "digits": ["bench", "--model", "digits", "--schedule", "lazymar", "--num-samples", "500", "--repeats", "2",
+        "digits": ["bench", "--model", "digits", "--schedule", "lazymar", "--num-samples", "300", "--repeats", "2",
                    "--json", *quick],
         "compute-bound": ["bench", "--compute-bound", "--schedule", "lazymar", "--repeats", "2", "--json",
                           *(["--repeats", "1", "--num-iter", "4"] if args.quick else [])],

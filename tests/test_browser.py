@@ -19,6 +19,8 @@ pytestmark = pytest.mark.browser
 # Each target: a notebook (relative to the repository root), the slider to move by its description, the summary.
 TARGETS = [
     WidgetTarget("tests/browser/slider_fixture.ipynb", slider="tau_token", summary=".lazymar-summary"),
+    WidgetTarget("notebooks/03_cache_schedules.ipynb", slider="tau_token", summary=".lazymar-summary",
+                 load_timeout_s=120),
 ]
 
 

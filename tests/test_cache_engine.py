@@ -233,7 +233,7 @@ def test_head_cache_by_hand(model, reuse_mlp):
     net, tmap, D = model.diffloss.net, model.diffloss.gen_diffusion.timestep_map, model.token_dim
     n, s = 3, 2.5
     z = torch.randn(2 * n, model.config.decoder_embed_dim)
-    denoise = CachedHeadDenoiser(engine, types.SimpleNamespace(use_cfg=True, cfg_scale=s), z)
+    denoise = CachedHeadDenoiser(engine, types.SimpleNamespace(use_cfg=True, cfg_scale=s), z).__enter__()
     x9, x7 = torch.randn(n, D), torch.randn(n, D)
     index = lambda i, rows=2 * n: torch.full((rows,), i, dtype=torch.long)  # noqa: E731
 
@@ -269,6 +269,8 @@ def test_head_cache_by_hand(model, reuse_mlp):
 
     out6 = denoise(torch.cat([x7, x7]), index(6), z)  # 6 % 3 == 0: full again
     assert (out6 - net.forward_with_cfg(torch.cat([x7, x7]), tmap[index(6)], z, s)).abs().max() < 1e-6
+    denoise.__exit__(None, None, None)
+    assert not any(block.mlp._forward_hooks for block in net.res_blocks)
 
 
 # --- the contract with the recorder ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ exact fast FLOPs, the selection-layer study on a perfect predictor, and the CLI'
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ CONFIG = MARConfig(img_size=3, vae_stride=1, patch_size=1, vae_embed_dim=1, enco
 S, BUF, L, T = 6, 2, 9, 6
 P = BUF + L
 TOKEN_CHANGE = [np.nan, 0.005, 0.005, 0.01, 0.02, 0.01]      # calibrated: 0.5, 0.5, 1, 2, 1
-RESIDUAL_DRIFT = [np.nan, 1 / 64, 1 / 32, 1 / 64, 3 / 64, 1 / 64]
+RESIDUAL_ANGLE = [np.nan, 0.1, 0.2, 0.1, 0.3, 0.1]                # radians between r_t and r_{t-1}
 HEAD_CHANGE = {"eps_cfg": 0.1, "res_block.0": 0.05, "res_block.1": 0.4}
 
 
@@ -37,7 +38,7 @@ def statuses(order: list[int]) -> np.ndarray:
     return out
 
 
-def synthetic(decoder_depth: int = 3, v_similarity=None, target=None, samples: int = 2):
+def synthetic(decoder_depth: int = 3, v_similarity=None, target=None, samples: int = 2, cfg_scale=None):
     """A hand-made recording: sample 0 decodes tokens 0..8 in order, sample 1 in reverse order."""
     orders = [list(range(L)), list(range(L))[::-1]] + [list(np.random.default_rng(i).permutation(L))
                                                         for i in range(samples - 2)]
@@ -54,8 +55,8 @@ def synthetic(decoder_depth: int = 3, v_similarity=None, target=None, samples: i
     cfg = {f"cfg_{name}": np.zeros((samples, S, len(layers), P), dtype=np.float32) for name in CFG_STATS}
     residual = np.ones((samples, S, len(layers), P), dtype=np.float32)
     unknown = (status == STATUS_CODES["to_predict"]) | (status == STATUS_CODES["masked"])
-    drift = np.asarray(RESIDUAL_DRIFT)[None, :, None]
-    residual[:, :, layers.index(f"decoder.{decoder_depth - 1}")] = np.where(unknown, 1.0 - drift, -1.0)
+    angle = np.asarray(RESIDUAL_ANGLE)[None, :, None]
+    residual[:, :, layers.index(f"decoder.{decoder_depth - 1}")] = np.where(unknown, np.cos(angle), -1.0)
     residual[:, 0] = np.nan
     cfg["cfg_residual_cosine"] = residual
     head = np.zeros((samples, S, T, len(HEAD_CHANGE)), dtype=np.float32)
@@ -67,7 +68,8 @@ def synthetic(decoder_depth: int = 3, v_similarity=None, target=None, samples: i
     attrs = {"model": "synthetic", "config": config.to_dict(), "num_iter": S, "cfg": 3.0, "temperature": 1.0,
              "cfg_schedule": "linear", "seed": 0, "schedule": "none"}
     return make_dataset(variables, np.arange(samples), np.zeros(samples), np.zeros(samples), np.linspace(1, 0, S),
-                        np.full(S, 3.0), layers, list(HEAD_CHANGE), BUF, 3, attrs)
+                        np.full(S, 3.0) if cfg_scale is None else np.asarray(cfg_scale), layers,
+                        list(HEAD_CHANGE), BUF, 3, attrs)
 
 
 def keep_test_similarity() -> np.ndarray:
@@ -100,10 +102,18 @@ def test_refresh_steps_by_hand(profile):
 
 
 def test_condition_cache_by_hand(profile):
-    # drift counts only unknown token positions (the others carry 1 - cos = 2 and would break every step)
-    np.testing.assert_allclose(profile.residual_drift[1:], RESIDUAL_DRIFT[1:], rtol=1e-5)
-    assert np.flatnonzero(profile.condition_steps(0.96, profile.refresh_steps(1.5))).tolist() == [1, 5]
-    assert np.flatnonzero(profile.condition_steps(0.96, profile.refresh_steps(1e9))).tolist() == [1, 3, 5]
+    # the angle counts only unknown token positions (the others are at angle pi and would break every step)
+    np.testing.assert_allclose(profile.residual_angle[1:], RESIDUAL_ANGLE[1:], rtol=1e-4)
+    tau = math.cos(0.25)  # constant guidance: weight 1; cache while the summed angle stays <= 0.25
+    assert np.flatnonzero(profile.condition_steps(tau, profile.refresh_steps(1.5))).tolist() == [1, 5]
+    assert np.flatnonzero(profile.condition_steps(tau, profile.refresh_steps(1e9))).tolist() == [1, 3, 5]
+
+
+def test_condition_cache_weighs_by_guidance():
+    # guidance scale 1 at steps 0-2: the unconditional branch does not matter there, whatever the drift
+    prof = RedundancyProfile.from_stats(synthetic(cfg_scale=[1, 1, 1, 3, 3, 3]))
+    np.testing.assert_allclose(prof.guidance_weight, [0, 0, 0, 1, 1, 1])
+    assert np.flatnonzero(prof.condition_steps(math.cos(0.25), prof.refresh_steps(1e9))).tolist() == [1, 2, 5]
 
 
 def test_head_policy_by_hand(profile):
@@ -120,7 +130,8 @@ def test_head_policy_by_hand(profile):
 
 
 def test_derive_schedule_by_hand(profile):
-    d = derive_schedule(profile, tau_token=0.5, tau_refresh=1.5, tau_cfg=0.96, selection_layer=1, tau_head=0.06)
+    d = derive_schedule(profile, tau_token=0.5, tau_refresh=1.5, tau_cfg=math.cos(0.25), selection_layer=1,
+                        tau_head=0.06)
     s = d.schedule
     assert list(s.refresh) == [True, False, False, True, True, False]
     np.testing.assert_allclose(s.keep_fraction, [1, 4 / 11, 4 / 11, 1, 1, 4 / 11], atol=1e-6)

@@ -192,6 +192,17 @@ def test_head_change_profile_means_over_samples_and_steps():
     assert profile.loc[2, "eps_cfg"] == pytest.approx(0.5)
 
 
+def test_log10_change_and_resolution():
+    tc = np.full((2, 3, 3, 3, 5), np.nan, np.float32)
+    tc[0, 1, 0, 0, :3] = [0.9, 0.99, 1.0]
+    ds = synthetic(token_cosine=tc)
+    assert phenomena.resolution(ds) == 2.0 ** -24  # exact float32 recording
+    ds.attrs["keep_bits"] = '{"token_cosine": 14}'
+    assert phenomena.resolution(ds) == 2.0 ** -15
+    m = phenomena.step_layer_matrix(ds, "log10_change", floor=1e-4)
+    assert float(m.sel(layer="encoder.0", step=1)) == pytest.approx((-1 - 2 - 4) / 3, abs=1e-5)
+
+
 def test_step_similarity_matrix_by_hand():
     f = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]], [[[0.0, 2.0]]]])  # 3 steps, 1 row, 1 position
     sim = phenomena.step_similarity_matrix(f)
@@ -244,9 +255,11 @@ def test_measure_schedules_against_the_flops_estimate(tiny):
                  / estimate_generation_flops(tiny.config, lazymar_schedule(8, tiny.config), batch_size=3).total)
     assert table.loc["lazymar", "flops_ratio"] == pytest.approx(predicted)
     assert np.isnan(table.loc["lazymar", "accuracy"])  # not the digits model
-    again = measure.measure_schedules(tiny, {"lazymar": lazymar_schedule(8, tiny.config)}, labels, settings,
-                                      seed=1, baseline=result)
+    again = measure.measure_schedules(tiny, {"lazymar": lazymar_schedule(8, tiny.config),
+                                             "same, renamed": lazymar_schedule(8, tiny.config).with_changes(name="x")},
+                                      labels, settings, seed=1, baseline=result)
     assert again.table.loc["lazymar", "psnr"] == table.loc["lazymar", "psnr"]  # reused baseline, same answer
+    assert again.table.loc["same, renamed", "seconds"] == again.table.loc["lazymar", "seconds"]  # run once
     with pytest.raises(AnalysisError, match="baseline"):
         measure.measure_schedules(tiny, {"none": none_schedule(8)}, labels, settings)
 
@@ -266,6 +279,39 @@ def test_ablation_schedules_switch_one_mechanism_each():
     assert measure.selection_schedules(config, 64)["random"].selection == "random"
     with pytest.raises(AnalysisError, match="interval"):
         measure.refresh_interval_schedule(config, 64, 0)
+
+
+def test_speed_quality_from_sweep_keeps_reference_preset_and_front():
+    sweep = pd.DataFrame({
+        "name": ["none", "lazymar", "d1", "d2", "steps-20"],
+        "family": ["none", "lazymar", "derived", "derived", "fewer_steps"],
+        "flops_ratio": [1.0, 2.6, 3.5, 2.0, 2.5], "psnr": [np.inf, 30.0, 33.0, 31.0, 12.0],
+        "pareto": [True, False, True, False, False], "accuracy": [1.0, 0.98, 0.99, 1.0, 0.5]})
+    table = measure.speed_quality_from_sweep(sweep)
+    assert list(table.index) == ["none", "lazymar", "d1"]  # by FLOPs ratio; d2 is off the front
+    assert table.loc["d1", "psnr"] == 33.0 and "wall_ratio" not in table
+    with pytest.raises(AnalysisError, match="pareto"):
+        measure.speed_quality_from_sweep(sweep.drop(columns="pareto"))
+
+
+def test_schedule_heat_map_shows_computed_shares():
+    from analysis.derive import schedule_matrix
+    schedule = lazymar_schedule(64, get_config("digits"))
+    shares = plots.computed_share(schedule_matrix(schedule))
+    assert list(shares.index) == ["full refresh", "decoder positions after selection layer", "unconditional branch",
+                                  "diffusion head without cache"]
+    assert shares[0].tolist() == [1.0, 1.0, 1.0, 0.0]   # refresh step: all computed, the head cache is on
+    assert shares[6].tolist() == [0.0, 1.0, 0.0, 0.0]   # cached step 6: keep 100% (ratio 1.0 before step 20)
+    assert shares[45].iloc[1] == pytest.approx(0.05)    # released ratio from step 40
+    with pytest.raises(AnalysisError, match="unknown schedule component"):
+        plots.computed_share(pd.DataFrame({"bogus": [1.0]}))
+
+
+def test_markdown_table():
+    df = pd.DataFrame({"psnr": [np.inf, 31.234567], "family": ["none", "a|b"]},
+                      index=pd.Index(["none", "lazymar"], name="name"))
+    assert plots.markdown_table(df).splitlines() == [
+        "| name | psnr | family |", "|---|---|---|", "| none | inf | none |", "| lazymar | 31.23 | a\\|b |"]
 
 
 # --- figures --------------------------------------------------------------------------------------------------
@@ -289,6 +335,7 @@ def _full_synthetic():
 
 
 def test_every_figure_has_labelled_axes():
+    from analysis.derive import schedule_matrix
     ds = _full_synthetic()
     figures = [
         plots.plot_cosine_ecdf(ds),
@@ -301,6 +348,7 @@ def test_every_figure_has_labelled_axes():
         plots.plot_change_ratio(phenomena.branch_vs_residual(ds)),
         plots.plot_head_change(phenomena.head_change_profile(ds)),
         plots.plot_schedule(pd.DataFrame([[1, 0.5, 0.0], [1, 1, 0]], index=["decoder", "head"])),
+        plots.plot_schedule(schedule_matrix(lazymar_schedule(8, get_config("digits")))),
         plots.plot_tradeoff(pd.DataFrame({"schedule": ["none", "lazymar"], "flops_ratio": [1.0, 2.5],
                                           "psnr": [np.inf, 30.0]}), highlight={"flops_ratio": 2.0, "psnr": 33.0}),
         plots.plot_ablation(pd.DataFrame({"flops_ratio": [1.3, 2.6], "psnr": [38.0, 31.0]}, index=["a", "b"])),
@@ -333,3 +381,43 @@ def test_save_figure_writes_png_and_pdf_reproducibly(tmp_path):
             plots.save_figure(fig, bad, tmp_path)
     with pytest.raises(ValueError, match="format"):
         plots.save_figure(fig, "demo", tmp_path, formats=("jpg",))
+
+
+# --- the schedule explorer of notebook 03 ---------------------------------------------------------------------
+def test_schedule_explorer_follows_its_sliders_and_measures_only_on_demand(tiny):
+    import ipywidgets as widgets
+
+    from analysis.derive import RedundancyProfile
+    from analysis.explorer import SUMMARY_CLASS, ScheduleExplorer
+    from lazymar.recording import RedundancyRecorder
+
+    settings = SamplingSettings(num_iter=6, cfg=2.0)
+    with RedundancyRecorder(tiny, model_name="tiny") as recorder:
+        generate(tiny, [0, 1, 2, 3], settings, seed=0)
+    profile = RedundancyProfile.from_stats(recorder.to_dataset())
+    loads = []
+    explorer = ScheduleExplorer(profile, model_loader=lambda: loads.append(1) or tiny, check_samples=2)
+    assert loads == [] and explorer.last_check is None  # nothing is measured on display
+
+    def sliders(widget):
+        if isinstance(widget, (widgets.FloatSlider, widgets.IntSlider)):
+            yield widget
+        for child in getattr(widget, "children", ()):
+            yield from sliders(child)
+
+    tau = [s for s in sliders(explorer.widget) if s.description == "tau_token"]
+    assert len(tau) == 1 and tau[0] is explorer.tau_token
+    assert tau[0].value < tau[0].max and not tau[0].continuous_update
+    assert SUMMARY_CLASS in explorer.summary._dom_classes
+    before = explorer.summary.value
+    assert f"tau_token = {tau[0].value:.{explorer._digits}f}" in before
+    tau[0].value = tau[0].value + tau[0].step
+    assert explorer.summary.value != before
+    assert f"tau_token = {tau[0].value:.{explorer._digits}f}" in explorer.summary.value
+    assert explorer.derived.params["tau_token"] == pytest.approx(tau[0].value)
+
+    result = explorer.run_check()
+    assert loads == [1] and list(result.table.index) == ["none", "derived", "lazymar"]
+    assert result.table.loc["derived", "flops_ratio"] > 1.0
+    again = explorer.run_check()  # the uncached run is reused: same reference, same PSNR
+    assert loads == [1] and again.table.loc["derived", "psnr"] == result.table.loc["derived", "psnr"]

@@ -2,7 +2,8 @@
 
 Both runs use the same model, labels, batches and seeds (batch i uses seed + i), so they draw the same orders and
 noise and differ only by what the schedule reuses. Wall times come from the same process, repetitions interleaved
-(baseline, cached, baseline, ...), median reported.
+(baseline, cached, baseline, ...), median reported; process CPU time beside it (all threads: on a shared machine
+it is less disturbed by other processes than wall time).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run (weights included); on CPU the peak
 resident set size during the run (VmHWM, reset before each run) minus the process's size before the model was
@@ -90,6 +91,7 @@ class RunResult:
     tokens: Tensor
     flops: FlopsLedger
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     peak_memory_mb: list[float] = field(default_factory=list)
 
 
@@ -105,16 +107,16 @@ def run_schedule(model: MAR, labels: Sequence[int], settings: SamplingSettings, 
 
 
 def _timed(fn: Callable[[], tuple[Tensor, FlopsLedger]], device: torch.device,
-           cpu_baseline_mb: Optional[float]) -> tuple[Tensor, FlopsLedger, float, Optional[float]]:
+           cpu_baseline_mb: Optional[float]) -> tuple[Tensor, FlopsLedger, float, float, Optional[float]]:
     with PeakMemory(device, cpu_baseline_mb) as memory:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         tokens, ledger = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    return tokens, ledger, seconds, memory.peak_mb
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return tokens, ledger, seconds, cpu_seconds, memory.peak_mb
 
 
 def benchmark(model: MAR, labels: Sequence[int], settings: SamplingSettings, schedule: CacheSchedule, seed: int = 0,
@@ -135,13 +137,14 @@ def benchmark(model: MAR, labels: Sequence[int], settings: SamplingSettings, sch
     bar = tqdm(total=repeats * 2, desc="bench", unit="run", disable=not progress)
     for _ in range(repeats):
         for name, s in configs.items():
-            tokens, ledger, seconds, peak = _timed(
+            tokens, ledger, seconds, cpu_seconds, peak = _timed(
                 lambda s=s: run_schedule(model, labels, settings, s, seed, batch_size), device, cpu_baseline_mb)
             if name not in results:
                 results[name] = RunResult(tokens, ledger)
             elif not torch.equal(results[name].tokens, tokens):
                 nondeterministic.add(name)
             results[name].seconds.append(seconds)
+            results[name].cpu_seconds.append(cpu_seconds)
             if peak is not None:
                 results[name].peak_memory_mb.append(peak)
             bar.update(1)
@@ -156,6 +159,7 @@ def benchmark(model: MAR, labels: Sequence[int], settings: SamplingSettings, sch
             "flops": totals["total"], "flops_per_image": totals["total"] / len(labels),
             "flops_by_component": {k: v for k, v in totals.items() if k != "total"},
             "seconds": statistics.median(r.seconds), "seconds_all": r.seconds,
+            "cpu_seconds": statistics.median(r.cpu_seconds), "cpu_seconds_all": r.cpu_seconds,
             "peak_memory_mb": max(r.peak_memory_mb) if r.peak_memory_mb else None,
             "accuracy": None, "fid": None,
         }
@@ -167,6 +171,7 @@ def benchmark(model: MAR, labels: Sequence[int], settings: SamplingSettings, sch
     from ..metrics import psnr, token_mse
     out["flops_ratio"] = base["flops"] / cached["flops"]
     out["wall_ratio"] = base["seconds"] / cached["seconds"]
+    out["cpu_time_ratio"] = base["cpu_seconds"] / cached["cpu_seconds"]
     out["memory_ratio"] = (cached["peak_memory_mb"] / base["peak_memory_mb"]
                            if base["peak_memory_mb"] and cached["peak_memory_mb"] else None)
     a, b = imgs["cached"].detach().cpu().float(), imgs["baseline"].detach().cpu().float()

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..model import MAR
 from ..sampling import SamplingSettings, StepContext, StepRunner
 from . import flops as F
-from .schedule import CacheSchedule, ScheduleError, StepPlan
+from .schedule import CacheSchedule, StepPlan
 
 
 class CacheEngine(StepRunner):
@@ -307,14 +307,15 @@ class CacheEngine(StepRunner):
         diffloss = self.model.diffloss
         cfg = ctx.cfg_scale if ctx.use_cfg else None
         if plan.head_cache:
-            denoise = CachedHeadDenoiser(self, ctx, z)
+            with CachedHeadDenoiser(self, ctx, z) as denoise:
+                sampled = diffloss.sample(z, temperature, cfg, generator, denoise=denoise)
         else:
             plain = diffloss.denoiser(cfg)
 
             def denoise(x: Tensor, i: Tensor, zz: Tensor) -> Tensor:
                 self.flops.add("head", F.head_net_flops(self.model.config, x.shape[0]))
                 return plain(x, i, zz)
-        sampled = diffloss.sample(z, temperature, cfg, generator, denoise=denoise)
+            sampled = diffloss.sample(z, temperature, cfg, generator, denoise=denoise)
         if ctx.step == ctx.num_iter - 1:
             self._release()
         return sampled[: z.shape[0] // 2] if ctx.use_cfg else sampled
@@ -322,7 +323,10 @@ class CacheEngine(StepRunner):
 
 class CachedHeadDenoiser:
     """The head's network call for one MAR step under the schedule's HeadCachePolicy (``DiffLoss.sample``'s
-    ``denoise`` seam): full steps run both CFG halves and refill the caches; cached steps reuse them."""
+    ``denoise`` seam): full steps run both CFG halves and refill the caches; cached steps reuse them.
+
+    Res-blocks that run in full are called as modules (their forward hooks fire); a hook on each block's MLP,
+    held while the object is used as a context manager, captures the MLP output for reuse."""
 
     def __init__(self, engine: CacheEngine, ctx: StepContext, z: Tensor):
         self.engine, self.ctx = engine, ctx
@@ -342,6 +346,25 @@ class CachedHeadDenoiser:
         self.eps_diff: Optional[Tensor] = None  # cond - uncond eps of the last full step
         self.deltas: dict[int, Tensor] = {}     # block -> cached residual update (gate * mlp)
         self.mlps: dict[int, Tensor] = {}       # block -> cached MLP output
+        self._mlp_out: dict[int, Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "CachedHeadDenoiser":
+        if self.policy.reuse_mlp:
+            for b, block in enumerate(self.net.res_blocks):
+                if b not in self.policy.reuse_blocks:
+                    self._handles.append(block.mlp.register_forward_hook(self._capture(b)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _capture(self, b: int):
+        def hook(module, inputs, output):
+            self._mlp_out[b] = output
+        return hook
 
     def _charge(self, flops: int) -> None:
         self.engine.flops.add("head", flops)
@@ -388,31 +411,23 @@ class CachedHeadDenoiser:
                          + F.linear_flops(rows, z.shape[1], w))
         keep = self.cached_rows
         for b, block in enumerate(net.res_blocks):
-            if not full and b in policy.reuse_blocks:
+            if not full and b in policy.reuse_blocks:  # the cached residual update
                 h = h + self.deltas[b][:rows]
                 continue
-            shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
             self._charge(F.linear_flops(rows, w, 3 * w))
             if full or mlp_fresh:
-                m = block.mlp(block.in_ln(h) * (1 + scale) + shift)
+                out = block(h, y)
                 self._charge(2 * F.linear_flops(rows, w, w))
                 if policy.reuse_mlp and b not in policy.reuse_blocks:
-                    self.mlps[b] = m[:keep]
-            else:
-                m = self.mlps[b][:rows]
-            delta = gate * m
-            if full and b in policy.reuse_blocks:
-                self.deltas[b] = delta[:keep]
-            h = h + delta
+                    self.mlps[b] = self._mlp_out.pop(b)[:keep]
+                if full and b in policy.reuse_blocks:
+                    self.deltas[b] = (out - h)[:keep]
+                h = out
+            else:  # fresh modulation, cached MLP output
+                shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
+                h = h + gate * self.mlps[b][:rows]
         out = net.final_layer(h, y)
         self._charge(F.linear_flops(rows, w, 2 * w) + F.linear_flops(rows, w, out.shape[1]))
         return out
 
 
-def build_engine(model: MAR, schedule: CacheSchedule) -> CacheEngine:
-    """An engine for ``schedule``, checked against the model now rather than at the first generation."""
-    schedule.validate_for(model.config)
-    return CacheEngine(schedule)
-
-
-__all__ = ["CacheEngine", "CachedHeadDenoiser", "build_engine", "ScheduleError"]

@@ -10,12 +10,13 @@ update, gathers and scatters are not counted. One FLOP is one multiply or one ad
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 from ..config import MARConfig
+from ..diffusion import space_timesteps
 from ..sampling import mask_length
+from .schedule import CacheSchedule
 
 COMPONENTS = ("encoder", "decoder", "head")
 TIME_FREQUENCIES = 256  # the sinusoidal features the head's time embedder projects
@@ -113,19 +114,16 @@ def step_counts(seq_len: int, num_iter: int) -> list[StepCounts]:
     return out
 
 
-def estimate_generation_flops(config: MARConfig, schedule, num_iter: Optional[int] = None, batch_size: int = 1,
+def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1,
                               use_cfg: bool = True) -> FlopsLedger:
-    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (a CacheSchedule), from the token
-    counts alone. Equals the engine's ledger of an actual run (tests check it)."""
-    from .schedule import CacheSchedule  # local: schedule imports nothing from here, keep it that way
-    assert isinstance(schedule, CacheSchedule)
-    num_iter = num_iter or schedule.num_iter
+    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps), from the
+    token counts alone. Equals the engine's ledger of an actual run (tests check it)."""
     c, ledger = config, FlopsLedger()
     buf, L = c.buffer_size, c.seq_len
     total = buf + L
     enc_hidden, dec_hidden = int(c.encoder_embed_dim * c.mlp_ratio), int(c.decoder_embed_dim * c.mlp_ratio)
     head_steps = len(_respaced_steps(c.num_sampling_steps))
-    for counts in step_counts(L, num_iter):
+    for counts in step_counts(L, schedule.num_iter):
         s = counts.step
         ledger.begin_step()
         plan = schedule.step_plan(s, use_cfg)
@@ -193,21 +191,4 @@ def floor_flops(config: MARConfig, batch_size: int = 1, use_cfg: bool = True) ->
 
 
 def _respaced_steps(section_counts: str) -> list[int]:
-    from ..diffusion import space_timesteps
     return space_timesteps(1000, str(section_counts))
-
-
-def teraflops(x: int | float) -> float:
-    return float(x) / 1e12
-
-
-def summarize(ledgers: Iterable[FlopsLedger]) -> dict[str, int]:
-    out = {c: 0 for c in (*COMPONENTS, "total")}
-    for ledger in ledgers:
-        for k, v in ledger.totals().items():
-            out[k] += v
-    return out
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else math.inf

@@ -44,6 +44,18 @@ def _reference(args: argparse.Namespace, profile):
     return sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
 
 
+def _measurer(reference, quiet: bool):
+    """reference.psnr, reporting each measurement on stderr (they take a while)."""
+    import sys
+
+    def measure(schedule) -> float:
+        psnr = reference.psnr(schedule)
+        if not quiet:
+            print(f"  measured {schedule.name}: PSNR {psnr:.2f} dB", file=sys.stderr, flush=True)
+        return psnr
+    return measure
+
+
 def cmd_derive(args: argparse.Namespace) -> int:
     derive, _ = _analysis()
     if args.threads:
@@ -55,8 +67,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
     measured, considered, reference = [], None, None
     mode = "thresholds"
     if args.target_flops_ratio is not None or args.min_psnr is not None:
-        grid = {k: tuple(v) for k, v in (("tau_token", args.grid_tau_token), ("tau_refresh", args.grid_tau_refresh),
-                                          ("tau_cfg", args.grid_tau_cfg), ("tau_head", args.grid_tau_head)) if v}
+        grid = {k.replace("-", "_"): tuple(getattr(args, "grid_" + k.replace("-", "_"))) for k in GRID_ARGS
+                if getattr(args, "grid_" + k.replace("-", "_"))}
         if args.target_flops_ratio is not None:
             mode = "budget"
             if not args.target_flops_ratio > 1.0:
@@ -65,7 +77,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
             if not args.no_measure:
                 derive.search_budget(profile, args.target_flops_ratio, None, grid=grid)  # impossible budget: fail now
                 reference = _reference(args, profile)
-                measure = reference.psnr
+                measure = _measurer(reference, args.json)
             result = derive.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
                                           grid=grid, progress=not args.json)
         else:
@@ -73,7 +85,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
             if args.no_measure:
                 raise ValueError("--min-psnr needs measured PSNR; drop --no-measure")
             reference = _reference(args, profile)
-            result = derive.search_fidelity(profile, args.min_psnr, reference.psnr, grid=grid,
+            result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, args.json), grid=grid,
                                             progress=not args.json)
         derived, measured, considered = result.best, result.measured, result.considered
     else:
@@ -105,8 +117,9 @@ def cmd_derive(args: argparse.Namespace) -> int:
     else:
         print(derived.summary() if not args.name else derived.summary().replace(derived.schedule.name, args.name, 1))
         for row in measured:
-            print(f"  measured {row['name']}: predicted x{row['predicted_flops_ratio']:.2f}, "
-                  f"PSNR {row['psnr']:.2f} dB (proxy error {row['proxy_error']:.3f})")
+            predicted = "" if row["predicted_psnr"] is None else f", predicted {row['predicted_psnr']:.2f} dB"
+            print(f"  {row['role']:17s} {row['name']}: FLOPs x{row['predicted_flops_ratio']:.2f}, "
+                  f"PSNR {row['psnr']:.2f} dB{predicted}")
         if args.out:
             print(f"wrote {out['out']} and {out['report']}")
     return 0
@@ -124,41 +137,62 @@ def _report(out: dict, derive) -> str:
                  f"(uncached {out['flops']['baseline'] / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
     if out.get("measured"):
         lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples):", "",
-                  "| name | predicted FLOPs ratio | proxy error | PSNR (dB) |", "|---|---|---|---|"]
+                  "| role | name | predicted FLOPs ratio | predicted PSNR (dB) | measured PSNR (dB) |",
+                  "|---|---|---|---|---|"]
         for row in out["measured"]:
-            lines.append(f"| {row['name']} | {row['predicted_flops_ratio']:.3f} | {row['proxy_error']:.3f} | "
+            predicted = "" if row.get("predicted_psnr") is None else f"{row['predicted_psnr']:.2f}"
+            lines.append(f"| {row['role']} | {row['name']} | {row['predicted_flops_ratio']:.3f} | {predicted} | "
                          f"{row['psnr']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
+GRID_ARGS = {
+    "token-quantile": "tau_token as quantiles of the selection layer's similarity",
+    "tau-token": "tau_token cosines (instead of quantiles)",
+    "tau-refresh": "tau_refresh step-equivalents", "tau-cfg": "tau_cfg cosines",
+    "tau-head": "tau_head relative changes",
+}
+
+
 # --- sweep ---------------------------------------------------------------------------------------------------
-def default_points(profile, reference_settings, config, derive, sweep) -> list:
-    """The committed sweep: the lazymar preset, a grid of derived thresholds, and the baselines."""
+def default_points(profile, reference_settings, config, derive, sweep, extra: list) -> list:
+    """The committed sweep: the lazymar preset, ``extra`` (e.g. the derived schedules of data/schedules/), a
+    small grid of derived thresholds, and the baselines: fewer MAR steps at the FLOPs of lazymar and of the
+    fastest schedule, fixed-interval reuse every 4 and 8 steps, and random token selection in place of the
+    similarity ranking for lazymar and for the derived schedule closest to lazymar's FLOPs."""
     from ..cache.schedule import load_schedule
-    points = []
-    lazymar = load_schedule("lazymar", reference_settings.num_iter, config)
-    lazymar_point = sweep.SweepPoint("lazymar", "lazymar", lazymar, params={"preset": "lazymar"})
-    points.append(lazymar_point)
-    derived_points = []
+    use_cfg = reference_settings.cfg != 1.0
+    lazymar = sweep.SweepPoint("lazymar", "lazymar", load_schedule("lazymar", reference_settings.num_iter, config),
+                               params={"preset": "lazymar"})
+    grid = []
     for params in DERIVED_GRID:
+        params = dict(params)
+        params["tau_token"] = profile.tau_token_at(params.pop("token_quantile"), params["selection_layer"])
         d = derive.derive_schedule(profile, **params)
-        derived_points.append(sweep.SweepPoint(d.schedule.name, "derived", d.schedule, params=d.params))
-    points += derived_points
-    lazymar_ratio = derive.predicted_flops(lazymar, config, reference_settings.cfg != 1.0)["ratio"]
-    points.append(sweep.fewer_steps_point(reference_settings, config, lazymar_ratio))
-    points.append(sweep.fewer_steps_point(reference_settings, config, 3.5))
+        grid.append(sweep.SweepPoint(d.schedule.name, "derived", d.schedule, params=d.params))
+    derived = extra + grid
+    ratio = {id(p): derive.predicted_flops(p.schedule, config, use_cfg)["ratio"] for p in [lazymar] + derived}
+    points = [lazymar] + derived
+    fastest = max(ratio.values())
+    points.append(sweep.fewer_steps_point(reference_settings, config, ratio[id(lazymar)]))
+    points.append(sweep.fewer_steps_point(reference_settings, config, fastest))
     for interval in (4, 8):
         points.append(sweep.fixed_interval_point(reference_settings.num_iter, interval))
-    points.append(sweep.random_point(lazymar_point))
-    closest = min(derived_points, key=lambda p: abs(
-        derive.predicted_flops(p.schedule, config, reference_settings.cfg != 1.0)["ratio"] - lazymar_ratio))
-    points.append(sweep.random_point(closest))
-    return points
+    points.append(sweep.random_point(lazymar))
+    if derived:
+        closest = min(derived, key=lambda p: abs(ratio[id(p)] - ratio[id(lazymar)]))
+        points.append(sweep.random_point(closest))
+    unique, seen = [], set()
+    for p in points:  # e.g. two fewer-steps targets that land on the same step count
+        if p.name not in seen:
+            seen.add(p.name)
+            unique.append(p)
+    return unique
 
 
-# thresholds of the derived points of the default sweep (tau_token, tau_refresh, tau_cfg, selection_layer, tau_head)
+# thresholds of the derived grid points of the default sweep, besides the schedule files given with --schedule
 DERIVED_GRID = [
-    dict(tau_token=0.9999, tau_refresh=8.0, tau_cfg=0.95, selection_layer=1, tau_head=0.3),
+    dict(token_quantile=0.5, tau_refresh=8.0, tau_cfg=0.999, selection_layer=0, tau_head=0.2),
 ]
 
 
@@ -176,12 +210,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = sampling_from_args(model, args)
     if settings.num_iter != profile.num_iter:
         raise ValueError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
-    points = [] if args.no_defaults else default_points(profile, settings, model.config, derive, sweep)
+    extra = []
     for spec in args.schedule or []:
         schedule = load_schedule(spec, settings.num_iter, model.config)
         family = "lazymar" if spec in ("lazymar", "lazymar-released") else "derived"
-        points.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
-                                       params={"schedule": spec}))
+        extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
+                                      params={"schedule": spec}))
+    points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
     labels = balanced_labels(args.num_samples, model.config.class_num)
     reference = sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
     df = sweep.run_sweep(reference, points, quality=not args.no_quality, progress=not args.json)
@@ -213,15 +248,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--min-psnr", type=float, default=None,
                       help="highest predicted FLOPs ratio with measured PSNR vs uncached >= this (dB)")
     mode.add_argument("--no-measure", action="store_true",
-                      help="budget search ranked by the proxy error only (no sampling)")
-    mode.add_argument("--candidates", type=int, default=6, help="candidates measured near the budget (default 6)")
+                      help="budget search ranked by the uncalibrated error model only (no sampling)")
+    mode.add_argument("--candidates", type=int, default=4,
+                      help="candidates measured near the budget, after 3 calibration probes (default 4)")
     mode.add_argument("--measure-samples", type=int, default=32, help="fixed samples for measured PSNR (default 32)")
     mode.add_argument("--batch-size", type=int, default=100)
-    for name, help_text in (("tau-token", "cosine thresholds"), ("tau-refresh", "step-equivalents"),
-                            ("tau-cfg", "cosine thresholds"), ("tau-head", "relative change")):
+    for name, help_text in GRID_ARGS.items():
         mode.add_argument(f"--grid-{name}", type=float, nargs="+", default=None,
-                          help=f"search grid of {name.replace('-', '_')} ({help_text}; default: analysis.derive."
-                               f"DEFAULT_GRID)")
+                          help=f"search grid: {help_text} (default: analysis.derive.DEFAULT_GRID)")
     th = p.add_argument_group("thresholds (without a search)")
     th.add_argument("--tau-token", type=float, default=0.9999,
                     help="recompute positions whose V similarity with the previous step is below this")
@@ -235,7 +269,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="decoder block that ranks positions (default: the selection-layer study's pick)")
     add_model_args(p)
     p.add_argument("--num-iter", type=int, default=None, help="MAR steps for measuring (must match the recording)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the measured samples")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the measured samples (default 1: the sweep's default 0 stays a held-out check)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_derive, cfg=None, cfg_schedule=None, temperature=None)
