@@ -54,6 +54,7 @@ from lazymar.config import MARConfig
 from lazymar.recording import STATUS_CODES, load_stats
 
 ALWAYS_KEEP = ("to_predict", "new")
+TAU_TOKEN_ALL = 1.000001  # above every cosine: recompute all positions
 MATRIX_COMPONENTS = ("refresh", "keep_fraction", "condition_cache", "head_cache")
 
 
@@ -280,7 +281,7 @@ class RedundancyProfile:
         if quantile == 0.0:
             return -1.0
         if quantile == 1.0:
-            return 1.0 + 1e-6
+            return TAU_TOKEN_ALL
         return self.similarity_quantiles(selection_layer, [quantile])[float(quantile)]
 
     def similarity_quantiles(self, selection_layer: int, q: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -364,21 +365,30 @@ class DerivedSchedule:
                 "head_errors": self.head_errors, "source": self.profile_source, "summary": self.summary()}
 
 
-def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_token: float = 0.995,
-                    tau_refresh: float = 8.0, tau_cfg: float = 0.95, selection_layer: Optional[int] = None,
-                    tau_head: float = 0.3, name: Optional[str] = None) -> DerivedSchedule:
+def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_token: Optional[float] = None,
+                    tau_refresh: float = 8.0, tau_cfg: float = 0.999, selection_layer: Optional[int] = None,
+                    tau_head: float = 0.2, name: Optional[str] = None,
+                    token_quantile: Optional[float] = None) -> DerivedSchedule:
     """A CacheSchedule from a recording and four thresholds (see the module docstring).
 
     ``profile`` is a :class:`RedundancyProfile` (fast: build it once) or a recording. ``selection_layer`` None
-    takes the recommendation of the selection-layer study. Deterministic."""
+    takes the recommendation of the selection-layer study. ``token_quantile`` (in [0, 1]) gives tau_token as
+    that quantile of the selection layer's similarity instead (a model-independent slider); with neither,
+    the median. Deterministic; about 10 ms."""
     if not isinstance(profile, RedundancyProfile):
         profile = RedundancyProfile.from_stats(profile)
     if selection_layer is None:
         selection_layer = profile.recommended_layer
     selection_layer = profile.check_layer(selection_layer)
-    for label, value in (("tau_token", tau_token), ("tau_cfg", tau_cfg)):
-        if not isinstance(value, (int, float)) or math.isnan(value) or not -1.0 <= value <= 1.0 + 1e-9:
-            raise DerivationError(f"{label} is a cosine similarity threshold in [-1, 1], got {value!r}")
+    if token_quantile is not None:
+        if tau_token is not None:
+            raise DerivationError("pass tau_token or token_quantile, not both")
+        tau_token = profile.tau_token_at(token_quantile, selection_layer)
+    elif tau_token is None:
+        tau_token = profile.tau_token_at(0.5, selection_layer)
+    for label, value, top in (("tau_token", tau_token, TAU_TOKEN_ALL), ("tau_cfg", tau_cfg, 1.0)):
+        if not isinstance(value, (int, float)) or math.isnan(value) or not -1.0 <= value <= top:
+            raise DerivationError(f"{label} is a cosine similarity threshold in [-1, {top}], got {value!r}")
     if not isinstance(tau_refresh, (int, float)) or not tau_refresh > 0:
         raise DerivationError(f"tau_refresh must be > 0 (step-equivalents of change), got {tau_refresh!r}")
     if not isinstance(tau_head, (int, float)) or math.isnan(tau_head) or tau_head < 0:

@@ -94,6 +94,16 @@ def test_keep_fractions_by_hand(profile):
     assert profile.keep_fractions(0.5, 1)[0] == pytest.approx(1 / 11)  # step 0: nothing recorded, 1 to predict
 
 
+def test_token_quantile(profile):
+    only_always = derive_schedule(profile, token_quantile=0.0, selection_layer=1).schedule
+    everything = derive_schedule(profile, token_quantile=1.0, selection_layer=1).schedule
+    cached = [s for s in range(S) if not only_always.refresh[s]]
+    assert cached and all(only_always.keep_fraction[s] == pytest.approx(2 / 11, abs=1e-6) for s in cached)
+    assert all(everything.keep_fraction[s] == 1.0 for s in cached)
+    with pytest.raises(DerivationError, match="not both"):
+        derive_schedule(profile, tau_token=0.5, token_quantile=0.5, selection_layer=1)
+
+
 def test_refresh_steps_by_hand(profile):
     np.testing.assert_allclose(profile.step_change, [0, 0.5, 0.5, 1, 2, 1], rtol=1e-5)
     assert np.flatnonzero(profile.refresh_steps(1.5)).tolist() == [0, 3, 4]
@@ -188,7 +198,7 @@ def test_schedule_validates_and_round_trips(profile, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(selection_layer=2), "selection_layer must be a decoder block in 0..1"),
-    (dict(tau_token=1.5), "tau_token is a cosine"),
+    (dict(tau_token=1.5), r"tau_token is a cosine similarity threshold in \[-1, 1.000001\]"),
     (dict(tau_refresh=0), "tau_refresh must be > 0"),
     (dict(tau_head=-1), "tau_head must be >= 0"),
 ])

@@ -105,3 +105,12 @@ def test_tiny_sweep_end_to_end():
     assert cached_row["flops_ratio"] > 1.0 and 0 < cached_row["psnr"] < math.inf
     # the reference and the exact point tie at (1, inf): the first is on the front; lazymar is faster
     assert df["pareto"].tolist() == [True, False, True]
+
+
+def test_sweep_cli_errors(tmp_path, capsys):
+    from lazymar.cli import main
+    assert main(["sweep", "--stats", str(tmp_path / "missing.nc"), "--no-defaults"]) == 2
+    assert "recording not found" in capsys.readouterr().err
+    (tmp_path / "out.csv").write_text("x\n")
+    assert main(["sweep", "--out", str(tmp_path / "out.csv")]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err

@@ -91,11 +91,12 @@ def cmd_derive(args: argparse.Namespace) -> int:
     else:
         derived = derive.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
                                          tau_cfg=args.tau_cfg, selection_layer=args.selection_layer,
-                                         tau_head=args.tau_head)
+                                         tau_head=args.tau_head, token_quantile=args.token_quantile)
     schedule = derived.schedule
     if args.name:
         schedule = schedule.with_changes(name=args.name)
-    out = {"mode": mode, "stats": str(args.stats), "name": schedule.name, **derived.to_dict()}
+    out = {"mode": mode, "stats": str(args.stats), "name": schedule.name, **derived.to_dict(),
+           "selection_study": json.loads(profile.selection.reset_index().to_json(orient="records"))}
     if args.target_flops_ratio is not None:
         out["target_flops_ratio"] = args.target_flops_ratio
     if args.min_psnr is not None:
@@ -125,6 +126,10 @@ def cmd_derive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
 def _report(out: dict, derive) -> str:
     lines = [f"# Derived cache schedule `{out['name']}`", "", out["summary"], "",
              f"- recording: `{out['stats']}`; mode: {out['mode']}"]
@@ -133,6 +138,8 @@ def _report(out: dict, derive) -> str:
     if "min_psnr" in out:
         lines.append(f"- PSNR floor: >= {out['min_psnr']:g} dB")
     lines.append(f"- thresholds: {json.dumps(out['params'])}")
+    lines.append(f"- selection-layer study (decoder block: Spearman / AUROC top 20%): " + ", ".join(
+        f"{r['layer']}: {_number(r['spearman'])} / {_number(r['auroc'])}" for r in out["selection_study"]))
     lines.append(f"- predicted FLOPs per image: {out['flops']['total'] / 1e9:.3f} GFLOPs "
                  f"(uncached {out['flops']['baseline'] / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
     if out.get("measured"):
@@ -192,7 +199,10 @@ def default_points(profile, reference_settings, config, derive, sweep, extra: li
 
 # thresholds of the derived grid points of the default sweep, besides the schedule files given with --schedule
 DERIVED_GRID = [
-    dict(token_quantile=0.5, tau_refresh=8.0, tau_cfg=0.999, selection_layer=0, tau_head=0.2),
+    dict(token_quantile=0.5, tau_refresh=6.0, tau_cfg=0.9995, selection_layer=1, tau_head=0.1),
+    dict(token_quantile=0.0, tau_refresh=8.0, tau_cfg=0.999, selection_layer=0, tau_head=0.2),
+    dict(token_quantile=0.0, tau_refresh=12.0, tau_cfg=0.995, selection_layer=0, tau_head=0.4),
+    dict(token_quantile=0.0, tau_refresh=24.0, tau_cfg=0.99, selection_layer=0, tau_head=0.8),
 ]
 
 
@@ -215,7 +225,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         schedule = load_schedule(spec, settings.num_iter, model.config)
         family = "lazymar" if spec in ("lazymar", "lazymar-released") else "derived"
         extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
-                                      params={"schedule": spec}))
+                                      params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
     labels = balanced_labels(args.num_samples, model.config.class_num)
     reference = sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
@@ -257,14 +267,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         mode.add_argument(f"--grid-{name}", type=float, nargs="+", default=None,
                           help=f"search grid: {help_text} (default: analysis.derive.DEFAULT_GRID)")
     th = p.add_argument_group("thresholds (without a search)")
-    th.add_argument("--tau-token", type=float, default=0.9999,
-                    help="recompute positions whose V similarity with the previous step is below this")
+    th.add_argument("--tau-token", type=float, default=None,
+                    help="recompute positions whose V similarity with the previous step is below this "
+                         "(default: the median similarity)")
+    th.add_argument("--token-quantile", type=float, default=None,
+                    help="tau_token as this quantile of the selection layer's similarity (instead of --tau-token)")
     th.add_argument("--tau-refresh", type=float, default=8.0,
-                    help="refresh when the accumulated change reaches this many average steps' worth")
-    th.add_argument("--tau-cfg", type=float, default=0.95,
-                    help="condition cache while the estimated residual similarity to the anchor is >= this")
-    th.add_argument("--tau-head", type=float, default=0.3,
-                    help="largest accumulated relative change of a reused head part")
+                    help="refresh when the accumulated change reaches this many average steps' worth (default 8)")
+    th.add_argument("--tau-cfg", type=float, default=0.999,
+                    help="condition cache while the weighted residual similarity to the anchor is >= this "
+                         "(default 0.999)")
+    th.add_argument("--tau-head", type=float, default=0.2,
+                    help="largest accumulated relative change of a reused head part (default 0.2)")
     th.add_argument("--selection-layer", type=int, default=None,
                     help="decoder block that ranks positions (default: the selection-layer study's pick)")
     add_model_args(p)
