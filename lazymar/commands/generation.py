@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from ..grid import balanced_labels, parse_labels, save_sample_grid
 from ..sampling import generate
-from .common import (add_model_args, add_sampling_args, load_model_from_args, print_json, sampling_from_args)
+from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
+                     runner_from_args, sampling_from_args)
 
 
 def generate_batched(model, labels: list[int], settings, seed: int, batch_size: int, runner_factory=None,
@@ -24,10 +25,11 @@ def generate_batched(model, labels: list[int], settings, seed: int, batch_size: 
 
 
 def _runner_factory(model, args, settings):
-    from . import common
-    if getattr(args, "schedule", None) in (None, "none") or not hasattr(common, "runner_from_args"):
+    """A fresh cache engine per batch for --schedule (validated now, before sampling); None for the plain sampler."""
+    if args.schedule == "none":
         return None
-    return lambda: common.runner_from_args(model, args, settings)
+    runner_from_args(model, args, settings)
+    return lambda: runner_from_args(model, args, settings)
 
 
 def _load_vae(model, args):
@@ -44,16 +46,13 @@ def _images(model, tokens, vae):
         return tokens_to_images(model, tokens, vae)
 
 
-def _add_schedule(parser: argparse.ArgumentParser) -> None:
-    from . import common
-    if hasattr(common, "add_schedule_arg"):
-        common.add_schedule_arg(parser)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     labels = [l for l in parse_labels(args.labels) for _ in range(args.per_label)]
+    bad = [l for l in labels if not -1 <= l < model.config.class_num]
+    if bad:
+        raise ValueError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
     vae = _load_vae(model, args)
     start = time.perf_counter()
     tokens = generate_batched(model, labels, settings, args.seed, args.batch_size,
@@ -79,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     images = _images(model, tokens, vae)
     result = {**evaluate_digits(images, torch.tensor(labels)), "num_samples": len(labels), "seconds": seconds,
-              "model": args.model, "schedule": getattr(args, "schedule", "none"), "seed": args.seed,
+              "model": args.model, "schedule": args.schedule, "seed": args.seed,
               **settings.__dict__}
     if args.json:
         print_json(result)
@@ -109,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate class-conditional samples and save them as a labelled grid (PNG).")
     add_model_args(p)
     add_sampling_args(p)
-    _add_schedule(p)
+    add_schedule_arg(p)
     p.add_argument("--labels", default="0-9", help="class labels, e.g. 0,1,2 or 0-9 (default 0-9)")
     p.add_argument("--per-label", type=int, default=8, help="samples per label (default 8)")
     p.add_argument("--batch-size", type=int, default=80)
@@ -122,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate balanced class-conditional samples and report accuracy and digits-FID.")
     add_model_args(p)
     add_sampling_args(p)
-    _add_schedule(p)
+    add_schedule_arg(p)
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,0 +1,62 @@
+"""The sample / eval / train commands on the embedded model, and their one-line errors."""
+import json
+
+import pytest
+import torch
+
+from lazymar.cli import main
+from lazymar.grid import parse_labels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("sample", "eval", "train", "record", "merge-stats", "bench", "flops", "derive", "sweep"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: lazymar " + command in capsys.readouterr().out
+
+
+def test_sample_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--labels", "3,7", "--per-label", "2", "--num-iter", "4", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == 4 and result["num_iter"] == 4 and result["cfg"] == 3.0  # the stored default cfg
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_reports_accuracy_and_fid(capsys):
+    assert main(["eval", "--num-samples", "10", "--num-iter", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "fid", "fid_floor", "num_samples", "seconds"} <= result.keys()
+    assert result["num_samples"] == 10 and 0.0 <= result["accuracy"] <= 1.0 and result["fid"] > result["fid_floor"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model", "/nonexistent/ckpt.pth"], "not found"),
+    (["sample", "--labels", "a,b"], "cannot read labels"),
+    (["sample", "--labels", "12", "--num-iter", "2"], "out of range"),
+    (["eval", "--schedule", "bogus"], "unknown schedule"),
+])
+def test_bad_input_gets_one_line(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "x.png")] if argv[0] == "sample" else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_train_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "model.pth"
+    out.write_bytes(b"")
+    assert main(["train", "--out", str(out), "--steps", "1"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_parse_labels():
+    assert parse_labels("0-3,7") == [0, 1, 2, 3, 7]
