@@ -42,20 +42,19 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lazymar.cache.flops import estimate_generation_flops, head_net_flops, linear_flops
+from lazymar.cache.flops import estimate_generation_flops, head_net_flops
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
 from lazymar.config import MARConfig
 from lazymar.recording import STATUS_CODES, load_stats
 
 ALWAYS_KEEP = ("to_predict", "new")
 TAU_TOKEN_ALL = 1.000001  # above every cosine: recompute all positions
-MATRIX_COMPONENTS = ("refresh", "keep_fraction", "condition_cache", "head_cache")
 
 
 class DerivationError(ValueError):
