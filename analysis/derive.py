@@ -367,13 +367,14 @@ class DerivedSchedule:
 def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_token: Optional[float] = None,
                     tau_refresh: float = 8.0, tau_cfg: float = 0.999, selection_layer: Optional[int] = None,
                     tau_head: float = 0.2, name: Optional[str] = None,
-                    token_quantile: Optional[float] = None) -> DerivedSchedule:
+                    token_quantile: Optional[float] = None, flops_batch_size: int = 1) -> DerivedSchedule:
     """A CacheSchedule from a recording and four thresholds (see the module docstring).
 
     ``profile`` is a :class:`RedundancyProfile` (fast: build it once) or a recording. ``selection_layer`` None
     takes the recommendation of the selection-layer study. ``token_quantile`` (in [0, 1]) gives tau_token as
     that quantile of the selection layer's similarity instead (a model-independent slider); with neither,
-    the median. Deterministic; about 10 ms."""
+    the median. ``flops_batch_size``: the batch the predicted FLOPs ratio assumes (1: per image, conservative).
+    Deterministic; about 10 ms."""
     if not isinstance(profile, RedundancyProfile):
         profile = RedundancyProfile.from_stats(profile)
     if selection_layer is None:
@@ -399,13 +400,15 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
     head = profile.head_policy(float(tau_head))
     params = {"tau_token": float(tau_token), "tau_refresh": float(tau_refresh), "tau_cfg": float(tau_cfg),
               "selection_layer": selection_layer, "tau_head": float(tau_head)}
+    if flops_batch_size != 1:
+        params["flops_batch_size"] = int(flops_batch_size)
     schedule = CacheSchedule(
         num_iter=profile.num_iter, refresh=refresh.tolist(), keep_fraction=[round(float(k), 6) for k in keep],
         condition_cache=condition.tolist(), head_cache=[True] * profile.num_iter,
         name=name or _default_name(params), keep_min_extra=0.0, selection="similarity",
         selection_layer=selection_layer, always_keep=ALWAYS_KEEP, encoder="incremental", head=head)
     schedule.validate_for(profile.config, profile.num_iter)
-    flops = predicted_flops(schedule, profile.config, profile.use_cfg)
+    flops = predicted_flops(schedule, profile.config, profile.use_cfg, flops_batch_size)
     return DerivedSchedule(schedule=schedule, params=params, predicted_flops_ratio=flops["ratio"], flops=flops,
                            head_errors=profile.head_errors(head.refresh_every) if head.refresh_every > 1 else {},
                            profile_source=profile.source)
@@ -487,7 +490,8 @@ PSNR_RANGE = 2.0  # PSNR <-> MSE conversions inside the error model; any value w
 
 
 def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
-                        layers: Optional[Iterable[int]] = None, progress: bool = False) -> list[DerivedSchedule]:
+                        layers: Optional[Iterable[int]] = None, progress: bool = False,
+                        flops_batch_size: int = 1) -> list[DerivedSchedule]:
     """Every grid point derived (duplicate schedules dropped), sorted by predicted FLOPs ratio. ``grid`` may give
     "tau_token" values directly instead of "token_quantile"s."""
     from itertools import product
@@ -505,7 +509,8 @@ def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
                                                                   grid["tau_head"])]
     seen, out = set(), []
     for t, r, c, h, l in tqdm(points, desc="derive", unit="schedule", disable=not progress):
-        d = derive_schedule(profile, tau_token=t, tau_refresh=r, tau_cfg=c, selection_layer=l, tau_head=h)
+        d = derive_schedule(profile, tau_token=t, tau_refresh=r, tau_cfg=c, selection_layer=l, tau_head=h,
+                            flops_batch_size=flops_batch_size)
         key = json.dumps({k: v for k, v in d.schedule.to_dict().items() if k != "name"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -599,7 +604,8 @@ def calibrate_error_model(profile: RedundancyProfile, candidates: Sequence[Deriv
         mse = 0.0 if math.isinf(psnr) else PSNR_RANGE ** 2 / 10 ** (psnr / 10)
         weights[k] = mse / c[k]
         rows.append({"name": probe.name, "role": f"probe ({k})", **derived.params,
-                     "predicted_flops_ratio": predicted_flops(probe, profile.config, profile.use_cfg)["ratio"],
+                     "predicted_flops_ratio": predicted_flops(probe, profile.config, profile.use_cfg,
+                                                              derived.params.get("flops_batch_size", 1))["ratio"],
                      "predicted_psnr": None, "psnr": psnr})
     return ErrorModel(weights, calibrated=True, probes=tuple(r["name"] for r in rows)), rows
 
@@ -620,7 +626,8 @@ def _row(profile: RedundancyProfile, d: DerivedSchedule, model: ErrorModel, psnr
 
 def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
                   measure: Optional[Callable[[CacheSchedule], float]] = None, num_measured: int = 4,
-                  band: float = 0.15, grid: Optional[dict] = None, progress: bool = False) -> SearchResult:
+                  band: float = 0.15, grid: Optional[dict] = None, progress: bool = False,
+                  flops_batch_size: int = 1) -> SearchResult:
     """The schedule with predicted FLOPs ratio >= ``target_flops_ratio`` and the best fidelity.
 
     The candidates within ``band`` (relative) above the budget are ranked by the error model; with ``measure``
@@ -629,7 +636,7 @@ def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
     PSNR wins. Without ``measure`` the best-predicted (uncalibrated) candidate wins."""
     if not target_flops_ratio > 0:
         raise DerivationError(f"target FLOPs ratio must be > 0, got {target_flops_ratio}")
-    candidates = candidate_schedules(profile, grid, progress=progress)
+    candidates = candidate_schedules(profile, grid, progress=progress, flops_batch_size=flops_batch_size)
     feasible = [d for d in candidates if d.predicted_flops_ratio >= target_flops_ratio]
     if not feasible:
         reach = max(d.predicted_flops_ratio for d in candidates)
@@ -655,12 +662,13 @@ def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
 
 
 def search_fidelity(profile: RedundancyProfile, min_psnr: float, measure: Callable[[CacheSchedule], float],
-                    grid: Optional[dict] = None, progress: bool = False, max_measured: int = 8) -> SearchResult:
+                    grid: Optional[dict] = None, progress: bool = False, max_measured: int = 8,
+                    flops_batch_size: int = 1) -> SearchResult:
     """The fastest schedule (highest predicted FLOPs ratio) whose measured PSNR vs uncached is >= ``min_psnr``.
 
     The error model is calibrated on probes from all candidates; along the predicted front (ratio up, predicted
     PSNR down) a bisection measures at most ``max_measured`` candidates."""
-    candidates = candidate_schedules(profile, grid, progress=progress)
+    candidates = candidate_schedules(profile, grid, progress=progress, flops_batch_size=flops_batch_size)
     model, rows = calibrate_error_model(profile, candidates, measure)
     scored = sorted(((d.predicted_flops_ratio, model.psnr(error_components(profile, d)), d) for d in candidates),
                     key=lambda x: (-x[0], -x[1]))

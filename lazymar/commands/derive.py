@@ -75,23 +75,25 @@ def cmd_derive(args: argparse.Namespace) -> int:
                 raise ValueError(f"--target-flops-ratio must be > 1 (1 is no caching), got {args.target_flops_ratio}")
             measure = None
             if not args.no_measure:
-                derive.search_budget(profile, args.target_flops_ratio, None, grid=grid)  # impossible budget: fail now
+                derive.search_budget(profile, args.target_flops_ratio, None, grid=grid,  # impossible budget: fail now
+                                     flops_batch_size=args.flops_batch_size)
                 reference = _reference(args, profile)
                 measure = _measurer(reference, args.json)
             result = derive.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
-                                          grid=grid, progress=not args.json)
+                                          grid=grid, progress=not args.json, flops_batch_size=args.flops_batch_size)
         else:
             mode = "fidelity"
             if args.no_measure:
                 raise ValueError("--min-psnr needs measured PSNR; drop --no-measure")
             reference = _reference(args, profile)
             result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, args.json), grid=grid,
-                                            progress=not args.json)
+                                            progress=not args.json, flops_batch_size=args.flops_batch_size)
         derived, measured, considered = result.best, result.measured, result.considered
     else:
         derived = derive.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
                                          tau_cfg=args.tau_cfg, selection_layer=args.selection_layer,
-                                         tau_head=args.tau_head, token_quantile=args.token_quantile)
+                                         tau_head=args.tau_head, token_quantile=args.token_quantile,
+                                         flops_batch_size=args.flops_batch_size)
     schedule = derived.schedule
     if args.name:
         schedule = schedule.with_changes(name=args.name)
@@ -262,7 +264,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--candidates", type=int, default=4,
                       help="candidates measured near the budget, after 3 calibration probes (default 4)")
     mode.add_argument("--measure-samples", type=int, default=32, help="fixed samples for measured PSNR (default 32)")
-    mode.add_argument("--batch-size", type=int, default=100)
+    mode.add_argument("--batch-size", type=int, default=100, help="sampling batch of the measurements")
+    p.add_argument("--flops-batch-size", type=int, default=1,
+                   help="batch the predicted FLOPs ratio assumes (default 1, per image: conservative; 100 matches "
+                        "`lazymar bench` and `lazymar sweep` defaults, where the hoisted head embedding is shared)")
     for name, help_text in GRID_ARGS.items():
         mode.add_argument(f"--grid-{name}", type=float, nargs="+", default=None,
                           help=f"search grid: {help_text} (default: analysis.derive.DEFAULT_GRID)")
