@@ -63,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             evaluate = lambda imgs: evaluate_digits(imgs, torch.tensor(labels))  # noqa: E731
     result = benchmark(model, labels, settings, schedule, seed=args.seed, batch_size=batch_size,
                        repeats=args.repeats, evaluate=evaluate, images=images, cpu_baseline_mb=cpu_baseline,
-                       progress=not args.json)
+                       progress=True)  # on stderr; stdout holds only the JSON
     result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,
               "weights": "random" if (args.compute_bound or args.random_init) else "checkpoint",
               "schedule": args.schedule, "device": str(args.device), "threads": torch.get_num_threads(),
