@@ -21,6 +21,12 @@ thresholds into a :class:`~lazymar.cache.schedule.CacheSchedule` in milliseconds
   (the recording's per-step guidance scale; early steps of the linear schedule barely use the unconditional
   branch). A cached step uses the condition cache while 1 - weight * (1 - cos(angle sum)) stays >= tau_cfg,
   otherwise both branches run and it becomes the anchor. Refresh steps run both branches.
+- encoder buffer (``tau_buffer``, a cosine): the incremental encoder runs only the buffer and the newly decoded
+  tokens, keeping the older tokens' K/V as the released scheme does. If the buffer's encoder outputs drift as
+  little, they can be kept too (encoder policy "new-tokens"). The buffer's change per step is 1 - cosine of its
+  encoder block outputs with step s-1 (mean over buffer positions, samples and encoder blocks); accumulated since
+  the last refresh, its largest value over the cached steps d sets the policy: "new-tokens" when 1 - d >=
+  tau_buffer, else "incremental" (the default 1.0 keeps the buffer recomputed, as LazyMAR).
 - diffusion head (``tau_head``, a relative change): from the median relative change per head step of the eps CFG
   difference and of each res-block's residual update. For a refresh interval k over head steps, a part's error is
   the mean, over the head steps that reuse it, of its accumulated change since the last full head step. Each k
@@ -84,6 +90,7 @@ class RedundancyProfile:
     similarity_levels: tuple         # per decoder block, per step: (lower, upper, count) arrays, see _levels
     step_change: np.ndarray          # (S,) calibrated token change (mean 1 over steps >= 1; 0 at step 0)
     raw_step_change: np.ndarray      # (S,) mean 1 - cosine before calibration
+    buffer_change: np.ndarray        # (S,) mean 1 - cosine of the buffer's encoder outputs with step s-1 (0 at 0)
     residual_angle: np.ndarray       # (S,) mean angle (rad) of r_t vs r_{t-1} at the last decoder block (0 w/o CFG)
     guidance_weight: np.ndarray      # (S,) ((cfg_s - 1) / (max cfg_s - 1))^2: how much the uncond branch matters
     head: HeadProfile
@@ -142,6 +149,12 @@ class RedundancyProfile:
         step_change = raw / mean_change if mean_change > 0 else np.ones_like(raw)
         step_change[0] = 0.0
 
+        encoder = [l for l in transformer if l.startswith("encoder.")]
+        buffer_out = cos.sel(kind="output", layer=encoder).values[..., : config.buffer_size]  # (n, S, layers, buf)
+        with np.errstate(invalid="ignore"), _quiet():
+            buffer_change = np.nan_to_num(np.nanmean(1.0 - buffer_out, axis=(0, 2, 3)), nan=0.0)
+        buffer_change[0] = 0.0
+
         use_cfg = float(ds.attrs.get("cfg", 1.0)) != 1.0
         residual_angle = np.zeros(S)
         guidance_weight = np.zeros(S)
@@ -165,7 +178,7 @@ class RedundancyProfile:
         from .selection import selection_study
         return cls(config=config, num_iter=S, num_samples=n, use_cfg=use_cfg, decoder_layers=decoder,
                    always_kept=always_kept, similarity_levels=similarity_levels, step_change=step_change,
-                   raw_step_change=raw, residual_angle=residual_angle,
+                   raw_step_change=raw, buffer_change=buffer_change, residual_angle=residual_angle,
                    guidance_weight=guidance_weight, head=head, selection=selection_study(ds),
                    source=source, attrs=attrs)
 
@@ -197,6 +210,18 @@ class RedundancyProfile:
             if acc >= tau_refresh:
                 refresh[s], acc = True, 0.0
         return refresh
+
+    def buffer_drift(self, refresh: np.ndarray) -> np.ndarray:
+        """(S,) the buffer's change accumulated since the last refresh (0 on refresh steps)."""
+        drift, acc = np.zeros(self.num_iter), 0.0
+        for s in range(1, self.num_iter):
+            acc = 0.0 if refresh[s] else acc + self.buffer_change[s]
+            drift[s] = acc
+        return drift
+
+    def encoder_policy(self, tau_buffer: float, refresh: np.ndarray) -> str:
+        """"new-tokens" (the buffer is cached too) when its largest accumulated change d has 1 - d >= tau_buffer."""
+        return "new-tokens" if 1.0 - self.buffer_drift(refresh).max() >= tau_buffer else "incremental"
 
     def condition_steps(self, tau_cfg: float, refresh: np.ndarray) -> np.ndarray:
         """(S,) bool: condition cache while the weighted residual similarity to the anchor stays >= tau_cfg."""
@@ -357,7 +382,8 @@ class DerivedSchedule:
                 f"tau_token {p['tau_token']:g} {keep_text}; "
                 f"tau_refresh {p['tau_refresh']:g} refreshes {len(refresh)} steps {_ranges(refresh)}; "
                 f"tau_cfg {p['tau_cfg']:g} condition cache on {sum(s.condition_cache)} steps; "
-                f"tau_head {p['tau_head']:g}: {head_text}.")
+                f"tau_head {p['tau_head']:g}: {head_text}; "
+                f"tau_buffer {p.get('tau_buffer', 1.0):g}: encoder {s.encoder}.")
 
     def to_dict(self) -> dict:
         return {"params": self.params, "predicted_flops_ratio": self.predicted_flops_ratio, "flops": self.flops,
@@ -367,8 +393,9 @@ class DerivedSchedule:
 def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_token: Optional[float] = None,
                     tau_refresh: float = 8.0, tau_cfg: float = 0.999, selection_layer: Optional[int] = None,
                     tau_head: float = 0.2, name: Optional[str] = None,
-                    token_quantile: Optional[float] = None, flops_batch_size: int = 1) -> DerivedSchedule:
-    """A CacheSchedule from a recording and four thresholds (see the module docstring).
+                    token_quantile: Optional[float] = None, flops_batch_size: int = 1,
+                    tau_buffer: float = 1.0) -> DerivedSchedule:
+    """A CacheSchedule from a recording and five thresholds (see the module docstring).
 
     ``profile`` is a :class:`RedundancyProfile` (fast: build it once) or a recording. ``selection_layer`` None
     takes the recommendation of the selection-layer study. ``token_quantile`` (in [0, 1]) gives tau_token as
@@ -386,7 +413,8 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
         tau_token = profile.tau_token_at(token_quantile, selection_layer)
     elif tau_token is None:
         tau_token = profile.tau_token_at(0.5, selection_layer)
-    for label, value, top in (("tau_token", tau_token, TAU_TOKEN_ALL), ("tau_cfg", tau_cfg, 1.0)):
+    for label, value, top in (("tau_token", tau_token, TAU_TOKEN_ALL), ("tau_cfg", tau_cfg, 1.0),
+                              ("tau_buffer", tau_buffer, 1.0)):
         if not isinstance(value, (int, float)) or math.isnan(value) or not -1.0 <= value <= top:
             raise DerivationError(f"{label} is a cosine similarity threshold in [-1, {top}], got {value!r}")
     if not isinstance(tau_refresh, (int, float)) or not tau_refresh > 0:
@@ -398,15 +426,16 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
     keep = np.where(refresh, 1.0, profile.keep_fractions(tau_token, selection_layer))
     condition = profile.condition_steps(tau_cfg, refresh)
     head = profile.head_policy(float(tau_head))
+    encoder = profile.encoder_policy(tau_buffer, refresh)
     params = {"tau_token": float(tau_token), "tau_refresh": float(tau_refresh), "tau_cfg": float(tau_cfg),
-              "selection_layer": selection_layer, "tau_head": float(tau_head)}
+              "selection_layer": selection_layer, "tau_head": float(tau_head), "tau_buffer": float(tau_buffer)}
     if flops_batch_size != 1:
         params["flops_batch_size"] = int(flops_batch_size)
     schedule = CacheSchedule(
         num_iter=profile.num_iter, refresh=refresh.tolist(), keep_fraction=[round(float(k), 6) for k in keep],
         condition_cache=condition.tolist(), head_cache=[True] * profile.num_iter,
         name=name or _default_name(params), keep_min_extra=0.0, selection="similarity",
-        selection_layer=selection_layer, always_keep=ALWAYS_KEEP, encoder="incremental", head=head)
+        selection_layer=selection_layer, always_keep=ALWAYS_KEEP, encoder=encoder, head=head)
     schedule.validate_for(profile.config, profile.num_iter)
     flops = predicted_flops(schedule, profile.config, profile.use_cfg, flops_batch_size)
     return DerivedSchedule(schedule=schedule, params=params, predicted_flops_ratio=flops["ratio"], flops=flops,
@@ -415,8 +444,8 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
 
 
 def _default_name(params: dict) -> str:
-    return ("derived-t{tau_token:g}-r{tau_refresh:g}-c{tau_cfg:g}-l{selection_layer}-h{tau_head:g}"
-            .format(**params))
+    name = "derived-t{tau_token:g}-r{tau_refresh:g}-c{tau_cfg:g}-l{selection_layer}-h{tau_head:g}".format(**params)
+    return name + ("-b{:g}".format(params["tau_buffer"]) if params.get("tau_buffer", 1.0) < 1.0 else "")
 
 
 def _ranges(steps: Sequence[int]) -> str:
@@ -485,6 +514,7 @@ DEFAULT_GRID = {
     "tau_refresh": (4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 1e9),
     "tau_cfg": (0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0),
     "tau_head": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
+    "tau_buffer": (1.0, 0.999),
 }
 PSNR_RANGE = 2.0  # PSNR <-> MSE conversions inside the error model; any value works, it cancels
 
@@ -505,12 +535,12 @@ def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
             tokens = list(grid["tau_token"])
         else:
             tokens = [profile.tau_token_at(q, layer) for q in grid["token_quantile"]]
-        points += [(t, r, c, h, layer) for t, r, c, h in product(tokens, grid["tau_refresh"], grid["tau_cfg"],
-                                                                  grid["tau_head"])]
+        points += [(t, r, c, h, b, layer) for t, r, c, h, b in product(
+            tokens, grid["tau_refresh"], grid["tau_cfg"], grid["tau_head"], grid["tau_buffer"])]
     seen, out = set(), []
-    for t, r, c, h, l in tqdm(points, desc="derive", unit="schedule", disable=not progress):
+    for t, r, c, h, b, l in tqdm(points, desc="derive", unit="schedule", disable=not progress):
         d = derive_schedule(profile, tau_token=t, tau_refresh=r, tau_cfg=c, selection_layer=l, tau_head=h,
-                            flops_batch_size=flops_batch_size)
+                            tau_buffer=b, flops_batch_size=flops_batch_size)
         key = json.dumps({k: v for k, v in d.schedule.to_dict().items() if k != "name"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -518,7 +548,7 @@ def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
     return sorted(out, key=lambda d: d.predicted_flops_ratio)
 
 
-ERROR_COMPONENTS = ("token", "condition", "head")
+ERROR_COMPONENTS = ("token", "condition", "head", "encoder")
 
 
 def error_components(profile: RedundancyProfile, derived: DerivedSchedule) -> dict[str, float]:
@@ -528,7 +558,8 @@ def error_components(profile: RedundancyProfile, derived: DerivedSchedule) -> di
       since the last refresh, averaged over steps;
     - condition: the weighted dissimilarity of the reused residual to its anchor (see the module docstring),
       averaged over steps;
-    - head: the sum over reused head parts of their squared error (accumulated relative change)."""
+    - head: the sum over reused head parts of their squared error (accumulated relative change);
+    - encoder: under the "new-tokens" encoder, the buffer's accumulated change, averaged over steps."""
     s = derived.schedule
     token, acc = 0.0, 0.0
     for i in range(1, s.num_iter):
@@ -542,7 +573,8 @@ def error_components(profile: RedundancyProfile, derived: DerivedSchedule) -> di
     errors = profile.head_errors(s.head.refresh_every) if s.head.refresh_every > 1 else {}
     reused = (["eps_cfg"] if s.head.cfg_cache else []) + [f"res_block.{b}" for b in s.head.reuse_blocks]
     head = float(sum(errors.get(p, 0.0) ** 2 for p in reused))
-    return {"token": token / s.num_iter, "condition": condition / s.num_iter, "head": head}
+    encoder = float(profile.buffer_drift(np.asarray(s.refresh)).mean()) if s.encoder == "new-tokens" else 0.0
+    return {"token": token / s.num_iter, "condition": condition / s.num_iter, "head": head, "encoder": encoder}
 
 
 @dataclass(frozen=True)
@@ -573,13 +605,19 @@ def uncalibrated_error_model(profile: RedundancyProfile, candidates: Sequence[De
 
 
 def component_probe(derived: DerivedSchedule, component: str) -> CacheSchedule:
-    """``derived``'s schedule caching only ``component`` (the head's exact hoisting stays on)."""
+    """``derived``'s schedule caching only ``component`` (the head's exact hoisting stays on; the encoder is
+    incremental in all but the encoder probe, whose token cache keeps every position)."""
     s, n = derived.schedule, derived.schedule.num_iter
     exact_head = HeadCachePolicy(hoist_invariants=True)
     if component == "token":
-        return s.with_changes(condition_cache=[False] * n, head=exact_head, name=s.name + "-probe-token")
+        return s.with_changes(condition_cache=[False] * n, head=exact_head, encoder="incremental",
+                              name=s.name + "-probe-token")
     if component == "condition":
-        return s.with_changes(keep_fraction=[1.0] * n, head=exact_head, name=s.name + "-probe-condition")
+        return s.with_changes(keep_fraction=[1.0] * n, head=exact_head, encoder="incremental",
+                              name=s.name + "-probe-condition")
+    if component == "encoder":
+        return s.with_changes(keep_fraction=[1.0] * n, condition_cache=[False] * n, head=exact_head,
+                              name=s.name + "-probe-encoder")
     if component == "head":
         return none_schedule(n).with_changes(head_cache=[True] * n, head=s.head, name=s.name + "-probe-head")
     raise DerivationError(f"unknown error component {component!r}; known: {', '.join(ERROR_COMPONENTS)}")
@@ -632,7 +670,7 @@ def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
 
     The candidates within ``band`` (relative) above the budget are ranked by the error model; with ``measure``
     (schedule -> PSNR in dB vs uncached, e.g. ``analysis.sweep.Reference.psnr``) the model is first calibrated
-    on three probes, then the ``num_measured`` best-predicted candidates are measured and the highest measured
+    on one probe per component, then the ``num_measured`` best-predicted candidates are measured and the highest measured
     PSNR wins. Without ``measure`` the best-predicted (uncalibrated) candidate wins."""
     if not target_flops_ratio > 0:
         raise DerivationError(f"target FLOPs ratio must be > 0, got {target_flops_ratio}")

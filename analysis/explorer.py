@@ -46,7 +46,7 @@ def recording_settings(profile: RedundancyProfile) -> SamplingSettings:
 
 
 class ScheduleExplorer:
-    """Sliders for tau_token, tau_refresh, tau_cfg, tau_head and the selection layer; a summary (an HTML widget
+    """Sliders for tau_token, tau_refresh, tau_cfg, tau_head, tau_buffer and the selection layer; a summary (an HTML widget
     with the CSS class ``lazymar-summary``) that follows them; the schedule heat map; the trade-off plot; and a
     button for a measured check. ``model_loader`` is called on the first check only."""
 
@@ -71,9 +71,12 @@ class ScheduleExplorer:
                                            readout_format=".3f", disabled=not profile.use_cfg, **common)
         self.tau_head = widgets.FloatSlider(value=0.3, min=0.0, max=2.0, step=0.05, description="tau_head",
                                             readout_format=".2f", **common)
+        self.tau_buffer = widgets.FloatSlider(value=1.0, min=0.99, max=1.0, step=0.0005, description="tau_buffer",
+                                              readout_format=".4f", **common)
         self.selection_layer = widgets.IntSlider(value=layer, min=0, max=profile.decoder_depth - 2,
                                                  description="selection_layer", **common)
-        self.sliders = [self.tau_token, self.tau_refresh, self.tau_cfg, self.tau_head, self.selection_layer]
+        self.sliders = [self.tau_token, self.tau_refresh, self.tau_cfg, self.tau_head, self.tau_buffer,
+                        self.selection_layer]
         self.summary = widgets.HTML(layout=widgets.Layout(width="900px"))
         self.summary.add_class(SUMMARY_CLASS)
         self.button = widgets.Button(description=f"Measure on {check_samples} samples", icon="play",
@@ -99,7 +102,7 @@ class ScheduleExplorer:
     def params(self) -> dict:
         return {"tau_token": float(self.tau_token.value), "tau_refresh": float(self.tau_refresh.value),
                 "tau_cfg": float(self.tau_cfg.value), "tau_head": float(self.tau_head.value),
-                "selection_layer": int(self.selection_layer.value)}
+                "tau_buffer": float(self.tau_buffer.value), "selection_layer": int(self.selection_layer.value)}
 
     def _on_change(self, change) -> None:
         self.update()

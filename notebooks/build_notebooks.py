@@ -283,7 +283,7 @@ NB03 = [
     md("""
 # 03 · Cache schedules
 
-Derive a cache schedule from the recording with four thresholds and a selection layer (see `analysis/derive.py`):
+Derive a cache schedule from the recording with five thresholds and a selection layer (see `analysis/derive.py`):
 
 - **tau_token**: on cached steps the decoder recomputes, after the selection layer, the positions whose V
   similarity to the previous step is below tau_token (plus the tokens to predict and those just decoded);
@@ -291,6 +291,8 @@ Derive a cache schedule from the recording with four thresholds and a selection 
   (in units of an average step's change);
 - **tau_cfg**: reuse the CFG residual while its estimated similarity to the last computed one stays ≥ tau_cfg;
 - **tau_head**: the head reuses the parts whose accumulated change stays ≤ tau_head.
+- **tau_buffer**: the encoder keeps the buffer cached too (only the newly decoded tokens run) while the buffer's
+  accumulated change since a refresh keeps a similarity ≥ tau_buffer (1.0: recompute it, as LazyMAR).
 
 Moving a slider re-derives the schedule: the summary, the heat map (1 = recomputed) and its predicted FLOPs ratio
 on the measured trade-off front update. The button runs the uncached sampler, the derived schedule and the

@@ -97,8 +97,11 @@ def test_caching_changes_the_result_and_stays_finite(model):
 
 
 # --- the mechanisms against independent reference computations ------------------------------------------------
-def test_incremental_encoder_reuses_frozen_kv_of_older_tokens(model):
-    schedule = cached_steps(refresh_at=(0, 3), encoder="incremental")
+@pytest.mark.parametrize("encoder", ["incremental", "new-tokens"])
+def test_incremental_encoder_reuses_frozen_kv_of_older_tokens(model, encoder):
+    """"incremental" reruns the buffer and the new tokens; "new-tokens" only the new tokens (the buffer's K/V and
+    outputs stay those of the last refresh)."""
+    schedule = cached_steps(refresh_at=(0, 3), encoder=encoder)
     _, steps, _ = run(model, schedule)
     buf, enc_blocks = model.buffer_size, model.encoder_blocks
     k_cache, v_cache, out_cache = {}, {}, None
@@ -112,7 +115,7 @@ def test_incremental_encoder_reuses_frozen_kv_of_older_tokens(model):
         else:
             new = torch.cat([st.new, st.new])
             rows = model.with_buffer(new)
-            rows[:, :buf] = True
+            rows[:, :buf] = encoder == "incremental"
         x = x_all[rows].reshape(N, -1, x_all.shape[-1])
         for layer, block in enumerate(enc_blocks):
             def hook(k, v, layer=layer):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from analysis.derive import (DerivationError, RedundancyProfile, _count_below, _levels, derive_schedule,
-                             predicted_flops, schedule_matrix, search_budget)
+                             error_components, predicted_flops, schedule_matrix, search_budget)
 from analysis.selection import selection_study
 from lazymar.cache.flops import estimate_generation_flops
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, load_schedule
@@ -124,6 +124,21 @@ def test_condition_cache_weighs_by_guidance():
     prof = RedundancyProfile.from_stats(synthetic(cfg_scale=[1, 1, 1, 3, 3, 3]))
     np.testing.assert_allclose(prof.guidance_weight, [0, 0, 0, 1, 1, 1])
     assert np.flatnonzero(prof.condition_steps(math.cos(0.25), prof.refresh_steps(1e9))).tolist() == [1, 2, 5]
+
+
+def test_encoder_buffer_policy_by_hand(profile):
+    # the buffer's encoder outputs change like every position here: 1 - cosine = TOKEN_CHANGE
+    np.testing.assert_allclose(profile.buffer_change, np.nan_to_num(TOKEN_CHANGE), rtol=1e-4)
+    refresh = profile.refresh_steps(1.5)  # [0, 3, 4]: accumulated drift 0, .005, .01, 0, 0, .01
+    np.testing.assert_allclose(profile.buffer_drift(refresh), [0, 0.005, 0.01, 0, 0, 0.01], rtol=1e-4)
+    policy = lambda tau: derive_schedule(profile, tau_refresh=1.5, tau_buffer=tau, selection_layer=1).schedule
+    assert policy(0.989).encoder == "new-tokens"
+    assert policy(0.991).encoder == "incremental" and policy(1.0).encoder == "incremental"
+    derived = derive_schedule(profile, tau_refresh=1.5, tau_buffer=0.98, selection_layer=1)
+    assert error_components(profile, derived)["encoder"] == pytest.approx(0.025 / S, rel=1e-4)
+    cheaper = predicted_flops(derived.schedule, CONFIG)["total"]
+    assert cheaper < predicted_flops(policy(1.0), CONFIG)["total"]
+    assert derived.schedule.name.endswith("-b0.98") and "encoder new-tokens" in derived.summary()
 
 
 def test_head_policy_by_hand(profile):

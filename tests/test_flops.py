@@ -98,6 +98,7 @@ SCHEDULES = {
         keep_fraction=[1.0, 0.3, 0.5, 1.0, 0.2], selection="random", keep_min_extra=0.1, selection_layer=1,
         always_keep=("to_predict", "buffer"), head_cache=[True, True, False, True, True],
         head=HeadCachePolicy(refresh_every=2, reuse_blocks=(0, 2), reuse_mlp=True, mlp_fresh_above=0.7)),
+    "new-tokens": lambda cfg: load_schedule("lazymar", NUM_ITER, cfg).with_changes(encoder="new-tokens"),
 }
 
 

@@ -7,10 +7,11 @@ those rows written into a cache that holds the K/V of the other positions from e
 Per step (see :class:`~lazymar.cache.schedule.CacheSchedule`):
 
 - refresh steps run exactly the model's computation (bit for bit) and, when later steps need them, fill caches;
-- encoder, incremental: only the buffer and the tokens decoded at the previous step run; the new tokens' K/V are
-  appended to a per-layer cache of the known tokens' K/V (in the order they became known; attention does not
-  depend on the order of the keys) and the rows attend over the fresh buffer K/V plus that cache; older tokens'
-  K/V and encoder outputs stay as cached;
+- encoder, incremental: only the buffer and the tokens decoded at the previous step run ("new-tokens": only those
+  tokens; the buffer stays as cached too); a per-layer cache holds the buffer's K/V and then the known tokens' K/V
+  (in the order they became known; attention does not depend on the order of the keys); the rows that run write
+  their fresh K/V into it (the new tokens appended) and attend over it; older tokens' K/V and encoder outputs stay
+  as cached;
 - decoder token cache: layers up to ``selection_layer`` run on all positions; there the positions are ranked
   (cosine similarity of V with the previous step's V, mean over heads, least similar first; or random; or the
   always-kept statuses only); later layers run the kept positions only, attending over a positional K/V cache
@@ -92,7 +93,7 @@ class CacheEngine(StepRunner):
             tokens, mask, class_emb = ctx.tokens, ctx.unknown.float(), model.class_embedding(ctx.labels, B)
         store = self.later_cached[ctx.step]
         if plan.incremental_encoder:
-            x = self._encode_incremental(ctx, tokens, class_emb)
+            x = self._encode_incremental(ctx, plan, tokens, class_emb)
         else:
             x = self._encode_full(ctx, tokens, mask, class_emb, store)
         x = self._decode(ctx, plan, x, store)
@@ -115,7 +116,7 @@ class CacheEngine(StepRunner):
         """The model's encoder on the buffer and all known tokens (bit for bit), filling the K/V caches; returns
         the decoder input (mask tokens at unknown positions, plus positions) of all positions."""
         model, cfg = self.model, self.model.config
-        incremental_later = store and self.schedule.encoder == "incremental"
+        incremental_later = store and self.schedule.encoder != "full"
         x = model.embed_encoder_input(tokens, class_emb)
         N, total, C = x.shape
         self.flops.add("encoder", F.linear_flops(N * cfg.seq_len, cfg.token_dim, C))
@@ -141,22 +142,20 @@ class CacheEngine(StepRunner):
         return full + model.decoder_pos_embed_learned
 
     def _encoder_store_hook(self, layer: int, n_rows: int) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Keep the K/V of the known tokens (not of the buffer, which every step recomputes)."""
-        buf = self.model.buffer_size
-
+        """Keep the K/V of the buffer and the known tokens (all rows of a full encoder pass)."""
         def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             if self.enc_k[layer] is None:
-                shape = (k.shape[1], self.model.seq_len, k.shape[3])
+                shape = (k.shape[1], self.model.buffer_size + self.model.seq_len, k.shape[3])
                 self.enc_k[layer], self.enc_v[layer] = self._cache_like(shape, k), self._cache_like(shape, v)
-            n, length = self._store_rows(n_rows), k.shape[2] - buf
-            self.enc_k[layer][:n, :, :length].copy_(k[:n, :, buf:])
-            self.enc_v[layer][:n, :, :length].copy_(v[:n, :, buf:])
+            n, length = self._store_rows(n_rows), k.shape[2]
+            self.enc_k[layer][:n, :, :length].copy_(k[:n])
+            self.enc_v[layer][:n, :, :length].copy_(v[:n])
             return k, v
         return hook
 
-    def _encode_incremental(self, ctx: StepContext, tokens: Tensor, class_emb: Tensor) -> Tensor:
-        """Only the buffer and the tokens decoded at the previous step run; they attend over their fresh K/V and
-        the cached K/V of the older known tokens."""
+    def _encode_incremental(self, ctx: StepContext, plan: StepPlan, tokens: Tensor, class_emb: Tensor) -> Tensor:
+        """Only the tokens decoded at the previous step (and the buffer, if the plan says so) run; they attend over
+        their fresh K/V and the cached K/V of the other visible positions."""
         model, cfg = self.model, self.model.config
         N, buf, D = tokens.shape[0], model.buffer_size, cfg.token_dim
         new = ctx.doubled(ctx.new) if N == 2 * ctx.batch_size else ctx.new
@@ -167,19 +166,20 @@ class CacheEngine(StepRunner):
         z = model.z_proj(tokens.gather(1, new_pos.unsqueeze(-1).expand(-1, -1, D)))
         C = z.shape[-1]
         self.flops.add("encoder", F.linear_flops(N * n_new, D, C))
-        rows = torch.cat([torch.arange(buf, device=z.device).expand(N, buf), new_pos + buf], dim=1)
-        x = torch.cat([class_emb.unsqueeze(1).expand(N, buf, C), z], dim=1)
+        n_buf = buf if plan.encoder_buffer else 0
+        rows = torch.cat([torch.arange(n_buf, device=z.device).expand(N, n_buf), new_pos + buf], dim=1)
+        x = torch.cat([class_emb.unsqueeze(1).expand(N, n_buf, C), z], dim=1)
         pos = model.encoder_pos_embed_learned[0][rows]
         x = model.z_proj_ln(x + pos)
-        start, length = self.enc_len, self.enc_len + n_new
+        start, length = buf + self.enc_len, buf + self.enc_len + n_new  # cache slots of the new tokens
         ctx.extras["encoder_rows"] = rows
         for layer, block in enumerate(model.encoder_blocks):
-            x = block(x, self._encoder_append_hook(layer, N, buf, start, length))
-            self._charge_block("encoder", block, N, buf + n_new, buf + length)
-        self.enc_len = length
+            x = block(x, self._encoder_append_hook(layer, N, n_buf, start, length))
+            self._charge_block("encoder", block, N, n_buf + n_new, length)
+        self.enc_len += n_new
         x = model.encoder_norm(x)
         y = model.decoder_embed(x)
-        self.flops.add("decoder", F.linear_flops(N * (buf + n_new), C, y.shape[-1]))
+        self.flops.add("decoder", F.linear_flops(N * (n_buf + n_new), C, y.shape[-1]))
         dec_in = self.dec_in[:N]
         dec_in.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
         visible = ~model.with_buffer(ctx.unknown)  # buffer and known positions
@@ -187,14 +187,14 @@ class CacheEngine(StepRunner):
         full = torch.where(visible.unsqueeze(-1), dec_in, model.mask_token.to(y.dtype))
         return full + model.decoder_pos_embed_learned
 
-    def _encoder_append_hook(self, layer: int, n_rows: int, buf: int, start: int, length: int):
-        """Append the new tokens' K/V; attend over the fresh buffer K/V and all known tokens' K/V."""
+    def _encoder_append_hook(self, layer: int, n_rows: int, n_buf: int, start: int, length: int):
+        """Write the fresh K/V (buffer rows, if they ran, then the new tokens at start:length); attend over the
+        cache up to ``length``."""
         def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             kc, vc = self.enc_k[layer][:n_rows], self.enc_v[layer][:n_rows]
-            kc[:, :, start:length] = k[:, :, buf:]
-            vc[:, :, start:length] = v[:, :, buf:]
-            return (torch.cat([k[:, :, :buf], kc[:, :, :length]], dim=2),
-                    torch.cat([v[:, :, :buf], vc[:, :, :length]], dim=2))
+            kc[:, :, :n_buf], vc[:, :, :n_buf] = k[:, :, :n_buf], v[:, :, :n_buf]
+            kc[:, :, start:length], vc[:, :, start:length] = k[:, :, n_buf:], v[:, :, n_buf:]
+            return kc[:, :, :length], vc[:, :, :length]
         return hook
 
     # decoder ---------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
         visible = buf + counts.known + counts.new
         # encoder
         if plan.incremental_encoder:
-            embedded, run = counts.new, buf + counts.new
+            embedded, run = counts.new, buf * plan.encoder_buffer + counts.new
         else:
             embedded, run = L, visible
         enc = linear_flops(N * embedded, c.token_dim, c.encoder_embed_dim)

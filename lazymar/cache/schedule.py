@@ -12,7 +12,8 @@ A schedule fixes, for every one of ``num_iter`` steps:
 and, for the whole generation, the selection rule of the token cache (lowest cosine similarity of V with the
 previous step's V at ``selection_layer``, as LazyMAR; random; or by status only, which keeps just the always-kept
 positions), which statuses are always kept, the encoder policy on cached steps ("incremental": only the buffer
-and the tokens decoded at the previous step run, older tokens' K/V stay cached; "full") and the head policy.
+and the tokens decoded at the previous step run, older tokens' K/V stay cached; "new-tokens": only the tokens
+decoded at the previous step run, the buffer's K/V and outputs stay cached too; "full") and the head policy.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..config import MARConfig
 
 SELECTION_RULES = ("similarity", "random", "status")
 ALWAYS_KEEP = ("to_predict", "new", "buffer")
-ENCODER_POLICIES = ("full", "incremental")
+ENCODER_POLICIES = ("full", "incremental", "new-tokens")
 FORMAT = "lazymar-cache-schedule/1"
 
 
@@ -87,7 +88,8 @@ class StepPlan:
     refresh: bool
     token_cache: bool          # decoder: later layers on the kept positions only (off on refresh steps)
     keep_fraction: float
-    incremental_encoder: bool  # encoder: only the buffer and the new tokens run
+    incremental_encoder: bool  # encoder: only the new tokens (and the buffer, if encoder_buffer) run
+    encoder_buffer: bool       # the incremental encoder recomputes the buffer (False: its K/V and outputs are reused)
     branches: int              # 2 = cond and uncond run, 1 = cond only (condition cache, or no CFG)
     condition_cache: bool      # uncond = cond + cached difference
     head_cache: bool
@@ -166,7 +168,8 @@ class CacheSchedule:
         behind = step > 0 and branches > (2 if use_cfg and not self.condition_cache[step - 1] else 1)
         return StepPlan(
             step=step, refresh=refresh, token_cache=not refresh, keep_fraction=self.keep_fraction[step],
-            incremental_encoder=(not refresh and self.encoder == "incremental" and not behind),
+            incremental_encoder=(not refresh and self.encoder != "full" and not behind),
+            encoder_buffer=self.encoder != "new-tokens",
             branches=branches, condition_cache=condition_cache,
             head_cache=self.head_cache[step] and self.head.active,
         )

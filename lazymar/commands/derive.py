@@ -93,6 +93,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
         derived = derive.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
                                          tau_cfg=args.tau_cfg, selection_layer=args.selection_layer,
                                          tau_head=args.tau_head, token_quantile=args.token_quantile,
+                                         tau_buffer=args.tau_buffer,
                                          flops_batch_size=args.flops_batch_size)
     schedule = derived.schedule
     if args.name:
@@ -159,7 +160,7 @@ GRID_ARGS = {
     "token-quantile": "tau_token as quantiles of the selection layer's similarity",
     "tau-token": "tau_token cosines (instead of quantiles)",
     "tau-refresh": "tau_refresh step-equivalents", "tau-cfg": "tau_cfg cosines",
-    "tau-head": "tau_head relative changes",
+    "tau-head": "tau_head relative changes", "tau-buffer": "tau_buffer cosines",
 }
 
 
@@ -262,7 +263,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--no-measure", action="store_true",
                       help="budget search ranked by the uncalibrated error model only (no sampling)")
     mode.add_argument("--candidates", type=int, default=4,
-                      help="candidates measured near the budget, after 3 calibration probes (default 4)")
+                      help="candidates measured near the budget, after one calibration probe per error component (default 4)")
     mode.add_argument("--measure-samples", type=int, default=32, help="fixed samples for measured PSNR (default 32)")
     mode.add_argument("--batch-size", type=int, default=100, help="sampling batch of the measurements")
     p.add_argument("--flops-batch-size", type=int, default=1,
@@ -284,6 +285,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "(default 0.999)")
     th.add_argument("--tau-head", type=float, default=0.2,
                     help="largest accumulated relative change of a reused head part (default 0.2)")
+    th.add_argument("--tau-buffer", type=float, default=1.0,
+                    help="cache the buffer in the encoder too (encoder 'new-tokens') when its accumulated change "
+                         "since a refresh keeps a similarity >= this (default 1.0: recompute it, as LazyMAR)")
     th.add_argument("--selection-layer", type=int, default=None,
                     help="decoder block that ranks positions (default: the selection-layer study's pick)")
     add_model_args(p)
