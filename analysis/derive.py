@@ -514,7 +514,7 @@ DEFAULT_GRID = {
     "tau_refresh": (4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 1e9),
     "tau_cfg": (0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0),
     "tau_head": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
-    "tau_buffer": (1.0, 0.999),
+    "tau_buffer": (1.0, 0.999, 0.998),
 }
 PSNR_RANGE = 2.0  # PSNR <-> MSE conversions inside the error model; any value works, it cancels
 

@@ -206,6 +206,7 @@ DERIVED_GRID = [
     dict(token_quantile=0.0, tau_refresh=8.0, tau_cfg=0.999, selection_layer=0, tau_head=0.2),
     dict(token_quantile=0.0, tau_refresh=12.0, tau_cfg=0.995, selection_layer=0, tau_head=0.4),
     dict(token_quantile=0.0, tau_refresh=24.0, tau_cfg=0.99, selection_layer=0, tau_head=0.8),
+    dict(token_quantile=0.0, tau_refresh=6.0, tau_cfg=1.0, selection_layer=0, tau_head=0.6, tau_buffer=0.999),
 ]
 
 
