@@ -1,7 +1,7 @@
 """Cache schedules derived from a redundancy recording, with no per-model constants.
 
 A recording (lazymar.recording layout) says, per step, how much each position's features changed since the step
-before. :class:`RedundancyProfile` condenses it once into per-step arrays; :func:`derive_schedule` then turns four
+before. :class:`RedundancyProfile` condenses it once into per-step arrays; :func:`derive_schedule` then turns five
 thresholds into a :class:`~lazymar.cache.schedule.CacheSchedule` in milliseconds (notebook sliders call it live):
 
 - token cache (``tau_token``, a cosine): on a cached step s the decoder recomputes, after the selection layer, the

@@ -46,9 +46,9 @@ def recording_settings(profile: RedundancyProfile) -> SamplingSettings:
 
 
 class ScheduleExplorer:
-    """Sliders for tau_token, tau_refresh, tau_cfg, tau_head, tau_buffer and the selection layer; a summary (an HTML widget
-    with the CSS class ``lazymar-summary``) that follows them; the schedule heat map; the trade-off plot; and a
-    button for a measured check. ``model_loader`` is called on the first check only."""
+    """Sliders for tau_token, tau_refresh, tau_cfg, tau_head, tau_buffer and the selection layer; a summary (an
+    HTML widget with the CSS class ``lazymar-summary``) that follows them; the schedule heat map; the trade-off
+    plot; and a button for a measured check. ``model_loader`` is called on the first check only."""
 
     def __init__(self, profile: RedundancyProfile, sweep: Optional[pd.DataFrame] = None,
                  model_loader: Optional[Callable[[], object]] = None, check_samples: int = 8, seed: int = 0):
