@@ -332,14 +332,19 @@ def plot_tradeoff(points: pd.DataFrame, x: str = "flops_ratio", y: str = "psnr",
             ax.scatter(group[x], group[y], s=16, color=colors(i % 10), alpha=0.8, label=str(family))
     else:
         ax.scatter(finite[x], finite[y], s=16, color="#7f7f7f", alpha=0.7, label="measured schedules")
-    if label and label in finite:
-        for _, row in finite.iterrows():
-            if str(row[label]) in ("none", "lazymar", "lazymar-released") or str(row[label]).startswith("derived"):
-                ax.annotate(str(row[label]), (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front is not None and len(front):
         front = front[np.isfinite(front[x].astype(float)) & np.isfinite(front[y].astype(float))]
+    if label and label in finite:
+        # name the presets, the saved schedules and the front; grid points and baselines go by colour
+        on_front = set(front[label].astype(str)) if front is not None and label in front else set()
+        for _, row in finite.iterrows():
+            name, family = str(row[label]), str(row.get("family", "derived"))
+            named = family in ("lazymar", "derived") and not name.startswith("derived-")
+            if name in ("none", "lazymar", "lazymar-released") or named or name in on_front:
+                ax.annotate(name, (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front is not None and len(front):
         ordered = front.sort_values(x)
-        ax.plot(ordered[x], ordered[y], "-o", color="#d62728", markersize=3, linewidth=1, label="Pareto front")
+        ax.plot(ordered[x], ordered[y], "-o", color="#222222", markersize=3, linewidth=1, label="Pareto front")
     if highlight is not None:
         ax.scatter([highlight[x]], [highlight[y]], s=90, marker="*", color="#1f77b4", zorder=5,
                    label=str(highlight.get("label", "current")))
