@@ -194,11 +194,15 @@ class RedundancyProfile:
                                   f"block has no later blocks to save), got {selection_layer!r}")
         return int(selection_layer)
 
+    @lru_cache(maxsize=256)
     def keep_fractions(self, tau_token: float, selection_layer: int) -> np.ndarray:
-        """(S,) fraction of decoder positions recomputed per step: similarity < tau_token, or always kept."""
+        """(S,) fraction of decoder positions recomputed per step: similarity < tau_token, or always kept.
+        Memoised (searches ask for the same tau_token under many other thresholds), hence read-only."""
         levels = self.similarity_levels[self.check_layer(selection_layer)]
         below = np.array([_count_below(tau_token, *lv) for lv in levels]) / self.num_samples
-        return np.clip((self.always_kept + below) / self.total_positions, 0.0, 1.0)
+        fractions = np.clip((self.always_kept + below) / self.total_positions, 0.0, 1.0)
+        fractions.setflags(write=False)
+        return fractions
 
     def refresh_steps(self, tau_refresh: float) -> np.ndarray:
         """(S,) bool: the accumulated calibrated change since the last refresh reaches tau_refresh."""
@@ -383,7 +387,7 @@ class DerivedSchedule:
                 f"tau_refresh {p['tau_refresh']:g} refreshes {len(refresh)} steps {_ranges(refresh)}; "
                 f"tau_cfg {p['tau_cfg']:g} condition cache on {sum(s.condition_cache)} steps; "
                 f"tau_head {p['tau_head']:g}: {head_text}; "
-                f"tau_buffer {p.get('tau_buffer', 1.0):g}: encoder {s.encoder}.")
+                f"tau_buffer {p['tau_buffer']:g}: encoder {s.encoder}.")
 
     def to_dict(self) -> dict:
         return {"params": self.params, "predicted_flops_ratio": self.predicted_flops_ratio, "flops": self.flops,
@@ -445,7 +449,7 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
 
 def _default_name(params: dict) -> str:
     name = "derived-t{tau_token:g}-r{tau_refresh:g}-c{tau_cfg:g}-l{selection_layer}-h{tau_head:g}".format(**params)
-    return name + ("-b{:g}".format(params["tau_buffer"]) if params.get("tau_buffer", 1.0) < 1.0 else "")
+    return name + ("-b{:g}".format(params["tau_buffer"]) if params["tau_buffer"] < 1.0 else "")
 
 
 def _ranges(steps: Sequence[int]) -> str:
@@ -472,6 +476,12 @@ def _head_flops(config: MARConfig, num_iter: int, use_cfg: bool, batch_size: int
     return estimate_generation_flops(config, schedule, use_cfg=use_cfg, batch_size=batch_size).totals()["head"]
 
 
+@lru_cache(maxsize=4096)
+def _transformer_flops(config: MARConfig, no_head: CacheSchedule, use_cfg: bool, batch_size: int) -> dict:
+    """FLOPs totals of a schedule whose head is uncached (the encoder and decoder parts are what matter)."""
+    return estimate_generation_flops(config, no_head, use_cfg=use_cfg, batch_size=batch_size).totals()
+
+
 def predicted_flops(schedule: CacheSchedule, config: MARConfig, use_cfg: bool = True, batch_size: int = 1) -> dict:
     """FLOPs of ``schedule`` and of no caching for a batch of ``batch_size`` (flops-module accounting), and their
     ratio. The ratio grows a little with the batch (the hoisted time embedding is shared by a batch's rows);
@@ -481,8 +491,9 @@ def predicted_flops(schedule: CacheSchedule, config: MARConfig, use_cfg: bool = 
     and decoder with the head uncached, and the head's total for its policy (memoised), so that searches over
     thousands of schedules stay fast."""
     if all(schedule.head_cache):
-        no_head = schedule.with_changes(head_cache=[False] * schedule.num_iter)
-        totals = estimate_generation_flops(config, no_head, use_cfg=use_cfg, batch_size=batch_size).totals()
+        # the name and head policy do not change the transformer's FLOPs: normalised, grid points share them
+        no_head = schedule.with_changes(head_cache=[False] * schedule.num_iter, head=HeadCachePolicy(), name="")
+        totals = dict(_transformer_flops(config, no_head, use_cfg, batch_size))
         totals["head"] = _head_flops(config, schedule.num_iter, use_cfg, batch_size, schedule.head)
         totals["total"] = totals["encoder"] + totals["decoder"] + totals["head"]
     else:
@@ -541,7 +552,7 @@ def candidate_schedules(profile: RedundancyProfile, grid: Optional[dict] = None,
     for t, r, c, h, b, l in tqdm(points, desc="derive", unit="schedule", disable=not progress):
         d = derive_schedule(profile, tau_token=t, tau_refresh=r, tau_cfg=c, selection_layer=l, tau_head=h,
                             tau_buffer=b, flops_batch_size=flops_batch_size)
-        key = json.dumps({k: v for k, v in d.schedule.to_dict().items() if k != "name"}, sort_keys=True)
+        key = d.schedule.with_changes(name="")  # frozen and hashable: equal plans under different names
         if key not in seen:
             seen.add(key)
             out.append(d)
@@ -670,8 +681,8 @@ def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
 
     The candidates within ``band`` (relative) above the budget are ranked by the error model; with ``measure``
     (schedule -> PSNR in dB vs uncached, e.g. ``analysis.sweep.Reference.psnr``) the model is first calibrated
-    on one probe per component, then the ``num_measured`` best-predicted candidates are measured and the highest measured
-    PSNR wins. Without ``measure`` the best-predicted (uncalibrated) candidate wins."""
+    on one probe per component, then the ``num_measured`` best-predicted candidates are measured and the highest
+    measured PSNR wins. Without ``measure`` the best-predicted (uncalibrated) candidate wins."""
     if not target_flops_ratio > 0:
         raise DerivationError(f"target FLOPs ratio must be > 0, got {target_flops_ratio}")
     candidates = candidate_schedules(profile, grid, progress=progress, flops_batch_size=flops_batch_size)
