@@ -1,0 +1,61 @@
+"""Run by tests/test_distributed.py, under torchrun (2 ranks, gloo) or as one plain process.
+
+    python tests/distributed_worker.py OUT.pt
+
+Gathers rank-dependent tensors of different lengths, and generates a SamplePlan's batches on each rank with a tiny
+random MAR, scoring them with the stand-in extractor; rank 0 saves everything to OUT.pt.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lazymar import distributed
+from lazymar.imagenet import InceptionStats, ReferenceStats
+from lazymar.runs import SamplePlan
+from lazymar.sampling import SamplingSettings, generate
+from standins import StandInExtractor, pseudo_images, tiny_mar
+
+PLAN = SamplePlan.balanced(num_samples=7, num_classes=10, seed=3, batch_size=2)  # 4 batches, the last of 1
+SETTINGS = SamplingSettings(num_iter=4, cfg=2.0)
+
+
+def gathers() -> dict:
+    r = distributed.rank()
+    mine = torch.arange(r + 2, dtype=torch.float64) + 10 * r  # rank r: r + 2 rows
+    return {"rank": r, "world_size": distributed.world_size(),
+            "tensors_to_0": distributed.gather_tensors(mine),
+            "tensors_to_all": distributed.gather_tensors(mine.reshape(-1, 1).repeat(1, 3), dst=None),
+            "objects_to_0": distributed.gather_objects({"rank": r, "rows": len(mine)}),
+            "objects_to_all": distributed.gather_objects(r, dst=None)}
+
+
+def plan_run() -> dict:
+    model, extractor, stats = tiny_mar(), StandInExtractor(), InceptionStats()
+    tokens, index = [], []
+    for batch in PLAN.batches(distributed.rank(), distributed.world_size()):
+        t = generate(model, batch.labels, SETTINGS, seed=torch.Generator().manual_seed(batch.seed))
+        stats.add_images(extractor, pseudo_images(model, t), start=batch.start)
+        tokens.append(t)
+        index.extend(range(batch.start, batch.stop))
+    all_tokens = distributed.gather_samples(torch.cat(tokens), index)
+    parts = distributed.gather_objects(stats)
+    if not distributed.is_main():
+        return {}
+    merged = InceptionStats.merged(parts)
+    mu, sigma = merged.feature_statistics()
+    reference = ReferenceStats(mu * 0.5, sigma * 2.0, "test")
+    return {"plan_tokens": all_tokens, "mu": mu, "sigma": sigma, "fid": merged.fid(reference),
+            "inception_score": merged.inception_score(splits=2)}
+
+
+def main(out: str) -> None:
+    with distributed.launched("cpu"):
+        result = {**gathers(), **plan_run()}
+        if distributed.is_main():
+            torch.save(result, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
