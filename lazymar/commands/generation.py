@@ -65,8 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"accuracy {result['accuracy']:.4f}  digits-FID {result['fid']:.3f} (floor {result['fid_floor']:.3f})"
-              f"  {plan.num_samples} samples in {seconds:.1f} s")
+        scores = "  ".join(f"{k} {result[k]:.4g}" for k in evaluator.keys)
+        print(f"{scores}  ({evaluator.name}; {plan.num_samples} samples in {seconds:.1f} s)")
     return 0
 
 
@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="class accuracy and digits-FID of generated samples",
-                       description="Generate balanced class-conditional samples and report accuracy and digits-FID.")
+                       description="Generate balanced class-conditional samples and score them with the model's "
+                                   "quality evaluator (the digits model: accuracy and digits-FID).")
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)
