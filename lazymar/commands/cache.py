@@ -66,7 +66,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         b, c = result["baseline"], result["cached"]
         print(f"{result['model']} under {args.schedule}: FLOPs {b['flops'] / 1e12:.3f} T -> {c['flops'] / 1e12:.3f} T "
               f"(x{result['flops_ratio']:.2f}); wall {b['seconds']:.2f} s -> {c['seconds']:.2f} s "
-              f"(x{result['wall_ratio']:.2f}); PSNR {result['psnr']} dB")
+              f"(x{result['wall_ratio']:.2f}); " + (f"PSNR {result['psnr']} dB" if result["psnr"] is not None else
+                                                      f"token MSE {result['token_mse']:.3g} (no images: no VAE)"))
         for name in ("baseline", "cached"):
             r = result[name]
             print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB, accuracy {r['accuracy']}, fid {r['fid']}")
