@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from lazymar.grid import balanced_labels
+from lazymar.runs import balanced_labels
 from lazymar.sampling import SamplingSettings
 
 from . import plots
@@ -188,14 +188,14 @@ class ScheduleExplorer:
             with self.check:
                 self.check.clear_output(wait=True)
                 display(result.table.round(3))
-                if result.images["none"].ndim == 4:  # pixel-space tokens (the digits model)
+                if result.images["none"] is not None:  # an image space: pixels (digits) or a VAE
                     fig = plots.plot_sample_comparison({"uncached": result.images["none"],
                                                         "derived": result.images["derived"],
                                                         "lazymar": result.images["lazymar"]}, labels=labels)
                     display(fig)
                     plt.close(fig)
                 else:
-                    print("sample grids need a pixel-space model (digits); latent tokens are compared by PSNR")
+                    print("sample grids need images: latent tokens without a VAE are compared by token MSE only")
             self._draw(self.tradeoff, self.tradeoff_figure())
             return result
         finally:

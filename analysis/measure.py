@@ -1,14 +1,14 @@
 """Small measured runs for the workbook: schedules against the uncached sampler on a few samples (the quick
 check of notebook 03, the ablations of notebook 04), and the ablation schedules themselves.
 
-Every run uses the same labels, batches and seeds as the uncached baseline (lazymar.cache.bench.run_schedule),
-so differences come from caching alone. FLOPs are the engine's ledger of what ran; fidelity is PSNR of the
-images (the tokens for latent models) against the uncached ones; accuracy uses the digits classifier when the
-model is the 8x8 digits model. Wall times on a shared CPU are indicative only.
+Every run samples the same plan (labels, batches, seeds) as the uncached baseline and is measured against it by
+lazymar.runs.Reference, so differences come from caching alone and every metric is the one of the other commands:
+FLOPs are the engine's ledger of what ran; fidelity is PSNR of the images (data range 2; none for a latent model
+without a VAE) and token MSE against the uncached ones; accuracy uses the digits classifier when the model is the
+8x8 digits model. Wall times on a shared CPU are indicative only.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
 
@@ -17,42 +17,43 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.cache.bench import run_schedule
 from lazymar.cache.schedule import CacheSchedule, lazymar_schedule, none_schedule
 from lazymar.config import MARConfig
-from lazymar.metrics import psnr, token_mse
+from lazymar.runs import Reference, SamplePlan
 
 from .phenomena import AnalysisError
 
 
 @dataclass
 class Measurement:
-    """A table (one row per schedule, "none" first) and the images of every run, keyed by schedule name."""
+    """A table (one row per schedule, "none" first), the images of every run keyed by schedule name (None for a
+    latent-space model without a VAE), and the uncached reference run they were measured against."""
 
     table: pd.DataFrame
-    images: dict[str, torch.Tensor] = field(default_factory=dict)
-    labels: list[int] = field(default_factory=list)
-    seed: int = 0
-    settings: object = None
+    images: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    reference: Optional[Reference] = None
 
-    def reusable_for(self, labels: Sequence[int], settings, seed: int) -> bool:
-        """Whether this measurement's uncached run is the one ``labels``/``settings``/``seed`` would make."""
-        return list(labels) == self.labels and settings == self.settings and seed == self.seed
+    @property
+    def labels(self) -> list[int]:
+        return self.reference.labels if self.reference is not None else []
 
-
-def is_digits_model(config: MARConfig) -> bool:
-    """Tokens are the pixels of 8x8 digit images (the embedded model): images and the classifier apply."""
-    return config.vae_stride == 1 and config.img_size == 8 and config.class_num == 10
+    def reusable_for(self, model, labels: Sequence[int], settings, seed: int,
+                     batch_size: Optional[int] = None) -> bool:
+        """Whether this measurement's uncached run is the one ``model``/``labels``/``settings``/``seed`` would make."""
+        labels = [int(x) for x in labels]
+        plan = SamplePlan.of(labels, seed, batch_size or len(labels))
+        ref = self.reference
+        return ref is not None and ref.model is model and ref.plan == plan and ref.settings == settings
 
 
 def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Sequence[int], settings,
                       seed: int = 0, batch_size: Optional[int] = None, progress: bool = False,
-                      baseline: Optional[Measurement] = None) -> Measurement:
-    """Run the uncached sampler and each schedule on ``labels`` (same seeds); one row per run with
+                      baseline: Optional[Measurement] = None, vae=None) -> Measurement:
+    """Run the uncached sampler and each schedule on ``labels`` (one plan: lazymar.runs); one row per run with
     flops_per_image, flops_ratio (uncached / this), seconds, wall_ratio, psnr and token_mse against the
-    uncached run, and accuracy (digits model only, else NaN). Schedules identical up to their name run once
-    and share the row. ``baseline``: an earlier Measurement of the same labels, settings and seed whose
-    uncached run is reused instead of run again."""
+    uncached run, and accuracy (the model's quality evaluator: the digits model only, else NaN). Schedules
+    identical up to their name run once and share the row. ``baseline``: an earlier Measurement of the same model,
+    labels, settings and seed whose uncached run is reused instead of run again."""
     if not schedules:
         raise AnalysisError("no schedules to measure")
     if "none" in schedules:
@@ -60,44 +61,27 @@ def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Seq
     labels = [int(x) for x in labels]
     if not labels:
         raise AnalysisError("need at least one label")
-    batch_size = batch_size or len(labels)
-    digits = is_digits_model(model.config)
-    to_images = model.unpatchify if model.config.vae_stride == 1 else (lambda t: t)
-    runs = {"none": none_schedule(settings.num_iter), **schedules}
-    rows, images = [], {}
-    if baseline is not None and baseline.reusable_for(labels, settings, seed):
-        del runs["none"]
-        images["none"] = baseline.images["none"]
-        rows.append({"schedule": "none", **baseline.table.loc["none", ["flops_per_image", "seconds", "accuracy"]]})
+    if baseline is not None and baseline.reusable_for(model, labels, settings, seed, batch_size):
+        reference = baseline.reference
+    else:
+        reference = Reference(model, SamplePlan.of(labels, seed, batch_size or len(labels)), settings, vae=vae)
+    rows = {"none": reference.row()}
+    images = {"none": reference.images}
     done: dict[str, str] = {}  # schedule content -> the name it was measured under
-    for name, schedule in tqdm(runs.items(), desc="measured runs", disable=not progress, leave=False):
+    for name, schedule in tqdm(schedules.items(), desc="measured runs", disable=not progress, leave=False):
         key = _content_key(schedule)
-        if key in done:
-            images[name] = images[done[key]]
-            rows.append({**next(r for r in rows if r["schedule"] == done[key]), "schedule": name})
-            continue
-        done[key] = name
-        start = time.perf_counter()
-        tokens, ledger = run_schedule(model, labels, settings, schedule, seed, batch_size)
-        seconds = time.perf_counter() - start
-        images[name] = to_images(tokens).detach().cpu()
-        row = {"schedule": name, "flops_per_image": ledger.totals()["total"] / len(labels), "seconds": seconds}
-        if digits:
-            from lazymar.metrics import class_accuracy
-            row["accuracy"] = class_accuracy(images[name], labels)
+        if key not in done:
+            done[key] = name
+            run, rows[name] = reference.measure(schedule, name=name)
+            images[name] = run.images
         else:
-            row["accuracy"] = float("nan")
-        rows.append(row)
-    table = pd.DataFrame(rows).set_index("schedule")
-    base = table.loc["none"]
-    table["flops_ratio"] = base["flops_per_image"] / table["flops_per_image"]
-    table["wall_ratio"] = base["seconds"] / table["seconds"]
-    reference = images["none"].float()
-    data_range = 2.0 if model.config.vae_stride == 1 else float(reference.max() - reference.min()) or 1.0
-    table["psnr"] = [psnr(images[n].float(), reference, data_range=data_range) for n in table.index]
-    table["token_mse"] = [token_mse(images[n].float(), reference) for n in table.index]
+            rows[name], images[name] = rows[done[key]], images[done[key]]
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "schedule"
+    if "accuracy" not in table:
+        table["accuracy"] = np.nan
     columns = ["flops_ratio", "psnr", "token_mse", "accuracy", "wall_ratio", "seconds", "flops_per_image"]
-    return Measurement(table[columns], images, labels, seed, settings)
+    return Measurement(table[columns].astype(float), images, reference)
 
 
 def _content_key(schedule: CacheSchedule) -> str:

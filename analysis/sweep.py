@@ -1,10 +1,11 @@
 """The speed/quality trade-off sweep: schedules and baselines run on one fixed set of seeds, and the Pareto front.
 
-Every point is compared with the uncached sampler at the model's defaults on the same labels and seeds (batch i
-uses seed + i): ``flops_ratio`` (uncached FLOPs / the point's, flops-module accounting of what ran), ``wall_ratio``
-(uncached seconds / the point's, same process, one timed run each: on a shared CPU it is indicative only), ``psnr``
-and ``token_mse`` of the images against the uncached images, and ``accuracy`` and ``fid`` (digits classifier and
-digits-FID; FID on ~100 samples is noisy: compare points of one sweep, not with other sample sizes).
+Every point is compared with the uncached sampler at the model's defaults on the same plan (labels, batches and
+seeds; lazymar.runs.Reference, which computes every metric): ``flops_ratio`` (uncached FLOPs / the point's,
+flops-module accounting of what ran), ``wall_ratio`` (uncached seconds / the point's, same process, one timed run
+each: on a shared CPU it is indicative only), ``psnr`` (image space, data range 2) and ``token_mse`` against the
+uncached run, and ``accuracy`` and ``fid`` (digits classifier and digits-FID; FID on ~100 samples is noisy: compare
+points of one sweep, not with other sample sizes).
 
 Families: ``none`` (the reference itself), ``lazymar`` (the preset), ``derived`` (analysis.derive), and the
 baselines ``fewer_steps`` (no cache, fewer MAR steps at about the same FLOPs), ``fixed_interval`` (refresh every k
@@ -15,19 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from lazymar.cache.bench import run_schedule
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
-from lazymar.model import MAR
+from lazymar.runs import Reference
 from lazymar.sampling import SamplingSettings
 
 COLUMNS = ("name", "family", "params", "flops_ratio", "wall_ratio", "psnr", "token_mse", "accuracy", "fid",
@@ -113,70 +111,24 @@ class SweepPoint:
     params: dict = field(default_factory=dict)
 
 
-class Reference:
-    """The uncached run on fixed labels and seeds, and fidelity against it. ``psnr(schedule)`` is the measure
-    that :func:`analysis.derive.search_budget` expects."""
-
-    def __init__(self, model: MAR, labels: Sequence[int], settings: SamplingSettings, seed: int = 0,
-                 batch_size: int = 100):
-        self.model, self.labels, self.settings = model, list(labels), settings
-        self.seed, self.batch_size = seed, batch_size
-        self.schedule = none_schedule(settings.num_iter)
-        start = time.perf_counter()
-        self.tokens, self.flops = run_schedule(model, self.labels, settings, self.schedule, seed, batch_size)
-        self.seconds = time.perf_counter() - start
-        self.images = self.to_images(self.tokens)
-
-    def to_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.unpatchify(tokens).detach().cpu().float()
-
-    def run(self, schedule: CacheSchedule, settings: Optional[SamplingSettings] = None) -> dict:
-        """Run ``schedule`` on the reference labels and seeds: tokens, images, FLOPs, seconds, fidelity."""
-        from lazymar.metrics import psnr, token_mse
-        settings = settings or self.settings
-        start = time.perf_counter()
-        tokens, ledger = run_schedule(self.model, self.labels, settings, schedule, self.seed, self.batch_size)
-        seconds = time.perf_counter() - start
-        images = self.to_images(tokens)
-        return {"tokens": tokens, "images": images, "flops": ledger.total, "seconds": seconds,
-                "flops_ratio": self.flops.total / ledger.total, "wall_ratio": self.seconds / seconds,
-                "psnr": psnr(images, self.images, data_range=2.0),
-                "token_mse": token_mse(tokens.cpu(), self.tokens.cpu())}
-
-    def psnr(self, schedule: CacheSchedule) -> float:
-        return float(self.run(schedule)["psnr"])
-
-
-def evaluate_images(images: torch.Tensor, labels: Sequence[int]) -> dict:
-    """Accuracy and digits-FID (lazymar.metrics)."""
-    from lazymar.metrics import evaluate_digits
-    out = evaluate_digits(images, torch.tensor(list(labels)))
-    return {"accuracy": out["accuracy"], "fid": out["fid"], "fid_floor": out["fid_floor"]}
-
-
 def run_sweep(reference: Reference, points: Iterable[SweepPoint], quality: bool = True,
               progress: bool = True) -> pd.DataFrame:
     """One row per point (plus the reference, family "none"), the Pareto column in (flops_ratio, psnr)."""
     points = list(points)
-    rows = []
-    base = {"name": "none", "family": "none", "params": json.dumps({"num_iter": reference.settings.num_iter}),
-            "flops_ratio": 1.0, "wall_ratio": 1.0, "psnr": math.inf, "token_mse": 0.0,
-            "seconds": reference.seconds, "num_samples": len(reference.labels)}
-    if quality:
-        base.update(evaluate_images(reference.images, reference.labels))
-    rows.append(base)
+    keys = ("flops_ratio", "wall_ratio", "psnr", "token_mse", "seconds")
+    quality_keys = reference.evaluator.keys if quality and reference.evaluator is not None else ()
+    base = reference.row(quality)
+    rows = [{"name": "none", "family": "none", "params": json.dumps({"num_iter": reference.settings.num_iter}),
+             **{k: base.get(k) for k in keys + quality_keys}, "num_samples": reference.plan.num_samples}]
     for point in tqdm(points, desc="sweep", unit="point", disable=not progress):
-        result = reference.run(point.schedule, point.settings)
-        row = {"name": point.name, "family": point.family, "params": json.dumps(point.params, sort_keys=True),
-               **{k: result[k] for k in ("flops_ratio", "wall_ratio", "psnr", "token_mse", "seconds")},
-               "num_samples": len(reference.labels)}
-        if quality:
-            row.update(evaluate_images(result["images"], reference.labels))
-        rows.append(row)
+        _, result = reference.measure(point.schedule, point.settings, quality=quality, name=point.name)
+        rows.append({"name": point.name, "family": point.family, "params": json.dumps(point.params, sort_keys=True),
+                     **{k: result.get(k) for k in keys + quality_keys}, "num_samples": reference.plan.num_samples})
     df = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in df.columns and col != "pareto":
             df[col] = np.nan
+    df["psnr"] = df["psnr"].astype(float)  # None (no image space) -> NaN
     df = mark_pareto(df)
     return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]]
 

@@ -1,10 +1,9 @@
-"""Sample grids: one row per class label, saved as PNG (and PDF when asked)."""
+"""Sample grids: one row per class label, saved as PNG (and PDF when asked); reading labels from the command line."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 from torch import Tensor
 
 
@@ -42,11 +41,6 @@ def save_sample_grid(images: Tensor, labels: Sequence[int], path: str | Path, ti
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
-
-
-def balanced_labels(num_samples: int, num_classes: int) -> list[int]:
-    """0, 1, ..., C-1, 0, 1, ...: equal class counts for class-conditional evaluation."""
-    return [i % num_classes for i in range(num_samples)]
 
 
 def parse_labels(text: str) -> list[int]:

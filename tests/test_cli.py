@@ -60,3 +60,12 @@ def test_train_refuses_to_overwrite(tmp_path, capsys):
 
 def test_parse_labels():
     assert parse_labels("0-3,7") == [0, 1, 2, 3, 7]
+
+
+def test_eval_and_the_bench_baseline_see_the_same_samples(capsys):
+    common = ["--num-samples", "6", "--batch-size", "4", "--num-iter", "3", "--seed", "5", "--json"]
+    assert main(["eval", *common]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert main(["bench", "--schedule", "lazymar", "--repeats", "1", *common]) == 0
+    baseline = json.loads(capsys.readouterr().out)["baseline"]
+    assert (baseline["accuracy"], baseline["fid"]) == (evaluated["accuracy"], evaluated["fid"])

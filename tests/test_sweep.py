@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from analysis.derive import predicted_flops
-from analysis.sweep import (COLUMNS, Reference, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
+from analysis.sweep import (COLUMNS, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
                             load_sweep, mark_pareto, pareto_front, random_point, run_sweep, save_sweep)
 from lazymar import MAR, get_config
 from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
+from lazymar.runs import Reference, SamplePlan
 from lazymar.sampling import SamplingSettings
+from lazymar.vae import AutoencoderKL, VAEConfig
 
 
 def hand_table() -> pd.DataFrame:
@@ -93,7 +95,9 @@ def test_tiny_sweep_end_to_end():
         for name in ("mask_token", "fake_latent"):
             getattr(model, name).normal_(0, 0.5)
     settings = SamplingSettings(num_iter=4, cfg=2.0)
-    reference = Reference(model, [0, 1, 2], settings, seed=3, batch_size=2)
+    vae = AutoencoderKL(VAEConfig(embed_dim=16, z_channels=4, ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4,
+                                  encoder_attn_levels=())).eval()  # PSNR is taken on images: decode the latents
+    reference = Reference(model, SamplePlan.of([0, 1, 2], seed=3, batch_size=2), settings, vae=vae)
     exact = SweepPoint("exact", "derived", none_schedule(4))
     cached = SweepPoint("lazymar", "lazymar", load_schedule("lazymar", 4, model.config))
     df = run_sweep(reference, [exact, cached], quality=False, progress=False)

@@ -8,7 +8,6 @@ from dataclasses import replace
 import torch
 
 from ..config import get_config
-from ..grid import balanced_labels
 from ..model import MAR
 from ..sampling import SamplingSettings
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
@@ -31,8 +30,9 @@ def random_model(arch: str, seed: int, device: str) -> MAR:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..cache.bench import benchmark, prepare_cpu_memory_measurement, resident_mb
+    from ..cache.bench import benchmark
     from ..cache.schedule import load_schedule
+    from ..runs import SamplePlan, prepare_cpu_memory_measurement, resident_mb
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_baseline = None
@@ -52,17 +52,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     num_samples = args.num_samples or 200
     batch_size = args.batch_size or 100
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
-    labels = balanced_labels(num_samples, model.config.class_num)
-
-    pixels = model.config.vae_stride == 1  # the digits model: tokens are pixels
-    images = evaluate = None
-    if pixels:
-        images = model.unpatchify
-        if model.config.class_num == 10 and model.config.img_size == 8:
-            from ..metrics import evaluate_digits
-            evaluate = lambda imgs: evaluate_digits(imgs, torch.tensor(labels))  # noqa: E731
-    result = benchmark(model, labels, settings, schedule, seed=args.seed, batch_size=batch_size,
-                       repeats=args.repeats, evaluate=evaluate, images=images, cpu_baseline_mb=cpu_baseline,
+    plan = SamplePlan.balanced(num_samples, model.config.class_num, args.seed, batch_size)
+    result = benchmark(model, plan, settings, schedule, repeats=args.repeats, cpu_baseline_mb=cpu_baseline,
                        progress=True)  # on stderr; stdout holds only the JSON
     result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,
               "weights": "random" if (args.compute_bound or args.random_init) else "checkpoint",
@@ -75,7 +66,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         b, c = result["baseline"], result["cached"]
         print(f"{result['model']} under {args.schedule}: FLOPs {b['flops'] / 1e12:.3f} T -> {c['flops'] / 1e12:.3f} T "
               f"(x{result['flops_ratio']:.2f}); wall {b['seconds']:.2f} s -> {c['seconds']:.2f} s "
-              f"(x{result['wall_ratio']:.2f}); PSNR {result['psnr']} dB")
+              f"(x{result['wall_ratio']:.2f}); " + (f"PSNR {result['psnr']} dB" if result["psnr"] is not None else
+                                                      f"token MSE {result['token_mse']:.3g} (no images: no VAE)"))
         for name in ("baseline", "cached"):
             r = result[name]
             print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB, accuracy {r['accuracy']}, fid {r['fid']}")

@@ -29,9 +29,8 @@ def _check_out(path: str | None, force: bool) -> None:
 
 
 def _reference(args: argparse.Namespace, profile):
-    """The uncached reference run on --measure-samples fixed samples, for measured PSNR."""
-    _, sweep = _analysis()
-    from ..grid import balanced_labels
+    """The uncached reference run on --measure-samples fixed samples, for measured PSNR (lazymar.runs)."""
+    from ..runs import Reference, RunError, SamplePlan
     model = load_model_from_args(args)
     if model.config != profile.config:
         raise ValueError(f"model {args.model!r} does not match the recording's model configuration "
@@ -40,8 +39,11 @@ def _reference(args: argparse.Namespace, profile):
     if settings.num_iter != profile.num_iter:
         raise ValueError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
                          f"pass --num-iter {profile.num_iter}")
-    labels = balanced_labels(args.measure_samples, model.config.class_num)
-    return sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
+    if model.config.vae_stride != 1:
+        raise RunError("measured PSNR is taken on images and this model's tokens are VAE latents; "
+                       "use --no-measure for a budget search")
+    plan = SamplePlan.balanced(args.measure_samples, model.config.class_num, args.seed, args.batch_size)
+    return Reference(model, plan, settings, evaluator=None)
 
 
 def _measurer(reference, quiet: bool):
@@ -212,7 +214,7 @@ DERIVED_GRID = [
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     derive, sweep = _analysis()
-    from ..grid import balanced_labels
+    from ..runs import DEFAULT, Reference, SamplePlan
     from ..cache.schedule import load_schedule
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,8 +233,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
-    labels = balanced_labels(args.num_samples, model.config.class_num)
-    reference = sweep.Reference(model, labels, settings, seed=args.seed, batch_size=args.batch_size)
+    plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
+    reference = Reference(model, plan, settings, evaluator=None if args.no_quality else DEFAULT)
     df = sweep.run_sweep(reference, points, quality=not args.no_quality, progress=not args.json)
     if args.out:
         sweep.save_sweep(df, args.out)

@@ -5,45 +5,25 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from ..grid import balanced_labels, parse_labels, save_sample_grid
-from ..sampling import generate
+from ..grid import parse_labels, save_sample_grid
+from ..runs import ImageSpace, SamplePlan, generate_tokens, quality_evaluator
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
-                     runner_from_args, sampling_from_args)
+                     sampling_from_args)
 
 
-def generate_batched(model, labels: list[int], settings, seed: int, batch_size: int, runner_factory=None,
-                     desc: str = "sampling") -> torch.Tensor:
-    """Tokens for ``labels`` in batches; batch i uses seed + i, so a run is reproducible for a given batch size."""
-    out = []
-    for i, start in enumerate(tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch")):
-        runner = runner_factory() if runner_factory else None
-        out.append(generate(model, labels[start:start + batch_size], settings, seed=seed + i, runner=runner))
-    return torch.cat(out)
+def _schedule(model, args, settings):
+    """The --schedule (validated now, before sampling); None for "none": the plain sampler."""
+    from ..cache.schedule import load_schedule
+    schedule = load_schedule(args.schedule, settings.num_iter, model.config)
+    return None if args.schedule == "none" else schedule
 
 
-def _runner_factory(model, args, settings):
-    """A fresh cache engine per batch for --schedule (validated now, before sampling); None for the plain sampler."""
-    if args.schedule == "none":
-        return None
-    runner_from_args(model, args, settings)
-    return lambda: runner_from_args(model, args, settings)
-
-
-def _load_vae(model, args):
-    """The --vae decoder, checked against the model before any sampling (None for pixel-space models)."""
+def _image_space(model, args) -> ImageSpace:
+    """Tokens to images, with the --vae decoder checked against the model before any sampling."""
     from ..vae import check_vae_fits, load_vae
     vae = load_vae(args.vae, device=args.device) if getattr(args, "vae", None) else None
     check_vae_fits(model, vae)
-    return vae
-
-
-def _images(model, tokens, vae):
-    from ..vae import tokens_to_images
-    with torch.no_grad():
-        return tokens_to_images(model, tokens, vae)
+    return ImageSpace(model, vae)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -53,11 +33,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bad = [l for l in labels if not -1 <= l < model.config.class_num]
     if bad:
         raise ValueError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
-    vae = _load_vae(model, args)
+    images_of = _image_space(model, args)
+    schedule = _schedule(model, args, settings)
     start = time.perf_counter()
-    tokens = generate_batched(model, labels, settings, args.seed, args.batch_size,
-                              _runner_factory(model, args, settings))
-    images = _images(model, tokens, vae)
+    tokens, _ = generate_tokens(model, SamplePlan.of(labels, args.seed, args.batch_size), settings, schedule,
+                                progress=True)
+    images = images_of(tokens)
     seconds = time.perf_counter() - start
     title = f"{args.model}: {settings.num_iter} steps, cfg {settings.cfg:g} ({settings.cfg_schedule}), seed {args.seed}"
     save_sample_grid(images, labels, args.out, title=title)
@@ -67,24 +48,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..metrics import evaluate_digits
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
-    labels = balanced_labels(args.num_samples, model.config.class_num)
-    vae = _load_vae(model, args)
+    images_of = _image_space(model, args)
+    evaluator = quality_evaluator(model, images_of.vae)
+    if evaluator is None:
+        raise ValueError("no quality evaluator fits this model (accuracy and digits-FID score the digits model)")
+    schedule = _schedule(model, args, settings)
+    plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
     start = time.perf_counter()
-    tokens = generate_batched(model, labels, settings, args.seed, args.batch_size,
-                              _runner_factory(model, args, settings))
+    tokens, _ = generate_tokens(model, plan, settings, schedule, progress=True)
     seconds = time.perf_counter() - start
-    images = _images(model, tokens, vae)
-    result = {**evaluate_digits(images, torch.tensor(labels)), "num_samples": len(labels), "seconds": seconds,
-              "model": args.model, "schedule": args.schedule, "seed": args.seed,
+    result = {**evaluator(images_of(tokens), plan.labels), "num_samples": plan.num_samples, "seconds": seconds,
+              "model": args.model, "schedule": args.schedule, "seed": args.seed, "batch_size": args.batch_size,
               **settings.__dict__}
     if args.json:
         print_json(result)
     else:
-        print(f"accuracy {result['accuracy']:.4f}  digits-FID {result['fid']:.3f} (floor {result['fid_floor']:.3f})"
-              f"  {len(labels)} samples in {seconds:.1f} s")
+        scores = "  ".join(f"{k} {result[k]:.4g}" for k in evaluator.keys)
+        print(f"{scores}  ({evaluator.name}; {plan.num_samples} samples in {seconds:.1f} s)")
     return 0
 
 
@@ -118,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="class accuracy and digits-FID of generated samples",
-                       description="Generate balanced class-conditional samples and report accuracy and digits-FID.")
+                       description="Generate balanced class-conditional samples and score them with the model's "
+                                   "quality evaluator (the digits model: accuracy and digits-FID).")
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)

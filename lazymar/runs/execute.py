@@ -1,0 +1,106 @@
+"""Generating a plan's tokens under a cache schedule, batch by batch, and the timed record of such a run.
+
+Batch k is generated with ``torch.Generator(device).manual_seed(batch.seed)`` (the one seed rule, runs.plan) and,
+when a schedule is given, its own fresh ``CacheEngine(schedule)``; the FLOPs ledgers of the batches are merged.
+``rank``/``world_size`` pick this process's batches (round robin) so that a multi-process layer reuses it.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..cache.engine import CacheEngine
+from ..cache.flops import FlopsLedger
+from ..cache.schedule import CacheSchedule
+from ..model import MAR
+from ..sampling import SamplingSettings, generate
+from .images import ImageSpace, QualityEvaluator
+from .memory import PeakMemory
+from .plan import SamplePlan
+
+
+def generate_tokens(model: MAR, plan: SamplePlan, settings: SamplingSettings,
+                    schedule: Optional[CacheSchedule] = None, rank: int = 0, world_size: int = 1,
+                    progress: bool = False, desc: str = "sampling") -> tuple[Tensor, FlopsLedger]:
+    """Tokens (N, seq_len, token_dim) of this rank's batches, in batch order, and the FLOPs of all of them
+    (an empty ledger without a schedule: the plain sampler counts nothing)."""
+    device = next(model.parameters()).device
+    out, ledger = [], FlopsLedger()
+    for batch in tqdm(plan.batches(rank, world_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        engine = CacheEngine(schedule) if schedule is not None else None
+        generator = torch.Generator(device).manual_seed(batch.seed)
+        out.append(generate(model, list(batch.labels), settings, seed=generator, runner=engine))
+        if engine is not None:
+            ledger = ledger.merge(engine.flops)
+    if not out:  # more ranks than batches
+        return torch.zeros(0, model.seq_len, model.token_dim, device=device), ledger
+    return torch.cat(out), ledger
+
+
+@dataclass
+class Run:
+    """A plan sampled under a schedule: its tokens (CPU), the FLOPs of all batches, the wall and process CPU seconds
+    and peak memory (MiB) of every timed repetition, and, once :meth:`finish` ran, its images and quality."""
+
+    name: str
+    plan: SamplePlan
+    settings: SamplingSettings
+    schedule: Optional[CacheSchedule]
+    tokens: Optional[Tensor] = None
+    flops: FlopsLedger = field(default_factory=FlopsLedger)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    peak_memory_mb: list[float] = field(default_factory=list)
+    repeats_identical: bool = True
+    images: Optional[Tensor] = None
+    quality: dict = field(default_factory=dict)
+
+    def repeat(self, model: MAR, cpu_baseline_mb: Optional[float] = None, progress: bool = False) -> "Run":
+        """Sample the plan once more, timed (CUDA synchronised); notes whether the tokens repeat exactly."""
+        device = next(model.parameters()).device
+        with PeakMemory(device, cpu_baseline_mb) as memory:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            tokens, ledger = generate_tokens(model, self.plan, self.settings, self.schedule, progress=progress,
+                                             desc=self.name)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        tokens = tokens.detach().cpu()
+        if self.tokens is None:
+            self.tokens, self.flops = tokens, ledger
+        elif not torch.equal(self.tokens, tokens):
+            self.repeats_identical = False
+        self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu_seconds)
+        if memory.peak_mb is not None:
+            self.peak_memory_mb.append(memory.peak_mb)
+        return self
+
+    def finish(self, images: ImageSpace, evaluator: Optional[QualityEvaluator] = None) -> "Run":
+        """Decode the images (None without an image space) and score them with ``evaluator`` (if any)."""
+        if self.tokens is None:
+            raise RuntimeError(f"run {self.name!r} has not been sampled yet")
+        self.images = images(self.tokens)
+        if evaluator is not None and self.images is not None:
+            self.quality = dict(evaluator(self.images, self.plan.labels))
+        return self
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    def summary(self) -> dict:
+        """The JSON-able numbers of this run alone (medians over repetitions; quality keys when scored)."""
+        totals = self.flops.totals()
+        return {"flops": totals["total"], "flops_per_image": totals["total"] / self.plan.num_samples,
+                "flops_by_component": {k: v for k, v in totals.items() if k != "total"},
+                "seconds": self.median_seconds, "seconds_all": list(self.seconds),
+                "cpu_seconds": statistics.median(self.cpu_seconds), "cpu_seconds_all": list(self.cpu_seconds),
+                "peak_memory_mb": max(self.peak_memory_mb) if self.peak_memory_mb else None,
+                "repeats_identical": self.repeats_identical, **self.quality}

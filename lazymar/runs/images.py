@@ -1,0 +1,96 @@
+"""From tokens to images, and the quality of images: the image space of a model and its pluggable evaluators.
+
+Images are (N, C, H, W) on the [-1, 1] scale for every model: the digits model's tokens are its pixels (vae_stride
+1, only rearranged by ``model.unpatchify``), a latent-space model's tokens are decoded by its KL-16 VAE
+(``vae.decode(unpatchify(tokens) / 0.2325)``, lazymar.vae). So PSNR is always taken in image space with the data
+range of that space, :data:`IMAGE_DATA_RANGE` = 2.0. A latent-space model without a VAE has no image space here:
+its runs have no images, no PSNR and no image quality (token MSE still compares them).
+
+Quality evaluators are small objects that score a run's images; :func:`quality_evaluator` picks the one that fits
+a model (the digits classifier's accuracy and digits-FID for the digits model). An evaluator for other models (for
+example ImageNet FID/IS for the VAE models) plugs in with :func:`register_evaluator`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import MARConfig
+from ..model import MAR
+
+IMAGE_DATA_RANGE = 2.0  # images are in [-1, 1] for pixel and VAE models alike
+
+
+def is_digits_model(config: MARConfig) -> bool:
+    """Tokens are the pixels of 8x8 digit images (the embedded model): images and the digits classifier apply."""
+    return config.vae_stride == 1 and config.img_size == 8 and config.class_num == 10
+
+
+class ImageSpace:
+    """Maps a model's tokens (N, seq_len, token_dim) to CPU float images (N, C, H, W) in [-1, 1], or to None when
+    the model's tokens are VAE latents and no VAE was given. VAE decoding runs ``decode_batch`` samples at a time."""
+
+    def __init__(self, model: MAR, vae=None, decode_batch: int = 32):
+        from ..vae import check_vae_fits
+        if vae is not None:
+            check_vae_fits(model, vae)
+        self.model, self.vae, self.decode_batch = model, vae, decode_batch
+
+    @property
+    def available(self) -> bool:
+        return self.vae is not None or self.model.config.vae_stride == 1
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor) -> Optional[Tensor]:
+        if not self.available:
+            return None
+        if self.vae is None:
+            return self.model.unpatchify(tokens).detach().cpu().float()
+        from ..vae import tokens_to_images
+        return torch.cat([tokens_to_images(self.model, tokens[i:i + self.decode_batch], self.vae).cpu().float()
+                          for i in range(0, len(tokens), self.decode_batch)])
+
+
+class QualityEvaluator(Protocol):
+    """Scores the images of a run drawn for ``labels``: named numbers (``keys``), e.g. accuracy and FID."""
+
+    name: str
+    keys: tuple[str, ...]
+
+    def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]: ...
+
+
+class DigitsQuality:
+    """Class accuracy, digits-FID and its floor (lazymar.metrics); FID is NaN for fewer than 2 images."""
+
+    name = "digits"
+    keys = ("accuracy", "fid", "fid_floor")
+
+    def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]:
+        from ..metrics import class_accuracy, evaluate_digits
+        labels = torch.tensor([int(x) for x in labels])
+        if len(images) < 2:
+            return {"accuracy": class_accuracy(images, labels), "fid": math.nan, "fid_floor": math.nan}
+        out = evaluate_digits(images, labels)
+        return {k: out[k] for k in self.keys}
+
+
+EvaluatorFactory = Callable[[MAR, object], Optional[QualityEvaluator]]
+_FACTORIES: list[EvaluatorFactory] = [lambda model, vae: DigitsQuality() if is_digits_model(model.config) else None]
+
+
+def register_evaluator(factory: EvaluatorFactory) -> None:
+    """Add ``factory(model, vae) -> evaluator or None``; factories are asked in order of registration."""
+    _FACTORIES.append(factory)
+
+
+def quality_evaluator(model: MAR, vae=None) -> Optional[QualityEvaluator]:
+    """The first registered evaluator that fits ``model`` (and its VAE), or None when none does."""
+    for factory in _FACTORIES:
+        evaluator = factory(model, vae)
+        if evaluator is not None:
+            return evaluator
+    return None

@@ -1,0 +1,70 @@
+"""Peak memory of a run. On CUDA ``torch.cuda.max_memory_allocated`` during the run (weights included; the device
+is synchronised before and after). On CPU the peak resident set size during the run (VmHWM, reset before each run)
+minus the process's size before the model was built, so again weights + activations + caches. glibc is told to
+serve allocations of 1 MiB and more by mmap (:func:`prepare_cpu_memory_measurement`), so that freed tensors leave
+the resident set and each run's peak is its own.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def _status_kb(field_name: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def prepare_cpu_memory_measurement() -> bool:
+    """Fix glibc's mmap threshold (large blocks are returned to the OS when freed). True if it took effect."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def resident_mb() -> Optional[float]:
+    """The process's resident set size in MiB (None off Linux)."""
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+class PeakMemory:
+    """Peak memory of the code in the ``with`` block, in MiB (None where it cannot be measured: on CPU without a
+    ``cpu_baseline_mb`` or without /proc)."""
+
+    def __init__(self, device: torch.device, cpu_baseline_mb: Optional[float] = None):
+        self.device, self.cpu_baseline_mb = torch.device(device), cpu_baseline_mb
+        self.peak_mb: Optional[float] = None
+        self._resettable = False
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
+                self._resettable = True
+            except OSError:
+                self._resettable = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._resettable and self.cpu_baseline_mb is not None:
+            hwm = _status_kb("VmHWM")
+            self.peak_mb = None if hwm is None else hwm / 1024 - self.cpu_baseline_mb
