@@ -148,7 +148,8 @@ class MAR(nn.Module):
         """Prepend the always-visible buffer (class) positions to a (B, seq_len) mask; 1 = masked."""
         return torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)
 
-    def embed_encoder_input(self, tokens: Tensor, class_embedding: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    def embed_encoder_input(self, tokens: Tensor, class_embedding: Tensor,
+                            positions: Optional[Tensor] = None) -> Tensor:
         """Encoder inputs (class embedding or projected token, plus position, normalised) of ``positions`` (N, n)
         of buffer + sequence, buffer positions first in every row; all positions by default."""
         buf = self.buffer_size
