@@ -265,9 +265,8 @@ def load_model(name_or_path: str | Path, arch: Optional[str] = None, device: str
     except Exception as err:  # noqa: BLE001 - an impossible configuration, e.g. from bad args
         raise CheckpointError(f"{path}: cannot build a MAR from its configuration ({_first_line(err)})") from None
     check_state_dict(expected, state, path, source)
-    model = MAR(config)
+    model = MAR(config, sampling_defaults=_sampling_defaults(ckpt, name, path))
     model.load_state_dict(state)
-    model.sampling_defaults = _sampling_defaults(ckpt, name, path)
     model.arch, model.weights = name, source
     try:
         return model.eval().to(device)

@@ -1,4 +1,5 @@
-"""Model configurations: the official MAR sizes, the tiny fixture size and the embedded digits model."""
+"""Model configurations (the official MAR sizes, the tiny fixture size, the embedded digits model) and the sampling
+settings a model carries as its defaults."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
@@ -57,6 +58,24 @@ class MARConfig:
         if "num_sampling_steps" in kwargs:
             kwargs["num_sampling_steps"] = str(kwargs["num_sampling_steps"])
         return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The knobs of MAR sampling; checkpoints store their defaults (``MAR.sampling_defaults``)."""
+
+    num_iter: int = 64
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:

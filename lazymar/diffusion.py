@@ -43,9 +43,18 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def modulation(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(shift, scale, gate) from the conditioning y."""
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return shift, scale, gate
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale, gate = self.modulation(y)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+    def with_mlp_output(self, x: Tensor, y: Tensor, mlp_output: Tensor) -> Tensor:
+        """The block with a given MLP output (fresh gate): the head cache's reuse of an earlier step's MLP."""
+        return x + self.modulation(y)[2] * mlp_output
 
 
 class FinalLayer(nn.Module):
@@ -86,9 +95,13 @@ class SimpleMLPAdaLN(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def embed(self, t: Tensor, c: Tensor) -> Tensor:
+        """The conditioning y of the res-blocks: time embedding plus the projected MAR output."""
+        return self.time_embed(t) + self.cond_embed(c)
+
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
+        y = self.embed(t, c)
         for block in self.res_blocks:
             x = block(x, y)
         return self.final_layer(x, y)
@@ -97,8 +110,13 @@ class SimpleMLPAdaLN(nn.Module):
         """CFG as in MAR: c = [cond; uncond]; the first half of x is used for both; eps mixed, variance kept."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, c)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
-        cond_eps, uncond_eps = eps.chunk(2)
+        cond_eps, uncond_eps = out[:, : self.in_channels].chunk(2)
+        return self.guide(cond_eps, uncond_eps, out[:, self.in_channels:], cfg_scale)
+
+    @staticmethod
+    def guide(cond_eps: Tensor, uncond_eps: Tensor, rest: Tensor, cfg_scale: float) -> Tensor:
+        """The CFG output for [cond; uncond] rows: the guided eps in both halves, then the variance part ``rest``
+        (2n rows)."""
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
@@ -265,6 +283,8 @@ class DiffLoss(nn.Module):
         diffusion = self.gen_diffusion
         denoise = denoise or self.denoiser(cfg)
         n = z.shape[0] // 2 if cfg is not None else z.shape[0]
+        if n == 0:  # nothing to predict at this MAR step (draws no noise, as the loop would not)
+            return z.new_empty(z.shape[0], self.in_channels)
         x = torch.randn(n, self.in_channels, device=z.device, generator=generator)
         if cfg is not None:
             x = torch.cat([x, x])

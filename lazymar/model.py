@@ -13,12 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import MARConfig
+from .config import MARConfig, SamplingSettings
 from .diffusion import DiffLoss
 
 # Called with (k, v) of shape (B, heads, N, head_dim); returns the K/V that the queries attend to.
 # The cache engine uses it to attend over fresh K/V of recomputed positions plus cached K/V of the others.
 KVHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# layer index -> that block's KVHook (or None)
+KVHooks = Callable[[int], Optional[KVHook]]
 
 
 class Attention(nn.Module):
@@ -65,12 +67,26 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MAR(nn.Module):
-    """Masked autoregressive model: MAE-style encoder over known tokens, decoder over all positions."""
+def run_blocks(blocks: nn.ModuleList, x: Tensor, kv_hooks: Optional[KVHooks] = None,
+               layers: Optional[range] = None) -> Tensor:
+    """x through ``blocks[layers]`` (all by default) in order, block i with the K/V hook ``kv_hooks(i)``."""
+    for layer in layers if layers is not None else range(len(blocks)):
+        x = blocks[layer](x, kv_hooks(layer) if kv_hooks is not None else None)
+    return x
 
-    def __init__(self, config: MARConfig):
+
+class MAR(nn.Module):
+    """Masked autoregressive model: MAE-style encoder over known tokens, decoder over all positions.
+
+    ``sampling_defaults`` are the settings :func:`lazymar.sampling.generate` uses when given none (checkpoints
+    store theirs)."""
+
+    sampling_defaults: SamplingSettings
+
+    def __init__(self, config: MARConfig, sampling_defaults: Optional[SamplingSettings] = None):
         super().__init__()
         self.config = c = config
+        self.sampling_defaults = sampling_defaults or SamplingSettings()
         self.seq_len, self.token_dim, self.buffer_size = c.seq_len, c.token_dim, c.buffer_size
         enc, dec, total = c.encoder_embed_dim, c.decoder_embed_dim, c.seq_len + c.buffer_size
 
@@ -125,33 +141,59 @@ class MAR(nn.Module):
         return torch.einsum("nhwcpq->nchpwq", x).reshape(B, C, g * p, g * p)
 
     # --- transformer ------------------------------------------------------------------------------------
+    # The paper's pass is forward_mae_encoder then forward_mae_decoder. Each is written from smaller steps (embed
+    # given positions, keep the visible rows, run blocks with optional K/V hooks, scatter into mask tokens) that
+    # the cache engine calls on subsets of rows; the plain pass is unchanged by them.
     def with_buffer(self, mask: Tensor) -> Tensor:
         """Prepend the always-visible buffer (class) positions to a (B, seq_len) mask; 1 = masked."""
         return torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)
 
-    def embed_encoder_input(self, tokens: Tensor, class_embedding: Tensor) -> Tensor:
-        """All positions (buffer + tokens) embedded for the encoder, before dropping the masked ones."""
-        x = self.z_proj(tokens)
-        x = torch.cat([x.new_zeros(x.shape[0], self.buffer_size, x.shape[2]), x], dim=1)
-        x[:, : self.buffer_size] = class_embedding.unsqueeze(1)
-        return self.z_proj_ln(x + self.encoder_pos_embed_learned)
+    def embed_encoder_input(self, tokens: Tensor, class_embedding: Tensor,
+                            positions: Optional[Tensor] = None) -> Tensor:
+        """Encoder inputs (class embedding or projected token, plus position, normalised) of ``positions`` (N, n)
+        of buffer + sequence, buffer positions first in every row; all positions by default."""
+        buf = self.buffer_size
+        if positions is None:
+            n_buf, z, pos = buf, self.z_proj(tokens), self.encoder_pos_embed_learned
+        else:
+            n_buf = int((positions[0] < buf).sum())
+            index = (positions[:, n_buf:] - buf).unsqueeze(-1).expand(-1, -1, tokens.shape[2])
+            z, pos = self.z_proj(tokens.gather(1, index)), self.encoder_pos_embed_learned[0][positions]
+        x = torch.cat([class_embedding.unsqueeze(1).expand(-1, n_buf, -1).to(z.dtype), z], dim=1)
+        return self.z_proj_ln(x + pos)
+
+    def visible_rows(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The rows of x (B, buffer + seq, C) at the buffer and known positions (mask 0), in position order."""
+        return x[(1 - self.with_buffer(mask)).nonzero(as_tuple=True)].reshape(x.shape[0], -1, x.shape[2])
+
+    def run_encoder(self, x: Tensor, kv_hooks: Optional[KVHooks] = None) -> Tensor:
+        """The encoder blocks and norm on embedded rows x (N, n, enc); ``kv_hooks`` can supply the K/V of
+        positions that are not among the rows."""
+        return self.encoder_norm(run_blocks(self.encoder_blocks, x, kv_hooks))
 
     def forward_mae_encoder(self, tokens: Tensor, mask: Tensor, class_embedding: Tensor) -> Tensor:
         """Encode the buffer and the known (unmasked) tokens; returns (B, buffer + known, enc)."""
-        x = self.embed_encoder_input(tokens, class_embedding)
-        B, _, C = x.shape
-        x = x[(1 - self.with_buffer(mask)).nonzero(as_tuple=True)].reshape(B, -1, C)
-        for block in self.encoder_blocks:
-            x = block(x)
-        return self.encoder_norm(x)
+        return self.run_encoder(self.visible_rows(self.embed_encoder_input(tokens, class_embedding), mask))
 
-    def scatter_decoder_input(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Mask tokens everywhere, encoder outputs at the buffer and known positions, plus positions."""
+    def decoder_embeddings(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Mask tokens everywhere, the embedded encoder outputs x at the buffer and known positions (no
+        positional embedding yet)."""
         x = self.decoder_embed(x)
         mask_with_buffer = self.with_buffer(mask)
         full = self.mask_token.expand(mask.shape[0], mask_with_buffer.shape[1], -1).to(x.dtype).clone()
         full[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
-        return full + self.decoder_pos_embed_learned
+        return full
+
+    def with_decoder_positions(self, x: Tensor) -> Tensor:
+        return x + self.decoder_pos_embed_learned
+
+    def scatter_decoder_input(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The decoder input of all positions from the encoder outputs x."""
+        return self.with_decoder_positions(self.decoder_embeddings(x, mask))
+
+    def run_decoder(self, x: Tensor, layers: Optional[range] = None, kv_hooks: Optional[KVHooks] = None) -> Tensor:
+        """Decoder blocks ``layers`` (all by default) on rows x (N, n, dec); no norm (see decoder_output)."""
+        return run_blocks(self.decoder_blocks, x, kv_hooks, layers)
 
     def decoder_output(self, x: Tensor) -> Tensor:
         """After the last decoder block: norm, drop the buffer, add the diffusion positions -> z."""
@@ -160,10 +202,7 @@ class MAR(nn.Module):
 
     def forward_mae_decoder(self, x: Tensor, mask: Tensor) -> Tensor:
         """Decode all positions; returns the head conditioning z of shape (B, seq_len, dec)."""
-        x = self.scatter_decoder_input(x, mask)
-        for block in self.decoder_blocks:
-            x = block(x)
-        return self.decoder_output(x)
+        return self.decoder_output(self.run_decoder(self.scatter_decoder_input(x, mask)))
 
     def forward_transformer(self, tokens: Tensor, mask: Tensor, class_embedding: Tensor) -> Tensor:
         """One full MAR pass: tokens (B, L, D), mask (B, L) with 1 = unknown, class embeddings (B, enc) -> z."""

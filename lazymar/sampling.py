@@ -9,32 +9,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config import SamplingSettings
 from .model import MAR
 
+__all__ = ["SamplingSettings", "StepContext", "StepRunner", "StepObserver", "generate", "observe_steps",
+           "current_step", "mask_length", "step_cfg_scale", "random_orders"]
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The knobs of MAR sampling; checkpoints store their defaults."""
-
-    num_iter: int = 64
-    cfg: float = 1.0
-    cfg_schedule: str = "linear"
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
-        if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+Phase = Literal["transformer", "head"]
+BRANCHES = ("cond", "uncond")
 
 
 @dataclass
@@ -44,6 +33,13 @@ class StepContext:
     Statuses of token positions at step s partition them: ``known`` (decoded before s-1), ``new`` (decoded at
     s-1), ``to_predict`` (decoded at s) and ``masked`` (still unknown after s). With CFG the network batch is
     [cond; uncond] of size 2B.
+
+    The last four fields are the seam between a step runner and the observers' module hooks: ``phase`` says
+    which network is running; ``branches`` the branches of the network batch, in order; ``encoder_rows`` /
+    ``decoder_rows`` the positions (indices into buffer + sequence, LongTensor (network batch, n)) of the rows a
+    block call holds, set by a runner before it runs blocks on other rows than the plain model does (None: the
+    plain layout, i.e. the buffer and the known positions in order for the encoder, all positions for the
+    decoder).
     """
 
     model: MAR
@@ -60,7 +56,14 @@ class StepContext:
     use_cfg: bool
     z: Optional[Tensor] = None     # (2B or B, L, dec) head conditioning, set after the transformer pass
     sampled: Optional[Tensor] = None  # (n_to_predict, D) tokens sampled at this step
-    extras: dict = field(default_factory=dict)  # scratch space for runners and observers
+    phase: Phase = "transformer"
+    branches: tuple[str, ...] = ()    # () = the default: ("cond", "uncond") with CFG, ("cond",) without
+    encoder_rows: Optional[Tensor] = None
+    decoder_rows: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not self.branches:
+            self.branches = BRANCHES if self.use_cfg else BRANCHES[:1]
 
     @property
     def batch_size(self) -> int:
@@ -159,7 +162,7 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
 
     The seed (or generator) fixes the orders and all noise, so the same seed gives the same tokens.
     """
-    settings = settings or getattr(model, "sampling_defaults", None) or SamplingSettings()
+    settings = settings or model.sampling_defaults
     runner = runner or StepRunner()
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -193,6 +196,7 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
             for obs in observers:
                 obs.on_step_start(ctx)
             ctx.z = runner.transformer(ctx)
+            ctx.phase = "head"
             rows = ctx.doubled(ctx.to_predict)
             ctx.sampled = runner.head(ctx, ctx.z[rows], settings.temperature, generator)
             tokens = tokens.clone()

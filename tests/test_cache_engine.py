@@ -4,7 +4,9 @@ import types
 import pytest
 import torch
 
-from lazymar.cache.engine import CacheEngine, CachedHeadDenoiser
+from lazymar.cache.engine import CacheEngine
+from lazymar.cache.flops import FlopsLedger
+from lazymar.cache.head import HeadCache
 from lazymar.cache.schedule import HeadCachePolicy, ScheduleError, load_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.model import MAR
@@ -74,16 +76,24 @@ def relative_error(a, b):
 @pytest.mark.parametrize("cfg", [3.0, 1.0])
 def test_none_schedule_is_the_plain_sampler_bit_for_bit(model, cfg):
     plain, _, _ = run(model, cfg=cfg)
-    cached, _, engine = run(model, load_schedule("none", NUM_ITER, model.config), cfg=cfg)
+    engine = CacheEngine(load_schedule("none", NUM_ITER, model.config))
+    cached_anything = []
+
+    class Caches(StepObserver):
+        def on_step_end(self, ctx):
+            cached_anything.append(not all(m.empty for m in (engine.encoder, engine.decoder, engine.condition)))
+
+    with observe_steps(Caches()):
+        cached = generate(model, LABELS, SamplingSettings(num_iter=NUM_ITER, cfg=cfg), seed=0, runner=engine)
     assert torch.equal(plain, cached)
-    assert engine.dec_out is None and all(k is None for k in engine.enc_k)  # nothing was cached
+    assert cached_anything == [False] * NUM_ITER  # nothing was cached at any step
 
 
 def test_a_schedule_that_reuses_nothing_equals_the_plain_sampler(model):
     plain, plain_steps, _ = run(model)
     schedule = cached_steps(head_cache=[True] * NUM_ITER, head=HeadCachePolicy(hoist_invariants=True))
     cached, steps, engine = run(model, schedule)
-    assert engine.dec_out is None  # released after the last step
+    assert engine.decoder.empty and engine.encoder.empty  # released after the last step
     for a, b in zip(steps, plain_steps):
         assert (a.z - b.z).abs().max() < 1e-5
     assert relative_error(cached, plain) < 1e-5
@@ -144,7 +154,7 @@ def test_decoder_token_cache_runs_kept_positions_over_cached_kv(model, rule):
 
     class Kept(StepObserver):
         def on_step_end(self, ctx):
-            engine_selections.append(ctx.extras.get("decoder_rows"))
+            engine_selections.append(ctx.decoder_rows)
 
     with observe_steps(Kept()):
         _, steps, _ = run(model, schedule)
@@ -194,11 +204,11 @@ def test_similarity_selection_keeps_the_least_similar_positions(model):
     v_prev = torch.randn(1, H, total, hd)
     change = torch.rand(total)  # position p changes by change[p]
     v_now = v_prev + change[None, None, :, None] * torch.randn(1, H, total, hd) * 3
-    engine.v_prev = v_prev
+    engine.decoder.previous_v = v_prev
     to_predict = torch.zeros(1, model.seq_len, dtype=torch.bool)
     to_predict[0, 5] = True
     ctx = types.SimpleNamespace(step=1, batch_size=1, to_predict=to_predict, new=torch.zeros_like(to_predict))
-    kept = engine._select(ctx, None, v_now)[0]
+    kept = engine.decoder.select(ctx, v_now)[0]
     cos = torch.nn.functional.cosine_similarity(v_now, v_prev, dim=-1).mean(dim=1)[0]
     cos[model.buffer_size + 5] = -2.0  # always kept
     expected = torch.sort(torch.argsort(cos)[: total // 2]).values
@@ -230,13 +240,14 @@ def test_condition_cache_reuses_the_cond_uncond_difference_of_the_last_block(mod
 def test_head_cache_by_hand(model, reuse_mlp):
     policy = HeadCachePolicy(refresh_every=3, cfg_cache=True, reuse_blocks=(1,), reuse_mlp=reuse_mlp,
                              mlp_fresh_above=1.0)
-    engine = CacheEngine(none_schedule(NUM_ITER).with_changes(head_cache=[True] * NUM_ITER, head=policy))
-    engine.start(model, SamplingSettings(num_iter=NUM_ITER, cfg=2.5), batch_size=1)
-    engine.flops.begin_step()
+    head = HeadCache(model, policy, FlopsLedger())
     net, tmap, D = model.diffloss.net, model.diffloss.gen_diffusion.timestep_map, model.token_dim
     n, s = 3, 2.5
     z = torch.randn(2 * n, model.config.decoder_embed_dim)
-    denoise = CachedHeadDenoiser(engine, types.SimpleNamespace(use_cfg=True, cfg_scale=s), z).__enter__()
+    head.begin(True, s, z)
+    capturing = head.capturing_mlps()
+    capturing.__enter__()
+    denoise = head.denoise
     x9, x7 = torch.randn(n, D), torch.randn(n, D)
     index = lambda i, rows=2 * n: torch.full((rows,), i, dtype=torch.long)  # noqa: E731
 
@@ -272,8 +283,11 @@ def test_head_cache_by_hand(model, reuse_mlp):
 
     out6 = denoise(torch.cat([x7, x7]), index(6), z)  # 6 % 3 == 0: full again
     assert (out6 - net.forward_with_cfg(torch.cat([x7, x7]), tmap[index(6)], z, s)).abs().max() < 1e-6
-    denoise.__exit__(None, None, None)
+    capturing.__exit__(None, None, None)
     assert not any(block.mlp._forward_hooks for block in net.res_blocks)
+    assert not head.empty
+    head.reset()
+    assert head.empty
 
 
 # --- the contract with the recorder ---------------------------------------------------------------------------
@@ -288,8 +302,8 @@ def test_row_subsets_are_announced_before_each_block(model):
             ctx = current_step()
             x = inputs[0]
             B, buf = ctx.batch_size, model.buffer_size
-            assert x.shape[0] == len(ctx.extras["branches"]) * B
-            rows = ctx.extras.get(f"{kind}_rows")
+            assert x.shape[0] == len(ctx.branches) * B and ctx.phase == "transformer"
+            rows = ctx.encoder_rows if kind == "encoder" else ctx.decoder_rows
             if rows is None:
                 default = buf + int((~ctx.unknown[0]).sum()) if kind == "encoder" else buf + model.seq_len
                 assert x.shape[1] == default
@@ -298,7 +312,7 @@ def test_row_subsets_are_announced_before_each_block(model):
                 if kind == "encoder":  # the buffer and the tokens decoded at the previous step
                     new = ctx.new[0].nonzero().flatten() + buf
                     assert torch.equal(rows[0], torch.cat([torch.arange(buf), new]))
-            seen.append((ctx.step, kind, rows is None, ctx.extras["branches"]))
+            seen.append((ctx.step, kind, rows is None, ctx.branches))
         return hook
 
     handles = [b.register_forward_hook(check("encoder")) for b in model.encoder_blocks]

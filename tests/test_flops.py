@@ -141,3 +141,21 @@ def test_ledger_merge_and_totals():
     assert len(merged.steps) == 2
     with pytest.raises(ValueError, match="unknown FLOPs component 'vae'"):
         a.add("vae", 1)
+
+
+def test_head_sampling_flops_by_hand():
+    cfg = get_config("mar_tiny")  # 10 head steps
+    assert F.head_sampling_flops(cfg, 0) == 0
+    assert F.head_sampling_flops(cfg, 0, policy=HeadCachePolicy(hoist_invariants=True)) == 0
+    assert F.head_sampling_flops(cfg, 3) == 10 * F.head_net_flops(cfg, 6)
+    assert F.head_sampling_flops(cfg, 3, use_cfg=False) == 10 * F.head_net_flops(cfg, 3)
+    policy = HeadCachePolicy(refresh_every=3, cfg_cache=True, reuse_blocks=(1,), reuse_mlp=True, hoist_invariants=True)
+    per_token = F.head_sampling_flops(cfg, 1, policy=policy, shared=False)
+    assert F.head_sampling_flops(cfg, 4, policy=policy, shared=False) == 4 * per_token
+    # what a hoisting policy computes once for all rows of the MAR step: cond embedding once, time once per step
+    shared = F.head_cond_flops(cfg, 8) + 10 * F.head_time_flops(cfg, 1)
+    assert F.head_sampling_flops(cfg, 4, policy=policy) == 4 * per_token + shared
+    # full head steps 9, 6, 3, 0 on both halves; the others on the cond half, block 1 reused, block 0 from its MLP
+    full = F.head_net_flops(cfg, 2, time_rows=0, cond_rows=0)
+    cached = (F.head_input_flops(cfg, 1) + F.head_res_block_flops(cfg, 1, mlp=False) + F.head_final_flops(cfg, 1))
+    assert per_token == 4 * full + 6 * cached

@@ -57,12 +57,13 @@ class Capture(StepObserver):
         self.handles.append(net.final_layer.register_forward_hook(self._head_output))
 
     def _keep(self, layer, what):
-        rows_key = "encoder_rows" if layer < len(self.model.encoder_blocks) else "decoder_rows"
+        encoder = layer < len(self.model.encoder_blocks)
 
         def hook(module, args, out):
             if self.cur.get("z") is None:  # the transformer pass, not the head
-                extras = current_step().extras
-                self.cur["feats"][(layer, what)] = (out.clone(), extras.get(rows_key), extras.get("branches"))
+                ctx = current_step()
+                rows = ctx.encoder_rows if encoder else ctx.decoder_rows
+                self.cur["feats"][(layer, what)] = (out.clone(), rows, ctx.branches)
         return hook
 
     def _head_output(self, module, args, out):
@@ -240,7 +241,7 @@ class SubsetRunner(StepRunner):
         B, P = ctx.batch_size, x.shape[1]
         g = torch.Generator().manual_seed(ctx.step)
         rows = torch.stack([torch.randperm(P, generator=g)[: P // 2] for _ in range(B)])
-        ctx.extras.update(decoder_rows=rows, branches=("cond",))
+        ctx.decoder_rows, ctx.branches = rows, ("cond",)
         h = x[:B].gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         for block in model.decoder_blocks:
             h = block(h)

@@ -5,8 +5,9 @@ What is counted, as ``torch.utils.flop_counter.FlopCounterMode`` counts it: matr
 two batched products, 4 * batch * heads * q_len * kv_len * head_dim. Norms, activations, softmax, the diffusion
 update, gathers and scatters are not counted. One FLOP is one multiply or one add (1 MAC = 2 FLOPs).
 
-:class:`FlopsLedger` collects what ran; :func:`estimate_generation_flops` predicts it from the token counts alone
-(no model needed), which is how the MAR-B/L/H totals are computed.
+:class:`FlopsLedger` collects what ran (the cache engine charges it); :func:`estimate_generation_flops` predicts it
+from the token counts alone (no model needed), which is how the MAR-B/L/H totals are computed. Both price every
+operation with the same function below.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from typing import Optional
 from ..config import MARConfig
 from ..diffusion import space_timesteps
 from ..sampling import mask_length
-from .schedule import CacheSchedule
+from .schedule import CacheSchedule, HeadCachePolicy
 
 COMPONENTS = ("encoder", "decoder", "head")
 TIME_FREQUENCIES = 256  # the sinusoidal features the head's time embedder projects
 
 
-# --- formulas ------------------------------------------------------------------------------------------------
+# --- one function per operation -----------------------------------------------------------------------------
+# The engine charges these from the shapes it runs, the analytic model below from token counts, and schedule
+# derivation through estimate_generation_flops / head_sampling_flops: a change to the model changes one of them.
 def linear_flops(rows: int, fan_in: int, fan_out: int) -> int:
     return 2 * rows * fan_in * fan_out
 
@@ -39,21 +42,91 @@ def block_flops(batch: int, q_len: int, kv_len: int, dim: int, heads: int, mlp_h
             + linear_flops(rows, dim, dim) + linear_flops(rows, dim, mlp_hidden) + linear_flops(rows, mlp_hidden, dim))
 
 
+def encoder_block_flops(config: MARConfig, batch: int, q_len: int, kv_len: int) -> int:
+    c = config
+    return block_flops(batch, q_len, kv_len, c.encoder_embed_dim, c.encoder_num_heads,
+                       int(c.encoder_embed_dim * c.mlp_ratio))
+
+
+def decoder_block_flops(config: MARConfig, batch: int, q_len: int, kv_len: int) -> int:
+    c = config
+    return block_flops(batch, q_len, kv_len, c.decoder_embed_dim, c.decoder_num_heads,
+                       int(c.decoder_embed_dim * c.mlp_ratio))
+
+
+def token_embed_flops(config: MARConfig, rows: int) -> int:
+    """z_proj of ``rows`` tokens (the encoder's input projection)."""
+    return linear_flops(rows, config.token_dim, config.encoder_embed_dim)
+
+
+def decoder_embed_flops(config: MARConfig, rows: int) -> int:
+    """decoder_embed of ``rows`` encoder outputs."""
+    return linear_flops(rows, config.encoder_embed_dim, config.decoder_embed_dim)
+
+
+# the head's denoiser (SimpleMLPAdaLN), part by part
+def head_input_flops(config: MARConfig, rows: int) -> int:
+    return linear_flops(rows, config.token_dim, config.diffloss_w)
+
+
+def head_time_flops(config: MARConfig, rows: int) -> int:
+    w = config.diffloss_w
+    return linear_flops(rows, TIME_FREQUENCIES, w) + linear_flops(rows, w, w)
+
+
+def head_cond_flops(config: MARConfig, rows: int) -> int:
+    return linear_flops(rows, config.decoder_embed_dim, config.diffloss_w)
+
+
+def head_res_block_flops(config: MARConfig, rows: int, mlp: bool = True) -> int:
+    """A res-block's modulation, and its MLP unless a cached MLP output stands in for it."""
+    w = config.diffloss_w
+    return linear_flops(rows, w, 3 * w) + (2 * linear_flops(rows, w, w) if mlp else 0)
+
+
+def head_final_flops(config: MARConfig, rows: int) -> int:
+    w = config.diffloss_w
+    return linear_flops(rows, w, 2 * w) + linear_flops(rows, w, 2 * config.token_dim)
+
+
 def head_net_flops(config: MARConfig, rows: int, skipped_blocks: int = 0, mlp_skipped_blocks: int = 0,
                    time_rows: Optional[int] = None, cond_rows: Optional[int] = None) -> int:
     """One call of the head's denoiser (SimpleMLPAdaLN) on ``rows`` rows; ``skipped_blocks`` res-blocks not run at
     all (cached residual), ``mlp_skipped_blocks`` run with fresh modulation but a cached MLP output; the time and
     cond embeddings on ``time_rows`` / ``cond_rows`` rows (default: all rows; fewer when hoisted)."""
-    w, d, z = config.diffloss_w, config.token_dim, config.decoder_embed_dim
     run = config.diffloss_d - skipped_blocks
-    time_rows = rows if time_rows is None else time_rows
-    cond_rows = rows if cond_rows is None else cond_rows
-    return (linear_flops(rows, d, w)                                                            # input_proj
-            + linear_flops(time_rows, TIME_FREQUENCIES, w) + linear_flops(time_rows, w, w)     # time_embed
-            + linear_flops(cond_rows, z, w)                                                     # cond_embed
-            + run * linear_flops(rows, w, 3 * w)                                                # res-block adaLN
-            + (run - mlp_skipped_blocks) * 2 * linear_flops(rows, w, w)                         # their MLPs
-            + linear_flops(rows, w, 2 * w) + linear_flops(rows, w, 2 * d))                      # final layer
+    return (head_input_flops(config, rows)
+            + head_time_flops(config, rows if time_rows is None else time_rows)
+            + head_cond_flops(config, rows if cond_rows is None else cond_rows)
+            + (run - mlp_skipped_blocks) * head_res_block_flops(config, rows)
+            + mlp_skipped_blocks * head_res_block_flops(config, rows, mlp=False)
+            + head_final_flops(config, rows))
+
+
+def head_sampling_flops(config: MARConfig, tokens: int, use_cfg: bool = True,
+                        policy: Optional[HeadCachePolicy] = None, shared: bool = True) -> int:
+    """The head's FLOPs at one MAR step decoding ``tokens`` tokens (all its reverse steps), uncached or under the
+    head cache ``policy``; none when there is nothing to decode. ``shared=False`` leaves out what a hoisting
+    policy computes once for all the step's rows (cond embedding once per MAR step, the time embedding once
+    per head step): the per-token part, as a derivation prices policies."""
+    if tokens == 0:
+        return 0
+    c, steps = config, len(_respaced_steps(config.num_sampling_steps))
+    rows = 2 * tokens if use_cfg else tokens
+    if policy is None:
+        return steps * head_net_flops(c, rows)
+    hoist = policy.hoist_invariants
+    cached_rows = tokens if (use_cfg and policy.cfg_cache) else rows
+    embed_rows = {"time_rows": int(shared), "cond_rows": 0} if hoist else {}
+    total = head_cond_flops(c, rows) if (hoist and shared) else 0  # cond_embed once per MAR step
+    skipped = len(policy.reuse_blocks)
+    for i in reversed(range(steps)):
+        if policy.full_step(i, steps):
+            total += head_net_flops(c, rows, **embed_rows)
+        else:
+            mlp_skipped = 0 if policy.mlp_fresh(i, steps) else c.diffloss_d - skipped
+            total += head_net_flops(c, cached_rows, skipped, mlp_skipped, **embed_rows)
+    return total
 
 
 # --- the ledger --------------------------------------------------------------------------------------------
@@ -121,8 +194,6 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
     c, ledger = config, FlopsLedger()
     buf, L = c.buffer_size, c.seq_len
     total = buf + L
-    enc_hidden, dec_hidden = int(c.encoder_embed_dim * c.mlp_ratio), int(c.decoder_embed_dim * c.mlp_ratio)
-    head_steps = len(_respaced_steps(c.num_sampling_steps))
     for counts in step_counts(L, schedule.num_iter):
         s = counts.step
         ledger.begin_step()
@@ -134,41 +205,23 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
             embedded, run = counts.new, buf * plan.encoder_buffer + counts.new
         else:
             embedded, run = L, visible
-        enc = linear_flops(N * embedded, c.token_dim, c.encoder_embed_dim)
-        enc += c.encoder_depth * block_flops(N, run, visible, c.encoder_embed_dim, c.encoder_num_heads, enc_hidden)
-        ledger.add("encoder", enc)
+        ledger.add("encoder", token_embed_flops(c, N * embedded)
+                   + c.encoder_depth * encoder_block_flops(c, N, run, visible))
         # decoder
-        dec = linear_flops(N * run, c.encoder_embed_dim, c.decoder_embed_dim)
-        dim, heads = c.decoder_embed_dim, c.decoder_num_heads
+        dec = decoder_embed_flops(c, N * run)
         if plan.token_cache:
             always = counts.to_predict * ("to_predict" in schedule.always_keep) + counts.new * (
                 "new" in schedule.always_keep) + buf * ("buffer" in schedule.always_keep)
             keep = schedule.kept_count(s, total, always)
             full_layers = schedule.selection_layer + 1
-            dec += full_layers * block_flops(N, total, total, dim, heads, dec_hidden)
-            dec += (c.decoder_depth - full_layers) * block_flops(N, keep, total, dim, heads, dec_hidden)
+            dec += full_layers * decoder_block_flops(c, N, total, total)
+            dec += (c.decoder_depth - full_layers) * decoder_block_flops(c, N, keep, total)
         else:
-            dec += c.decoder_depth * block_flops(N, total, total, dim, heads, dec_hidden)
+            dec += c.decoder_depth * decoder_block_flops(c, N, total, total)
         ledger.add("decoder", dec)
         # head
-        rows = batch_size * counts.to_predict
-        cfg_rows = 2 * rows if use_cfg else rows
-        if not plan.head_cache:
-            ledger.add("head", head_steps * head_net_flops(c, cfg_rows))
-            continue
-        policy = schedule.head
-        skipped = len(policy.reuse_blocks)
-        cached_rows = rows if (use_cfg and policy.cfg_cache) else cfg_rows
-        hoist = policy.hoist_invariants
-        if hoist:
-            ledger.add("head", linear_flops(cfg_rows, c.decoder_embed_dim, c.diffloss_w))  # cond_embed once
-        embed_rows = {"time_rows": 1, "cond_rows": 0} if hoist else {}
-        for i in reversed(range(head_steps)):
-            if policy.full_step(i, head_steps):
-                ledger.add("head", head_net_flops(c, cfg_rows, **embed_rows))
-            else:
-                mlp_skipped = 0 if policy.mlp_fresh(i, head_steps) else c.diffloss_d - skipped
-                ledger.add("head", head_net_flops(c, cached_rows, skipped, mlp_skipped, **embed_rows))
+        policy = schedule.head if plan.head_cache else None
+        ledger.add("head", head_sampling_flops(c, batch_size * counts.to_predict, use_cfg, policy))
     return ledger
 
 
@@ -180,13 +233,9 @@ def floor_flops(config: MARConfig, batch_size: int = 1, use_cfg: bool = True) ->
     c = config
     N = batch_size * (2 if use_cfg else 1)
     total = c.buffer_size + c.seq_len
-    enc_hidden, dec_hidden = int(c.encoder_embed_dim * c.mlp_ratio), int(c.decoder_embed_dim * c.mlp_ratio)
-    head_steps = len(_respaced_steps(c.num_sampling_steps))
-    enc = linear_flops(N * c.seq_len, c.token_dim, c.encoder_embed_dim) + c.encoder_depth * block_flops(
-        N, total, total, c.encoder_embed_dim, c.encoder_num_heads, enc_hidden)
-    dec = linear_flops(N * total, c.encoder_embed_dim, c.decoder_embed_dim) + c.decoder_depth * block_flops(
-        N, total, total, c.decoder_embed_dim, c.decoder_num_heads, dec_hidden)
-    head = head_steps * head_net_flops(c, N * c.seq_len)
+    enc = token_embed_flops(c, N * c.seq_len) + c.encoder_depth * encoder_block_flops(c, N, total, total)
+    dec = decoder_embed_flops(c, N * total) + c.decoder_depth * decoder_block_flops(c, N, total, total)
+    head = head_sampling_flops(c, batch_size * c.seq_len, use_cfg)
     return {"encoder": enc, "decoder": dec, "head": head, "total": enc + dec + head}
 
 

@@ -32,7 +32,7 @@ def load_model_from_args(args: argparse.Namespace) -> MAR:
 
 
 def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings:
-    base = getattr(model, "sampling_defaults", None) or SamplingSettings()
+    base = model.sampling_defaults
     overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")
                  if getattr(args, k, None) is not None}
     return replace(base, **overrides)

@@ -15,17 +15,17 @@ it compares each position's features with the same position's features at step s
 A position that is not computed at s or at s-1 (the encoder only sees known tokens; a cache engine may skip rows)
 is missing (NaN), never 0. Only one previous step's features per layer are kept.
 
-Row-to-position contract with step runners (e.g. the cache engine): a runner that passes a subset of rows through
-the blocks sets ``ctx.extras["encoder_rows"]`` / ``ctx.extras["decoder_rows"]`` to a LongTensor (network_batch, n)
-of indices into the buffer+sequence positions, and ``ctx.extras["branches"]`` to the branches of the network batch
-in order ("cond", "uncond"). Absent, the plain model's layout is assumed: encoder rows are the buffer and the known
-positions in position order, decoder rows are all positions, and the branches are ("cond", "uncond") with CFG.
+Row-to-position contract with step runners (e.g. the cache engine), through the step context: a runner that
+passes other rows through the blocks than the plain model sets ``ctx.encoder_rows`` / ``ctx.decoder_rows`` to a
+LongTensor (network_batch, n) of indices into the buffer+sequence positions, and ``ctx.branches`` to the branches
+of the network batch in order. None means the plain model's layout: encoder rows are the buffer and the known
+positions in position order, decoder rows are all positions. ``ctx.phase`` tells the transformer pass from the head.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,11 +34,12 @@ import xarray as xr
 from torch import Tensor
 
 from ..model import MAR
-from ..sampling import SamplingSettings, StepContext, StepObserver, current_step, observe_steps
+from ..sampling import BRANCHES, SamplingSettings, StepContext, StepObserver, current_step, observe_steps
 from .dataset import CFG_STATS, FEATURE_KINDS, RecordingError, STATUS_CODES, concat_batches, make_dataset
 
-BRANCHES = ("cond", "uncond")
 OUTPUT, KEYS_VALUES = slice(0, 1), slice(1, 3)  # the FEATURE_KINDS a hook call delivers: (output,) or (k, v)
+# (step, rows in the block call) -> the positions of those rows (None: all positions), for the encoder or decoder
+RowsOf = Callable[[StepContext, int], Optional[Tensor]]
 
 
 def layer_names(model: MAR) -> list[str]:
@@ -131,9 +132,9 @@ class RedundancyRecorder(StepObserver):
             raise RecordingError("this RedundancyRecorder is already active")
         m = self.model
         for i, block in enumerate(m.encoder_blocks):
-            self._hook_block(block, i, "encoder_rows")
+            self._hook_block(block, i, self._encoder_rows)
         for i, block in enumerate(m.decoder_blocks):
-            self._hook_block(block, self.num_encoder + i, "decoder_rows")
+            self._hook_block(block, self.num_encoder + i, self._decoder_rows)
         net = m.diffloss.net
         self._handles.append(net.time_embed.register_forward_pre_hook(self._on_head_call))
         for k, block in enumerate(net.res_blocks):
@@ -152,16 +153,16 @@ class RedundancyRecorder(StepObserver):
             self._stack = None
         self._active = False
 
-    def _hook_block(self, block: torch.nn.Module, layer: int, rows_key: str) -> None:
+    def _hook_block(self, block: torch.nn.Module, layer: int, rows_of: RowsOf) -> None:
         heads = block.attn.num_heads
 
         def on_output(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-            self._on_features(layer, OUTPUT, out[:, :, None, None], rows_key)
+            self._on_features(layer, OUTPUT, out[:, :, None, None], rows_of)
 
         def on_qkv(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
             NB, n, C3 = out.shape
             qkv = out.reshape(NB, n, 3, heads, C3 // (3 * heads))
-            self._on_features(layer, KEYS_VALUES, qkv[:, :, 1:], rows_key)
+            self._on_features(layer, KEYS_VALUES, qkv[:, :, 1:], rows_of)
 
         self._handles.append(block.register_forward_hook(on_output))
         self._handles.append(block.attn.qkv.register_forward_hook(on_qkv))
@@ -204,7 +205,7 @@ class RedundancyRecorder(StepObserver):
         if not self._active or self._step is None:
             return
         z = ctx.z
-        branches = BRANCHES if (ctx.use_cfg and z.shape[0] == 2 * ctx.batch_size) else ("cond",)
+        branches = BRANCHES if (ctx.use_cfg and z.shape[0] == 2 * ctx.batch_size) else BRANCHES[:1]
         positions = torch.arange(self.buffer_size, self.num_positions, device=z.device).expand(z.shape[0], -1)
         self._record(len(self.layers) - 1, OUTPUT, z[:, :, None, None], positions, branches, ctx)
         buf, s = self._step, ctx.step
@@ -259,30 +260,30 @@ class RedundancyRecorder(StepObserver):
         return concat_batches(self._batches)
 
     # --- transformer hooks --------------------------------------------------------------------------------
-    def _on_features(self, layer: int, kinds: slice, feats: Tensor, rows_key: str) -> None:
+    def _on_features(self, layer: int, kinds: slice, feats: Tensor, rows_of: RowsOf) -> None:
         ctx = current_step()
-        if ctx is None or not self._active or self._step is None or ctx.z is not None:
+        if ctx is None or not self._active or self._step is None or ctx.phase != "transformer":
             return
-        branches = tuple(ctx.extras.get("branches") or (BRANCHES if ctx.use_cfg else ("cond",)))
-        rows = ctx.extras.get(rows_key)
-        if rows is None:
-            rows = self._default_rows(ctx, rows_key, feats.shape[1], len(branches))
-        self._record(layer, kinds, feats, rows, branches, ctx)
+        rows = rows_of(ctx, feats.shape[1])
+        self._record(layer, kinds, feats, rows, tuple(ctx.branches), ctx)
 
-    def _default_rows(self, ctx: StepContext, rows_key: str, n: int, num_branches: int) -> Optional[Tensor]:
-        if rows_key == "decoder_rows":
-            if n != self.num_positions:
-                raise RecordingError(f"a decoder block ran {n} of {self.num_positions} rows but "
-                                     "ctx.extras['decoder_rows'] does not say which")
-            return None
+    def _decoder_rows(self, ctx: StepContext, n: int) -> Optional[Tensor]:
+        if ctx.decoder_rows is None and n != self.num_positions:
+            raise RecordingError(f"a decoder block ran {n} of {self.num_positions} rows but ctx.decoder_rows "
+                                 "does not say which")
+        return ctx.decoder_rows
+
+    def _encoder_rows(self, ctx: StepContext, n: int) -> Tensor:
+        if ctx.encoder_rows is not None:
+            return ctx.encoder_rows
         buf = self._step
         if buf.encoder_positions is None:
             visible = ~self.model.with_buffer(ctx.unknown)
             buf.encoder_positions = visible.nonzero()[:, 1].reshape(ctx.batch_size, -1)
         if buf.encoder_positions.shape[1] != n:
             raise RecordingError(f"an encoder block ran {n} rows, not the buffer and known positions "
-                                 f"({buf.encoder_positions.shape[1]}), and ctx.extras['encoder_rows'] is not set")
-        return buf.encoder_positions.repeat(num_branches, 1)
+                                 f"({buf.encoder_positions.shape[1]}), and ctx.encoder_rows is not set")
+        return buf.encoder_positions.repeat(len(ctx.branches), 1)
 
     def _record(self, layer: int, kinds: slice, feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...],
                 ctx: StepContext) -> None:
@@ -344,7 +345,7 @@ class RedundancyRecorder(StepObserver):
     # --- diffusion-head hooks -----------------------------------------------------------------------------
     def _head_step(self) -> Optional[_StepBuffers]:
         ctx = current_step()
-        if ctx is None or not self._active or self._step is None or ctx.z is None:
+        if ctx is None or not self._active or self._step is None or ctx.phase != "head":
             return None
         return self._step
 

@@ -1,0 +1,129 @@
+"""The decoder's token cache.
+
+On a cached step the decoder layers up to ``selection_layer`` run on all positions. There the positions are
+ranked (cosine similarity of V with the previous step's V, mean over heads, least similar first; or random; or
+the always-kept statuses only) and the kept ones continue alone: the later layers run the kept positions only,
+attending over a positional K/V cache with the fresh rows scattered in, and the cached last-layer output fills
+the other positions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..model import MAR, KVHook
+from ..sampling import StepContext
+from . import flops as F
+from .schedule import CacheSchedule, StepPlan
+from .store import keep_rows
+
+
+class DecoderTokenCache:
+    """State: per-layer K/V after the selection layer, the last block's output, V at the selection layer (for
+    the similarity rule) and the random rule's generator; ``rows`` network rows are kept."""
+
+    def __init__(self, model: MAR, schedule: CacheSchedule, rows: int, ledger: F.FlopsLedger):
+        self.model, self.schedule, self.rows, self.ledger = model, schedule, rows, ledger
+        self.device = next(model.parameters()).device
+        self.reset()
+
+    def reset(self) -> None:
+        depth = len(self.model.decoder_blocks)
+        self.keys: list[Optional[Tensor]] = [None] * depth
+        self.values: list[Optional[Tensor]] = [None] * depth
+        self.output: Optional[Tensor] = None          # (rows, buffer + seq, dec) last decoder block output
+        self.previous_v: Optional[Tensor] = None      # (rows, heads, buffer + seq, head_dim) at the selection layer
+        self.generator = torch.Generator(device=self.device).manual_seed(self.schedule.seed)
+        self._v: Optional[Tensor] = None
+
+    @property
+    def empty(self) -> bool:
+        return self.output is None and self.previous_v is None and all(k is None for k in self.keys)
+
+    def run(self, ctx: StepContext, plan: StepPlan, x: Tensor, store: bool) -> Tensor:
+        """The decoder blocks on the decoder input x (N, buffer + seq, dec); returns the last block's output.
+        With ``store`` the caches are refilled (a later step reuses them)."""
+        model, c, sel = self.model, self.model.config, self.schedule.selection_layer
+        N, total = x.shape[:2]
+        depth = len(model.decoder_blocks)
+        select = plan.token_cache and sel < depth - 1
+        need_v = self.schedule.selection == "similarity" and store
+        ctx.decoder_rows = None
+
+        def hooks(layer: int) -> Optional[KVHook]:
+            if layer == sel and (need_v or select):
+                return self._capture_v
+            return self._store_hook(layer) if layer > sel and store else None
+
+        if not select:
+            x = model.run_decoder(x, kv_hooks=hooks)
+            self.ledger.add("decoder", depth * F.decoder_block_flops(c, N, total, total))
+            if need_v:
+                self.previous_v = keep_rows(self.previous_v, self._v, self.rows)
+            if store:
+                self.output = keep_rows(self.output, x, self.rows)
+            self._v = None
+            return x
+        x = model.run_decoder(x, range(sel + 1), hooks)
+        kept = self.select(ctx, self._v)
+        if need_v:
+            self.previous_v = keep_rows(self.previous_v, self._v, self.rows)
+        self._v = None
+        x = x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        ctx.decoder_rows = kept
+        x = model.run_decoder(x, range(sel + 1, depth), lambda layer: self._scatter_hook(layer, N, kept))
+        self.ledger.add("decoder", (sel + 1) * F.decoder_block_flops(c, N, total, total)
+                        + (depth - sel - 1) * F.decoder_block_flops(c, N, kept.shape[1], total))
+        output = self.output[:N]
+        output.scatter_(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        return output.clone()
+
+    def _capture_v(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self._v = v
+        return k, v
+
+    def _store_hook(self, layer: int) -> KVHook:
+        def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            self.keys[layer] = keep_rows(self.keys[layer], k, self.rows)
+            self.values[layer] = keep_rows(self.values[layer], v, self.rows)
+            return k, v
+        return hook
+
+    def _scatter_hook(self, layer: int, n_rows: int, kept: Tensor) -> KVHook:
+        def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            kc, vc = self.keys[layer][:n_rows], self.values[layer][:n_rows]
+            index = kept[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            kc.scatter_(2, index, k)
+            vc.scatter_(2, index, v)
+            return kc, vc
+        return hook
+
+    def select(self, ctx: StepContext, v: Tensor) -> Tensor:
+        """Indices (N, n_keep), sorted, of the positions recomputed after the selection layer, given V (N, heads,
+        buffer + seq, head_dim) there; ``ctx`` gives the step and the statuses."""
+        sch, buf = self.schedule, self.model.buffer_size
+        N, _, total, _ = v.shape
+        statuses = {"to_predict": ctx.to_predict, "new": ctx.new}
+        always = torch.zeros(ctx.batch_size, total, dtype=torch.bool, device=v.device)
+        for status in sch.always_keep:
+            if status == "buffer":
+                always[:, :buf] = True
+            else:
+                always[:, buf:] |= statuses[status]
+        if N == 2 * ctx.batch_size:
+            always = torch.cat([always, always])
+        n_keep = sch.kept_count(ctx.step, total, int(always[0].sum()))
+        if sch.selection == "similarity":
+            previous = self.previous_v[:N]
+            dot = (v * previous).sum(-1)
+            norms = v.norm(dim=-1) * previous.norm(dim=-1)
+            score = (dot / norms.clamp_min(1e-12)).mean(dim=1)  # (N, total): high = unchanged
+        elif sch.selection == "random":
+            score = torch.rand(N, total, generator=self.generator, device=v.device)
+        else:
+            score = torch.zeros(N, total, device=v.device)
+        score = score.masked_fill(always, float("-inf"))
+        kept = torch.topk(score, n_keep, dim=1, largest=False).indices
+        return kept.sort(dim=1).values
