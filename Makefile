@@ -15,9 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test,notebooks]"
 	touch $@
 
-# The main job on the embedded digits model: a sample grid and its quality.
+# The main job on the embedded digits model: a sample grid and its quality. Output goes to the ignored runs/, so the
+# checkout stays clean (README's command table says how to regenerate the committed data/figures/digits_samples.png).
 demo: setup
-	$(BIN)/lazymar sample --model digits --labels 0-9 --per-label 8 --seed 0 --out data/figures/digits_samples.png
+	$(BIN)/lazymar sample --model digits --labels 0-9 --per-label 8 --seed 0 --out runs/digits_samples.png
 	$(BIN)/lazymar eval --model digits --num-samples 500 --seed 0 --json
 
 test: setup
@@ -26,5 +27,9 @@ test: setup
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
+# After editing a notebook's .py source (the .ipynb twins follow; see notebooks/jupytext.toml).
+notebooks: setup
+	$(BIN)/jupytext --sync notebooks/0*.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,10 +1,11 @@
-"""Analyses built on lazymar recordings and the cache engine.
+"""Notebook-facing analyses built on lazymar recordings and the cache engine. Schedule derivation and search live in
+:mod:`lazymar.schedules` (``analysis.derive`` re-exports it for older imports).
 
-- derive.py: cache schedules derived from a recording (:func:`~analysis.derive.derive_schedule`), FLOPs-budget
-  and fidelity-floor search, ``schedule_matrix`` for heat maps.
-- selection.py: which decoder layer's similarity best ranks positions by their change (selection-layer study).
-- sweep.py: the speed/quality trade-off sweep, ``load_sweep`` and ``pareto_front``.
 - phenomena.py: the redundancy phenomena as tables (notebooks).
+- plots.py, schedule_plots.py: the workbook's figures (phenomena; schedules and trade-offs).
+- sweep.py: the speed/quality trade-off sweep, ``load_sweep`` and ``pareto_front``.
+- measure.py: quick measured checks of schedules beside the uncached run.
+- explorer.py: the interactive schedule explorer of notebook 03.
 
-Modules are imported on demand (``from analysis.derive import derive_schedule``) so that each stays light.
+Modules are imported on demand (``from analysis import plots``) so that each stays light.
 """

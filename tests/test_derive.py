@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from analysis.derive import (DerivationError, RedundancyProfile, _count_below, _levels, derive_schedule,
-                             error_components, predicted_flops, schedule_matrix, search_budget)
-from analysis.selection import selection_study
+from lazymar.schedules import (DerivationError, RedundancyProfile, derive_schedule, error_components, predicted_flops,
+                               schedule_matrix, search_budget, selection_study)
+from lazymar.schedules.levels import count_below as _count_below, levels as _levels
 from lazymar.cache.flops import estimate_generation_flops
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, load_schedule
 from lazymar.cli import main
@@ -277,3 +277,61 @@ def test_cli_errors(stats_file, tmp_path, capsys):
     assert "no derived schedule reaches a FLOPs ratio of 1000" in capsys.readouterr().err
     assert main(["derive", "--stats", str(stats_file), "--target-flops-ratio", "0.5", "--no-measure"]) == 2
     assert "--target-flops-ratio must be > 1" in capsys.readouterr().err
+
+
+# --- out-of-core: the profile from a dask-backed recording, chunk by chunk -----------------------------------------
+def _profiles_equal(a: RedundancyProfile, b: RedundancyProfile) -> None:
+    for name in ("always_kept", "step_change", "raw_step_change", "buffer_change", "residual_angle",
+                 "guidance_weight"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(a.head.change, b.head.change, equal_nan=True)
+    for layer_a, layer_b in zip(a.similarity_levels, b.similarity_levels):
+        for level_a, level_b in zip(layer_a, layer_b):
+            for x, y in zip(level_a, level_b):
+                np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(a.selection[["spearman", "auroc"]], b.selection[["spearman", "auroc"]], rtol=1e-9)
+    assert a.recommended_layer == b.recommended_layer
+
+
+def test_profile_of_a_chunked_recording_reads_one_chunk_at_a_time():
+    """A dask-backed recording (as a Zarr store opens) gives the same profile, and no task ever holds more than
+    one chunk of samples of token_cosine: the reductions never materialise a whole variable."""
+    from dask.callbacks import Callback
+
+    ds = synthetic(v_similarity={1: np.random.default_rng(0).uniform(0.5, 1.0, (6, S, P))}, samples=6)
+    eager = RedundancyProfile.from_stats(ds)
+    chunked = ds.chunk({"sample": 2})
+    largest = []
+
+    class Largest(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            largest.append(getattr(result, "nbytes", 0))
+
+    with Largest():
+        lazy = RedundancyProfile.from_stats(chunked)
+    _profiles_equal(eager, lazy)
+    whole = ds["token_cosine"].nbytes
+    assert largest and max(largest) <= whole / 3  # 2 of 6 samples
+    derived = [derive_schedule(p, tau_refresh=1.5, selection_layer=1, token_quantile=0.5) for p in (eager, lazy)]
+    assert derived[0].schedule == derived[1].schedule
+
+
+def test_similarity_quantiles_match_numpy(profile):
+    from lazymar.schedules.levels import merge_counts, value_counts
+    values = np.random.default_rng(1).integers(0, 7, 200) / 8.0
+    merged = merge_counts(value_counts(values[:50]), value_counts(values[50:]))
+    np.testing.assert_array_equal(merged[0], np.unique(values))
+    np.testing.assert_array_equal(merged[1], np.unique(values, return_counts=True)[1])
+    levels = profile.similarity_levels[1]
+    repeated = np.concatenate([np.repeat((lo + hi) / 2, c) for lo, hi, c in levels])
+    q = (0.0, 0.05, 0.3, 0.5, 0.95, 1.0)
+    expected = {x: float(np.quantile(repeated, x)) for x in q}
+    assert profile.similarity_quantiles(1, q) == pytest.approx(expected, rel=1e-12)
+
+
+def test_head_policy_is_priced_by_the_flops_module(profile):
+    """Derivation has no FLOPs formula of its own: the head cost it ranks policies by is the flops module's."""
+    policy = HeadCachePolicy(refresh_every=2, cfg_cache=True, reuse_blocks=(0,), hoist_invariants=True)
+    one_step = CacheSchedule(num_iter=1, refresh=[True], keep_fraction=[1.0], condition_cache=[False],
+                             head_cache=[True], head=policy)
+    assert profile._head_cost(policy) == estimate_generation_flops(CONFIG, one_step).totals()["head"]

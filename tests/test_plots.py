@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from analysis import measure, phenomena, plots  # noqa: E402
+from analysis import measure, phenomena, plots, redundancy_plots  # noqa: E402
 from analysis.phenomena import AnalysisError  # noqa: E402
 from lazymar import MAR, get_config  # noqa: E402
 from lazymar.cache.flops import estimate_generation_flops  # noqa: E402
@@ -295,7 +295,7 @@ def test_speed_quality_from_sweep_keeps_reference_preset_and_front():
 
 
 def test_schedule_heat_map_shows_computed_shares():
-    from analysis.derive import schedule_matrix
+    from lazymar.schedules import schedule_matrix
     schedule = lazymar_schedule(64, get_config("digits"))
     shares = plots.computed_share(schedule_matrix(schedule))
     assert list(shares.index) == ["full refresh", "decoder positions after selection layer", "unconditional branch",
@@ -335,18 +335,18 @@ def _full_synthetic():
 
 
 def test_every_figure_has_labelled_axes():
-    from analysis.derive import schedule_matrix
+    from lazymar.schedules import schedule_matrix
     ds = _full_synthetic()
     figures = [
-        plots.plot_cosine_ecdf(ds),
-        plots.plot_cosine_violin(ds, layers=["decoder.0", "z"]),
-        plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds), colorbar_label="mean cosine"),
-        plots.plot_fraction_above(phenomena.fraction_above(ds), layers=["decoder.0"]),
-        plots.plot_encoder_vs_decoder(phenomena.encoder_vs_decoder(ds)),
-        plots.plot_step_similarity(np.eye(3), "z"),
-        plots.plot_branch_vs_residual(phenomena.branch_vs_residual(ds, by="step", layers=["z"])),
-        plots.plot_change_ratio(phenomena.branch_vs_residual(ds)),
-        plots.plot_head_change(phenomena.head_change_profile(ds)),
+        redundancy_plots.plot_cosine_ecdf(ds),
+        redundancy_plots.plot_cosine_violin(ds, layers=["decoder.0", "z"]),
+        redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds), colorbar_label="mean cosine"),
+        redundancy_plots.plot_fraction_above(phenomena.fraction_above(ds), layers=["decoder.0"]),
+        redundancy_plots.plot_encoder_vs_decoder(phenomena.encoder_vs_decoder(ds)),
+        redundancy_plots.plot_step_similarity(np.eye(3), "z"),
+        redundancy_plots.plot_branch_vs_residual(phenomena.branch_vs_residual(ds, by="step", layers=["z"])),
+        redundancy_plots.plot_change_ratio(phenomena.branch_vs_residual(ds)),
+        redundancy_plots.plot_head_change(phenomena.head_change_profile(ds)),
         plots.plot_schedule(pd.DataFrame([[1, 0.5, 0.0], [1, 1, 0]], index=["decoder", "head"])),
         plots.plot_schedule(schedule_matrix(lazymar_schedule(8, get_config("digits")))),
         plots.plot_tradeoff(pd.DataFrame({"schedule": ["none", "lazymar"], "flops_ratio": [1.0, 2.5],
@@ -361,7 +361,7 @@ def test_every_figure_has_labelled_axes():
                                         labels=[0, 1, 2])
     assert len(grid.axes) == 6 and grid.axes[0].get_ylabel() == "uncached"
     with pytest.raises(AnalysisError, match="layer, step"):
-        plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds).T)
+        redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds).T)
     with pytest.raises(AnalysisError, match="no column"):
         plots.plot_tradeoff(pd.DataFrame({"x": [1.0]}))
 
@@ -387,7 +387,7 @@ def test_save_figure_writes_png_and_pdf_reproducibly(tmp_path):
 def test_schedule_explorer_follows_its_sliders_and_measures_only_on_demand(tiny):
     import ipywidgets as widgets
 
-    from analysis.derive import RedundancyProfile
+    from lazymar.schedules import RedundancyProfile
     from analysis.explorer import SUMMARY_CLASS, ScheduleExplorer
     from lazymar.recording import RedundancyRecorder
 

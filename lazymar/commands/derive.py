@@ -9,18 +9,14 @@ from pathlib import Path
 
 import torch
 
+from .. import schedules
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 
 def _analysis():
-    """The analysis package lives beside lazymar in the repository (``analysis/``)."""
-    try:
-        from analysis import derive, sweep  # noqa: F401
-    except ImportError:  # run from elsewhere: the repository root is the parent of the lazymar package
-        import sys
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from analysis import derive, sweep  # noqa: F401
-    return derive, sweep
+    """(lazymar.schedules, the sweep of ``analysis/``, installed beside lazymar) for the sweep's callers."""
+    from analysis import sweep
+    return schedules, sweep
 
 
 def _check_out(path: str | None, force: bool) -> None:
@@ -59,7 +55,7 @@ def _measurer(reference, quiet: bool):
 
 
 def cmd_derive(args: argparse.Namespace) -> int:
-    derive, _ = _analysis()
+    derive = schedules
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_out(args.out, args.force)
@@ -116,7 +112,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
     if args.out:
         path = schedule.save(args.out)
         report = path.with_suffix(".md")
-        report.write_text(_report(out, derive))
+        report.write_text(_report(out))
         out["out"], out["report"] = str(path), str(report)
     if args.json:
         print_json(out)
@@ -135,7 +131,7 @@ def _number(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def _report(out: dict, derive) -> str:
+def _report(out: dict) -> str:
     lines = [f"# Derived cache schedule `{out['name']}`", "", out["summary"], "",
              f"- recording: `{out['stats']}`; mode: {out['mode']}"]
     if "target_flops_ratio" in out:
@@ -274,7 +270,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "`lazymar bench` and `lazymar sweep` defaults, where the hoisted head embedding is shared)")
     for name, help_text in GRID_ARGS.items():
         mode.add_argument(f"--grid-{name}", type=float, nargs="+", default=None,
-                          help=f"search grid: {help_text} (default: analysis.derive.DEFAULT_GRID)")
+                          help=f"search grid: {help_text} (default: lazymar.schedules.DEFAULT_GRID)")
     th = p.add_argument_group("thresholds (without a search)")
     th.add_argument("--tau-token", type=float, default=None,
                     help="recompute positions whose V similarity with the previous step is below this "

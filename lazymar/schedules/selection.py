@@ -10,7 +10,7 @@ always-kept ones: to predict now, decoded at the previous step):
 - AUROC of that dissimilarity for finding the top ``top_fraction`` (20%) most changing positions (probability that
   a top position outranks another; ties count half).
 
-Both are averaged over (sample, step). A block earlier in the decoder saves more (the later blocks run on the kept
+Both are averaged over (sample, step); the recording is read one chunk of samples at a time. A block earlier in the decoder saves more (the later blocks run on the kept
 positions only), so the recommendation is the earliest block, among those that have later blocks, whose AUROC is
 within ``tolerance`` of the best of them.
 """
@@ -24,7 +24,8 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import rankdata
 
-from lazymar.recording import STATUS_CODES
+from ..recording import STATUS_CODES
+from .levels import sample_chunks
 
 ALWAYS_KEPT = ("to_predict", "new")
 
@@ -70,31 +71,31 @@ def selection_study(ds: xr.Dataset, kind: str = "v", top_fraction: float = 0.2, 
     if len(layers) < 2:
         raise SelectionStudyError("the selection-layer study needs a decoder with at least two blocks")
     target_layer = target_layer or layers[-1]
-    status = ds["status"].values  # (n, S, P)
-    skippable = np.ones_like(status, dtype=bool)
-    for name in ALWAYS_KEPT:
-        skippable &= status != STATUS_CODES[name]
+    skippable = ~ds["status"].isin([STATUS_CODES[name] for name in ALWAYS_KEPT])  # (n, S, P)
+    counts = skippable.sum("position").values  # (n, S): small
+    steps = [s for s in range(ds.sizes["step"]) if counts[0, s] >= 2 and (counts[:, s] == counts[0, s]).all()]
     cos = ds["token_cosine"]
-    target = 1.0 - cos.sel(layer=target_layer, kind="output").values  # (n, S, P)
+    spearman: dict[str, list] = {layer: [] for layer in layers}
+    auroc: dict[str, list] = {layer: [] for layer in layers}
+    for chunk in sample_chunks(cos):  # pairs (sample, step) are scored independently: one chunk at a time
+        keep_chunk = skippable.isel(sample=chunk).values
+        target = 1.0 - cos.isel(sample=chunk).sel(layer=target_layer, kind="output").values  # (n_c, S, P)
+        for layer in layers:
+            pred = 1.0 - cos.isel(sample=chunk).sel(layer=layer, kind=kind).values
+            for s in steps:
+                keep, m = keep_chunk[:, s], int(counts[0, s])
+                p = pred[:, s][keep].reshape(-1, m)
+                t = target[:, s][keep].reshape(-1, m)
+                valid = np.isfinite(p).all(1) & np.isfinite(t).all(1)
+                if not valid.any():
+                    continue
+                sp, au = _scores(rankdata(p[valid], axis=1), rankdata(t[valid], axis=1), top_fraction)
+                spearman[layer].append(sp)
+                auroc[layer].append(au)
     rows = []
     for layer in layers:
-        pred = 1.0 - cos.sel(layer=layer, kind=kind).values
-        spearman, auroc = [], []
-        for s in range(ds.sizes["step"]):
-            keep = skippable[:, s]
-            m = int(keep[0].sum())
-            if m < 2 or not (keep.sum(1) == m).all():
-                continue
-            p = pred[:, s][keep].reshape(-1, m)
-            t = target[:, s][keep].reshape(-1, m)
-            valid = np.isfinite(p).all(1) & np.isfinite(t).all(1)
-            if not valid.any():
-                continue
-            sp, au = _scores(rankdata(p[valid], axis=1), rankdata(t[valid], axis=1), top_fraction)
-            spearman.append(sp)
-            auroc.append(au)
-        sp = np.concatenate(spearman) if spearman else np.array([np.nan])
-        au = np.concatenate(auroc) if auroc else np.array([np.nan])
+        sp = np.concatenate(spearman[layer]) if spearman[layer] else np.array([np.nan])
+        au = np.concatenate(auroc[layer]) if auroc[layer] else np.array([np.nan])
         rows.append({"layer": layer, "index": int(layer.split(".")[1]),
                      "spearman": float(np.nanmean(sp)) if np.isfinite(sp).any() else math.nan,
                      "spearman_se": _se(sp), "auroc": float(np.nanmean(au)) if np.isfinite(au).any() else math.nan,

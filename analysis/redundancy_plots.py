@@ -1,0 +1,224 @@
+"""Figures of the redundancy phenomena (notebooks 01 and 02): every function takes a recording or the tables of
+analysis.phenomena and returns a matplotlib Figure with labelled axes (save it with ``plots.save_figure``).
+
+Cosines of adjacent steps sit very close to 1, so distributions are drawn as 1 - cosine on a log axis; values
+at or below ``floor`` (exact repeats, or the rounding of a compact recording) are drawn at the floor.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.figure import Figure
+
+from lazymar.recording import STATUS_NAMES
+
+from .phenomena import AnalysisError, resolution, values_by_status
+from .plots import STEP_LABEL
+
+STATUS_COLORS = {"buffer": "#7f7f7f", "known": "#1f77b4", "new": "#d62728", "to_predict": "#ff7f0e",
+                 "masked": "#2ca02c"}
+BRANCH_COLORS = {"cond_change": "#1f77b4", "uncond_change": "#ff7f0e", "residual_change": "#2ca02c"}
+FLOOR = 1e-6
+
+
+def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (3.4, 2.6)) -> tuple[Figure, np.ndarray]:
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def _distance(values: np.ndarray, floor: float) -> np.ndarray:
+    return np.maximum(1.0 - values, floor)
+
+
+# --- token redundancy -------------------------------------------------------------------------------------
+def plot_cosine_ecdf(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
+                     statuses: Optional[Sequence[str]] = None, floor: Optional[float] = None, ncols: int = 3) -> Figure:
+    """One panel per layer: the ECDF of 1 - cos(h_s, h_{s-1}) over all samples, steps and positions, one curve
+    per position status. Values identical at the recording's precision are drawn at ``floor`` (default: half
+    the recording's resolution)."""
+    floor = floor if floor is not None else resolution(ds) / 2
+    layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
+    statuses = list(statuses) if statuses is not None else list(STATUS_NAMES)
+    fig, axes = _grid(len(layers), ncols)
+    for ax, layer in zip(axes, layers):
+        groups = values_by_status(ds, layer, kind=kind)
+        if not any(status in groups for status in statuses):
+            ax.text(0.5, 0.5, f"no {kind} values recorded", ha="center", va="center", transform=ax.transAxes)
+        for status in statuses:
+            if status not in groups:
+                continue
+            x = np.sort(_distance(groups[status], floor))
+            ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", color=STATUS_COLORS[status],
+                    label=f"{status} (n={x.size})")
+        ax.set_xscale("log")
+        ax.set_xlim(floor / 2, 2.0)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(f"{layer} ({kind})", fontsize=9)
+        ax.set_xlabel("1 − cosine to step s−1")
+        ax.set_ylabel("fraction of positions")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Adjacent-step token similarity by position status (1 − cos below the recording's resolution "
+                 f"drawn at {floor:.1e})", fontsize=10)
+    return fig
+
+
+def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
+                       statuses: Sequence[str] = ("known", "new", "to_predict", "masked"), max_points: int = 3000,
+                       floor: Optional[float] = None, seed: int = 0) -> Figure:
+    """Violins of log10(1 - cosine) per layer, split by status; at most ``max_points`` values per violin
+    (a fixed random subsample, for speed). Floor as in :func:`plot_cosine_ecdf`."""
+    import seaborn as sns
+
+    floor = floor if floor is not None else resolution(ds) / 2
+    layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
+    rng = np.random.default_rng(seed)
+    frames = []
+    for layer in layers:
+        for status, values in values_by_status(ds, layer, kind=kind).items():
+            if status not in statuses:
+                continue
+            if values.size > max_points:
+                values = rng.choice(values, max_points, replace=False)
+            frames.append(pd.DataFrame({"layer": layer, "status": status,
+                                        "log10_distance": np.log10(_distance(values, floor))}))
+    if not frames:
+        raise AnalysisError("no values to draw for these layers and statuses")
+    df = pd.concat(frames, ignore_index=True)
+    order = [s for s in statuses if s in set(df["status"])]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(layers) + 2), 3.6), constrained_layout=True)
+    sns.violinplot(data=df, x="layer", y="log10_distance", hue="status", hue_order=order, order=layers,
+                   palette=STATUS_COLORS, density_norm="width", cut=0, linewidth=0.6, inner=None, ax=ax)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("log10(1 − cosine to step s−1)")
+    ax.set_title(f"Token feature change per layer and status ({kind}; floor {floor:.1e})", fontsize=10)
+    ax.legend(fontsize=7, ncols=len(order), loc="upper left")
+    return fig
+
+
+def plot_step_layer_heatmap(matrix: xr.DataArray, title: str = "", colorbar_label: str = "",
+                            cmap: str = "viridis", vmin: Optional[float] = None, vmax: Optional[float] = None,
+                            ax: Optional[plt.Axes] = None) -> Figure:
+    """A (layer, step) matrix as a heat map: layers as rows (first layer on top), steps as columns."""
+    if tuple(matrix.dims) != ("layer", "step"):
+        raise AnalysisError(f"expected a (layer, step) matrix, got dims {matrix.dims}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 0.32 * matrix.sizes["layer"] + 1.4), constrained_layout=True)
+    else:
+        fig = ax.figure
+    steps = matrix["step"].values
+    image = ax.imshow(np.ma.masked_invalid(matrix.values), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
+                      interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, matrix.sizes["layer"] - 0.5,
+                                                       -0.5))
+    ax.set_yticks(range(matrix.sizes["layer"]), [str(x) for x in matrix["layer"].values], fontsize=7)
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel("layer")
+    ax.set_title(title or str(matrix.name), fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar_label or str(matrix.name), pad=0.01)
+    return fig
+
+
+def plot_fraction_above(fractions: pd.DataFrame, layers: Optional[Sequence[str]] = None) -> Figure:
+    """Fraction of positions whose cosine to the previous step exceeds each threshold, per step, for the given
+    layers (``fractions`` from analysis.phenomena.fraction_above)."""
+    layers = list(layers) if layers is not None else list(dict.fromkeys(fractions.index.get_level_values("layer")))
+    thresholds = [c for c in fractions.columns if c.startswith("above_")]
+    fig, ax = plt.subplots(figsize=(7, 3.4), constrained_layout=True)
+    styles = ["-", "--", ":", "-."]
+    colors = plt.get_cmap("tab10")
+    for i, layer in enumerate(layers):
+        part = fractions.xs(layer, level="layer")
+        for j, column in enumerate(thresholds):
+            ax.plot(part.index, part[column], styles[j % len(styles)], color=colors(i % 10),
+                    label=f"{layer}, cos > {column.removeprefix('above_')}")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel("fraction of positions")
+    ax.set_title("Positions nearly unchanged since the previous step", fontsize=10)
+    ax.legend(fontsize=7, ncols=2)
+    return fig
+
+
+def plot_encoder_vs_decoder(df: pd.DataFrame, floor: float = FLOOR) -> Figure:
+    """1 - mean cosine per step of the encoder and decoder layers (from phenomena.encoder_vs_decoder)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    for group, color in (("encoder", "#9467bd"), ("decoder", "#8c564b")):
+        ax.plot(df.index, np.maximum(df[f"{group}_change"], floor), color=color, label=group)
+    ax.set_yscale("log")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel("1 − mean cosine to step s−1")
+    ax.set_title("Encoder vs decoder on the same positions (buffer + known tokens)", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_step_similarity(matrix: np.ndarray, layer: str, vmin: Optional[float] = None) -> Figure:
+    """The (S, S) step x step mean cosine similarity of one layer's features."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise AnalysisError(f"expected a square step x step matrix, got shape {matrix.shape}")
+    fig, ax = plt.subplots(figsize=(4.8, 4.0), constrained_layout=True)
+    image = ax.imshow(matrix, cmap="magma", vmin=vmin, vmax=1.0, origin="upper", interpolation="nearest")
+    ax.set_xlabel("MAR step j")
+    ax.set_ylabel("MAR step i")
+    ax.set_title(f"cos(h_i, h_j) of {layer}, mean over samples and positions", fontsize=9)
+    fig.colorbar(image, ax=ax, label="mean cosine similarity")
+    return fig
+
+
+# --- condition redundancy ---------------------------------------------------------------------------------
+def plot_branch_vs_residual(per_step: pd.DataFrame, title: str = "", ylabel: str = "relative change to step s−1",
+                            log: bool = True) -> Figure:
+    """Per step: the change of the cond branch, the uncond branch and their residual r = cond - uncond
+    (columns cond_change, uncond_change, residual_change; from phenomena.branch_vs_residual(by="step") for one
+    layer, or phenomena.absolute_change)."""
+    index = per_step.index.get_level_values("step") if "step" in per_step.index.names else per_step.index
+    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    for column, color in BRANCH_COLORS.items():
+        if column in per_step:
+            ax.plot(index, per_step[column], color=color, label=column.replace("_change", ""))
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "Branch change vs residual change", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_change_ratio(per_layer: pd.DataFrame, title: str = "", ylabel: str = "branch change / residual change") -> Figure:
+    """Bars per layer of cond_over_residual and uncond_over_residual; the dashed line at 1 is equal change."""
+    layers = list(per_layer.index)
+    x = np.arange(len(layers))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(layers) + 1.5), 3.2), constrained_layout=True)
+    for offset, column, color in ((-0.2, "cond_over_residual", BRANCH_COLORS["cond_change"]),
+                                  (0.2, "uncond_over_residual", BRANCH_COLORS["uncond_change"])):
+        ax.bar(x + offset, per_layer[column], width=0.4, color=color, label=column.replace("_over_residual", ""))
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xticks(x, layers, rotation=30, fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "How many times more each branch changes than the CFG residual", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_head_change(profile: pd.DataFrame) -> Figure:
+    """Relative change between consecutive head sampling steps per head part (phenomena.head_change_profile)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    for part in profile.columns:
+        ax.plot(profile.index, profile[part], label=str(part))
+    ax.set_yscale("log")
+    ax.set_xlabel("diffusion-head step (execution order, t = T−1 first)")
+    ax.set_ylabel("relative change to previous head step")
+    ax.set_title("Diffusion head: eps CFG difference and res-block updates", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,148 @@
+# %% [markdown]
+# # 01 · Token redundancy
+#
+# How much does each position's feature change from one MAR step to the next? For every layer the recording holds
+# the cosine similarity of each position's features at step *s* with step *s−1*, and each position's status at *s*:
+# `buffer` (class positions), `known` (decoded before *s−1*), `new` (decoded at *s−1*), `to_predict` (decoded at *s*)
+# and `masked`. Similarities sit very close to 1, so the plots show **1 − cosine on a log axis**.
+#
+# The parameters cell points at the recording (made with `lazymar record`) and the model used for the live
+# step x step similarity (which a recording does not keep). Paths are relative to `notebooks/`.
+
+# %% tags=["parameters"]
+STATS = "../data/stats/digits.nc"   # a recording made with `lazymar record`
+MODEL = "digits"                    # "digits" or a path to an official MAR checkpoint (live step x step matrix)
+KIND = "output"                     # feature kind for the distributions: "output", "k" or "v"
+FOCUS_LAYER = "decoder.3"           # the layer quoted in the prose
+THRESHOLDS = (0.95, 0.99)
+LIVE_SAMPLES = 4                    # samples generated for the step x step matrix
+LIVE_LAYER = "z"                    # "decoder.i" or "z"
+SEED = 0
+FIGURES = None                      # folder to also save the figures into (None: display only)
+
+# %%
+import sys
+from pathlib import Path
+
+if (Path.cwd().parent / "analysis").is_dir():  # run from notebooks/: the repository, if lazymar is not installed
+    sys.path.insert(0, str(Path.cwd().parent))
+
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from analysis import phenomena, plots, redundancy_plots
+from lazymar.recording import load_stats
+
+
+def save(fig, name):
+    """Show ``fig``; also write it (PNG and PDF) under FIGURES when that is set."""
+    if FIGURES:
+        plots.save_figure(fig, name, FIGURES)
+    return fig
+
+# %%
+ds = load_stats(STATS)
+attrs = ds.attrs
+settings = phenomena.sampling_settings(attrs)
+display(Markdown(
+    f"Recording `{STATS}`: model **{attrs['model']}**, {ds.sizes['sample']} samples, {ds.sizes['step']} MAR steps, "
+    f"CFG {settings.cfg:g} ({settings.cfg_schedule}), temperature {settings.temperature:g}, "
+    f"{ds.sizes['position']} positions (buffer {int(attrs['buffer_size'])} + {int(attrs['seq_len'])} tokens), "
+    f"layers {', '.join(map(str, ds.layer.values))}."))
+
+# %% [markdown]
+# ## Distributions by position status
+#
+# One panel per layer: the ECDF of 1 − cosine over all samples, steps and positions, one curve per status.
+
+# %%
+save(redundancy_plots.plot_cosine_ecdf(ds, kind=KIND), "nb_token_cosine_ecdf");
+groups = phenomena.values_by_status(ds, FOCUS_LAYER, kind=KIND)
+change = {status: float(np.mean(1 - v)) for status, v in groups.items()}
+display(Markdown(
+    f"Mean 1 − cosine at `{FOCUS_LAYER}` ({KIND}) by status: "
+    + ", ".join(f"{s} {c:.2e}" for s, c in change.items())
+    + f". The tokens decoded at the previous step change {change['new'] / change['known']:.0f}x more than the "
+      f"tokens known before it, and {change['new'] / change['masked']:.0f}x more than the still-masked positions."))
+
+# %% [markdown]
+# LazyMAR ranks positions by the similarity of their attention **values V**; the same distributions for V in the
+# decoder (violins of log10(1 − cosine), a fixed random subsample per violin):
+
+# %%
+decoder_layers = [layer for layer in map(str, ds.layer.values) if layer.startswith("decoder.")]
+save(redundancy_plots.plot_cosine_violin(ds, layers=decoder_layers, kind="v"), "nb_token_cosine_violin");
+
+# %% [markdown]
+# ## Step x layer heat maps
+#
+# Left to right the generation proceeds; top to bottom the layers (encoder, decoder, then z, the head's
+# conditioning). First the typical change of a position, the mean of log10(1 − cosine) over all positions (a
+# geometric mean); then the mean cosine of the tokens decoded at the previous step, the ones that change most.
+
+# %%
+typical = phenomena.step_layer_matrix(ds, "log10_change", kind=KIND)
+save(redundancy_plots.plot_step_layer_heatmap(typical, title=f"Typical change of a position ({KIND})",
+                                              colorbar_label="mean log10(1 − cosine to step s−1)"),
+     "nb_token_heatmap_change");
+new = phenomena.step_layer_matrix(ds, "mean", kind=KIND, statuses=["new"])
+save(redundancy_plots.plot_step_layer_heatmap(new, title="Mean cosine of the tokens decoded at step s−1",
+                                              colorbar_label="mean cosine", cmap="magma"), "nb_token_heatmap_new");
+
+# %% [markdown]
+# ## Fraction of positions above 0.95 and 0.99 per step
+
+# %%
+fraction_layers = [layer for layer in (decoder_layers[0], FOCUS_LAYER, "z") if layer in ds.layer]
+fractions = phenomena.fraction_above(ds, THRESHOLDS, layers=list(dict.fromkeys(fraction_layers)), kind=KIND)
+save(redundancy_plots.plot_fraction_above(fractions), "nb_token_fraction_above");
+per_layer = phenomena.fraction_above(ds, THRESHOLDS, kind=KIND).groupby("layer").mean().drop(columns="count")
+display(per_layer.round(4))
+focus = per_layer.loc[FOCUS_LAYER]
+others = ["buffer", "known", "to_predict", "masked"]
+rest = phenomena.fraction_above(ds, THRESHOLDS, layers=[FOCUS_LAYER], kind=KIND, statuses=others).mean()
+just_decoded = phenomena.fraction_above(ds, THRESHOLDS, layers=[FOCUS_LAYER], kind=KIND, statuses=["new"]).mean()
+display(Markdown(
+    f"Averaged over steps, {focus.iloc[0]:.1%} of the positions at `{FOCUS_LAYER}` keep a cosine above "
+    f"{THRESHOLDS[0]:g} to the previous step and {focus.iloc[-1]:.1%} above {THRESHOLDS[-1]:g}; the lowest share "
+    f"above {THRESHOLDS[-1]:g} in any layer is {per_layer.iloc[:, -1].min():.1%} (`{per_layer.iloc[:, -1].idxmin()}`). "
+    f"Leaving out the tokens decoded at the previous step, {rest.iloc[-1]:.2%} stay above {THRESHOLDS[-1]:g}; of those "
+    f"tokens, {just_decoded.iloc[-1]:.1%} do."))
+
+# %% [markdown]
+# ## Encoder vs decoder
+#
+# The encoder sees only the buffer and the known tokens, the decoder every position. On the positions both see:
+
+# %%
+evd = phenomena.encoder_vs_decoder(ds, kind=KIND)
+save(redundancy_plots.plot_encoder_vs_decoder(evd), "nb_token_encoder_vs_decoder");
+display(phenomena.group_summary(ds, THRESHOLDS, kind=KIND).round(5))
+display(Markdown(
+    f"On the buffer and known tokens the encoder's features change by 1 − cos = {evd.encoder_change.mean():.2e} "
+    f"per step on average, the decoder's by {evd.decoder_change.mean():.2e} "
+    f"({evd.decoder_change.mean() / evd.encoder_change.mean():.1f}x the encoder's)."))
+
+# %% [markdown]
+# ## Step x step similarity (live)
+#
+# A recording keeps only adjacent steps. Here the model generates a few samples with forward hooks that keep one
+# layer's features at every step (conditional branch), and the matrix shows the mean cosine between any two steps.
+
+# %%
+from lazymar.checkpoint import load_model
+from lazymar.grid import balanced_labels
+
+model = load_model(MODEL)
+labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)
+features = phenomena.capture_step_features(model, labels, settings, layers=[LIVE_LAYER], seed=SEED)[LIVE_LAYER]
+cond = features[:, :LIVE_SAMPLES]  # rows are [cond; uncond] under CFG
+similarity = phenomena.step_similarity_matrix(cond)
+save(redundancy_plots.plot_step_similarity(similarity, LIVE_LAYER), "nb_token_step_similarity");
+lags = {k: float(np.mean(np.diagonal(similarity, k))) for k in (1, 4, 16) if k < len(similarity)}
+display(Markdown(
+    f"`{LIVE_LAYER}` on {LIVE_SAMPLES} samples: mean cosine between steps k apart "
+    + ", ".join(f"{v:.4f} at k = {k}" for k, v in lags.items())
+    + f"; first vs last step {similarity[0, -1]:.4f}. Similarity decays with the distance in steps, which is why "
+      "a cache must be refreshed now and then."))

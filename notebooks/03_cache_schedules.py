@@ -1,0 +1,62 @@
+# %% [markdown]
+# # 03 · Cache schedules
+#
+# Derive a cache schedule from the recording with five thresholds and a selection layer (see `lazymar/schedules/`):
+#
+# - **tau_token**: on cached steps the decoder recomputes, after the selection layer, the positions whose V
+#   similarity to the previous step is below tau_token (plus the tokens to predict and those just decoded);
+# - **tau_refresh**: refresh everything when the change accumulated since the last refresh reaches tau_refresh
+#   (in units of an average step's change);
+# - **tau_cfg**: reuse the CFG residual while its estimated similarity to the last computed one stays ≥ tau_cfg;
+# - **tau_head**: the head reuses the parts whose accumulated change stays ≤ tau_head.
+# - **tau_buffer**: the encoder keeps the buffer cached too (only the newly decoded tokens run) while the buffer's
+#   accumulated change since a refresh keeps a similarity ≥ tau_buffer (1.0: recompute it, as LazyMAR).
+#
+# Moving a slider re-derives the schedule: the summary, the heat map (1 = recomputed) and its predicted FLOPs ratio
+# on the measured trade-off front update. The button runs the uncached sampler, the derived schedule and the
+# released LazyMAR preset on a few samples and shows fidelity and the samples side by side.
+
+# %% tags=["parameters"]
+STATS = "../data/stats/digits.nc"      # the recording to derive from
+SWEEP = "../data/sweeps/digits.csv"    # trade-off sweep (`lazymar sweep`), optional
+MODEL = "digits"                       # model for the measured check
+CHECK_SAMPLES = 8                      # samples of the measured check (button)
+SEED = 0
+FIGURES = None                         # folder to save the starting schedule's heat map into (None: no file)
+
+# %%
+import sys
+from pathlib import Path
+
+if (Path.cwd().parent / "analysis").is_dir():  # run from notebooks/: the repository, if lazymar is not installed
+    sys.path.insert(0, str(Path.cwd().parent))
+
+from IPython.display import Markdown, display
+
+from lazymar.schedules import RedundancyProfile
+from analysis.explorer import ScheduleExplorer
+from analysis.sweep import load_sweep
+from lazymar.checkpoint import load_model
+
+profile = RedundancyProfile.from_stats(STATS)
+sweep = load_sweep(SWEEP) if Path(SWEEP).is_file() else None
+study = profile.selection
+best = study.loc[study["recommended"]].iloc[0]
+display(Markdown(
+    f"Recording `{STATS}`: {profile.num_samples} samples, {profile.num_iter} steps. The selection-layer study "
+    f"recommends `{best.name}` (AUROC {best['auroc']:.3f} for finding the 20% most changing positions, Spearman "
+    f"{best['spearman']:.3f}). Trade-off sweep: "
+    + (f"{len(sweep)} measured points from `{SWEEP}`." if sweep is not None else f"none found at `{SWEEP}`.")))
+display(study.drop(columns=["recommended"]).round(3))
+
+# %%
+explorer = ScheduleExplorer(profile, sweep=sweep, model_loader=lambda: load_model(MODEL),
+                            check_samples=CHECK_SAMPLES, seed=SEED)
+display(explorer.widget)
+if FIGURES and explorer.derived is not None:
+    from analysis import plots
+    from lazymar.schedules import schedule_matrix
+
+    schedule = explorer.derived.schedule
+    plots.save_figure(plots.plot_schedule(schedule_matrix(schedule), title=schedule.name), "nb_explorer_schedule",
+                      FIGURES)
