@@ -58,12 +58,13 @@ from lazymar.cache.flops import estimate_generation_flops, head_net_flops
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
 from lazymar.config import MARConfig
 from lazymar.recording import STATUS_CODES, load_stats
+from lazymar.errors import LazymarError
 
 ALWAYS_KEEP = ("to_predict", "new")
 TAU_TOKEN_ALL = 1.000001  # above every cosine: recompute all positions
 
 
-class DerivationError(ValueError):
+class DerivationError(LazymarError):
     """Thresholds or a recording from which no schedule can be derived; the message names the problem."""
 
 

@@ -25,11 +25,12 @@ import xarray as xr
 from scipy.stats import rankdata
 
 from lazymar.recording import STATUS_CODES
+from lazymar.errors import LazymarError
 
 ALWAYS_KEPT = ("to_predict", "new")
 
 
-class SelectionStudyError(ValueError):
+class SelectionStudyError(LazymarError):
     """A recording the selection-layer study cannot use; the message names the problem."""
 
 

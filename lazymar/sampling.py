@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import SettingsError
+from .guards import FiniteGuard
 from .model import MAR
 
 
@@ -30,11 +32,13 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
+            raise SettingsError(f"num_iter must be >= 1, got {self.num_iter}")
         if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise SettingsError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if not math.isfinite(self.cfg):
+            raise SettingsError(f"cfg must be a finite number, got {self.cfg}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SettingsError(f"temperature must be a finite number > 0, got {self.temperature}")
 
 
 @dataclass
@@ -164,11 +168,14 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if labels.numel() and int(labels.max()) >= model.config.class_num:
-        raise ValueError(f"label {int(labels.max())} out of range: the model has {model.config.class_num} classes")
+        raise SettingsError(f"label {int(labels.max())} out of range: the model has {model.config.class_num} classes")
+    if settings.num_iter > model.seq_len:
+        raise SettingsError(f"num_iter {settings.num_iter} exceeds the model's {model.seq_len} tokens (each step "
+                            f"decodes at least one)")
     generator = _as_generator(seed, device)
     B, L, D = labels.shape[0], model.seq_len, model.token_dim
     use_cfg = settings.cfg != 1.0
-    observers = _observers.get()
+    observers = _observers.get() + (FiniteGuard(),)  # non-finite features: one clear error
 
     tokens = torch.zeros(B, L, D, device=device)
     orders = random_orders(B, L, generator, device)
