@@ -118,6 +118,8 @@ def image_path(path: str | Path) -> Path:
     """The file an image is written to: ``path``, with ``.png`` appended when it has no suffix (as matplotlib
     does), so that messages name the real file."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         if path.suffix:
             raise OutputError(f"{path}: unsupported image type {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
