@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the embedded digits model: a sample grid and its quality.
 demo: setup
-	$(BIN)/lazymar sample --model digits --labels 0-9 --per-label 8 --seed 0 --out data/figures/digits_samples.png
+	$(BIN)/lazymar sample --model digits --labels 0-9 --per-label 8 --seed 0 --out data/figures/digits_samples.png --force
 	$(BIN)/lazymar eval --model digits --num-samples 500 --seed 0 --json
 
 test: setup
