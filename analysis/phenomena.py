@@ -16,13 +16,14 @@ import torch
 import xarray as xr
 
 from lazymar.recording import STATUS_CODES, STATUS_NAMES
+from lazymar.errors import LazymarError
 
 COSINE_VARIABLES = ("token_cosine", "cfg_residual_cosine")
 CHANGE_VARIABLES = ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change")
 STATISTICS = ("mean", "median", "above", "log10_change")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(LazymarError):
     """A request the recording or the inputs cannot answer; the message names the problem."""
 
 

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
 from lazymar.runs import Reference
 from lazymar.sampling import SamplingSettings
+from lazymar.errors import LazymarError
 
 COLUMNS = ("name", "family", "params", "flops_ratio", "wall_ratio", "psnr", "token_mse", "accuracy", "fid",
            "pareto")
 FAMILIES = ("none", "lazymar", "derived", "fewer_steps", "fixed_interval", "random")
 
 
-class SweepError(ValueError):
+class SweepError(LazymarError):
     """A sweep file or table that cannot be used; the message names the problem."""
 
 

@@ -21,6 +21,8 @@ from torch import Tensor
 from .config import CONFIGS, MARConfig
 from .model import MAR
 from .sampling import SamplingSettings
+from .errors import LazymarError
+from .guards import first_non_finite
 
 DATA_DIR = Path(os.environ.get("LAZYMAR_DATA", Path(__file__).resolve().parents[1] / "data"))
 EMBEDDED = {"digits": DATA_DIR / "checkpoints" / "digits.pth"}
@@ -35,7 +37,7 @@ HEAD_DIM = 64  # assumed when the number of attention heads cannot be known (it 
 SHOWN = 5  # how many offending keys an error lists
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LazymarError):
     """A checkpoint that cannot be loaded; the message names the cause in one line."""
 
 
@@ -265,6 +267,9 @@ def load_model(name_or_path: str | Path, arch: Optional[str] = None, device: str
     except Exception as err:  # noqa: BLE001 - an impossible configuration, e.g. from bad args
         raise CheckpointError(f"{path}: cannot build a MAR from its configuration ({_first_line(err)})") from None
     check_state_dict(expected, state, path, source)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{path} ({source}): tensor {bad} holds non-finite values (NaN or inf)")
     model = MAR(config, sampling_defaults=_sampling_defaults(ckpt, name, path))
     model.load_state_dict(state)
     model.arch, model.weights = name, source

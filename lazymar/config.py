@@ -2,8 +2,11 @@
 settings a model carries as its defaults."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from .errors import SettingsError
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,13 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
+            raise SettingsError(f"num_iter must be >= 1, got {self.num_iter}")
         if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise SettingsError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if not math.isfinite(self.cfg):
+            raise SettingsError(f"cfg must be a finite number, got {self.cfg}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SettingsError(f"temperature must be a finite number > 0, got {self.temperature}")
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:

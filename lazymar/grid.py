@@ -44,16 +44,15 @@ def save_sample_grid(images: Tensor, labels: Sequence[int], path: str | Path, ti
 
 
 def parse_labels(text: str) -> list[int]:
-    """"0,1,2" or "0-9" -> a list of ints, with a clear error on anything else."""
+    """"0,1,2" or "0-9" -> a list of ints, with a clear error on anything else (a descending range included)."""
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out += list(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part[1:] else (int(part), int(part))
         except ValueError:
             raise ValueError(f"cannot read labels {text!r}: use e.g. 0,1,2 or 0-9") from None
+        if hi < lo:
+            raise ValueError(f"cannot read labels {text!r}: the range {part} is empty (did you mean {hi}-{lo}?)")
+        out += list(range(lo, hi + 1))
     return out

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .digits import digits_split, to_pixels
+from .errors import LazymarError
 
 DATA_DIR = Path(os.environ.get("LAZYMAR_DATA", Path(__file__).resolve().parents[1] / "data"))
 CLASSIFIER_PATH = DATA_DIR / "checkpoints" / "digits_classifier.npz"
@@ -45,7 +46,7 @@ VALUE_LIMIT = 3.0  # samples may overshoot [-1, 1] a little (they are clipped); 
 ArrayLike = Union[Tensor, np.ndarray]
 
 
-class MetricsInputError(ValueError):
+class MetricsInputError(LazymarError):
     """Input a metric cannot score (wrong shape, scale, or sizes); the message names the problem."""
 
 

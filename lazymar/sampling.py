@@ -17,6 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import SamplingSettings
+from .errors import SettingsError
+from .guards import FiniteGuard
 from .model import MAR
 
 __all__ = ["SamplingSettings", "StepContext", "StepRunner", "StepObserver", "generate", "observe_steps",
@@ -167,11 +169,14 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if labels.numel() and int(labels.max()) >= model.config.class_num:
-        raise ValueError(f"label {int(labels.max())} out of range: the model has {model.config.class_num} classes")
+        raise SettingsError(f"label {int(labels.max())} out of range: the model has {model.config.class_num} classes")
+    if settings.num_iter > model.seq_len:
+        raise SettingsError(f"num_iter {settings.num_iter} exceeds the model's {model.seq_len} tokens (each step "
+                            f"decodes at least one)")
     generator = _as_generator(seed, device)
     B, L, D = labels.shape[0], model.seq_len, model.token_dim
     use_cfg = settings.cfg != 1.0
-    observers = _observers.get()
+    observers = _observers.get() + (FiniteGuard(),)  # non-finite features: one clear error
 
     tokens = torch.zeros(B, L, D, device=device)
     orders = random_orders(B, L, generator, device)

@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import MARConfig
+from .errors import SettingsError
 from .model import MAR
 from .sampling import SamplingSettings, random_orders
 
@@ -47,6 +48,7 @@ def train(config: MARConfig, images: Tensor, labels: Tensor, steps: int = 500, b
           lr: float = 5e-4, ema_decay: float = 0.995, grad_clip: float = 3.0, warmup: int = 50, seed: int = 0,
           log_every: int = 10, progress: bool = True) -> tuple[MAR, MAR, list[dict]]:
     """Train from scratch; returns (model, EMA model, log). Deterministic for a seed on one machine."""
+    check_training(config, steps=steps, batch_size=batch_size, lr=lr)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = MAR(config).train()
@@ -102,6 +104,28 @@ def write_log(log: list[dict], path: Path) -> None:
     Path(path).write_text(json.dumps(log, indent=1))
 
 
+def check_training(config: MARConfig, steps: int, batch_size: int, lr: float) -> None:
+    """SettingsError for settings that would fail inside torch (or train nothing), before any work."""
+    for part in ("encoder", "decoder"):
+        width, heads = getattr(config, f"{part}_embed_dim"), getattr(config, f"{part}_num_heads")
+        depth = getattr(config, f"{part}_depth")
+        if width < 1 or heads < 1 or width % heads:
+            raise SettingsError(f"{part} width {width} must be a positive multiple of its {heads} attention heads")
+        if depth < 1:
+            raise SettingsError(f"{part} depth must be >= 1, got {depth}")
+    for name, value in (("steps", steps), ("batch size", batch_size)):
+        if value < 1:
+            raise SettingsError(f"{name} must be >= 1, got {value}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise SettingsError(f"learning rate must be a finite number > 0, got {lr}")
+
+
+def training_outputs(out: Path) -> list[Path]:
+    """The files :func:`train_digits` writes: the checkpoint, its training log and its loss curve."""
+    out = Path(out)
+    return [out, out.with_name(out.stem + "_train_log.json"), out.with_name(out.stem + "_loss.png")]
+
+
 DIGITS_SAMPLING = SamplingSettings(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
 
 
@@ -112,12 +136,16 @@ def train_digits(out: Path, steps: int = 600, seed: int = 0, batch_size: int = 1
     from .digits import digits_split
 
     config = get_config("digits", **config_overrides)
+    check_training(config, steps=steps, batch_size=batch_size, lr=lr)
+    if not 1 <= sampling.num_iter <= config.seq_len:
+        raise SettingsError(f"stored sampling steps must lie in [1, {config.seq_len}] (the model's tokens), "
+                            f"got {sampling.num_iter}")
     images, labels = digits_split("train")
     model, ema, log = train(config, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                             progress=progress)
-    out = Path(out)
+    out, log_path, loss_path = training_outputs(out)
     save_checkpoint(out, model, ema, sampling, log,
                     extra_args={"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr})
-    write_log(log, out.with_name(out.stem + "_train_log.json"))
-    plot_loss(log, out.with_name(out.stem + "_loss.png"))
+    write_log(log, log_path)
+    plot_loss(log, loss_path)
     return out

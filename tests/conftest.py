@@ -16,3 +16,27 @@ def reference_dir() -> Path:
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+def git_status() -> "str | None":
+    """``git status --porcelain`` of the checkout (None outside a git checkout or without git)."""
+    import subprocess
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+_STATUS_AT_START: dict = {}
+
+
+def pytest_sessionstart(session):
+    _STATUS_AT_START["status"] = git_status()
+
+
+@pytest.fixture(scope="session")
+def git_status_at_start() -> "str | None":
+    """The checkout's status before any test ran (tests/test_zz_clean_checkout.py compares against it)."""
+    return _STATUS_AT_START.get("status")

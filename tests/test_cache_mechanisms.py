@@ -122,21 +122,26 @@ def test_head_cache_that_refreshes_every_step_is_the_plain_head(model, cfg):
     assert empty.shape == (0, model.token_dim) and nothing.total == 0
 
 
-def test_steps_that_predict_no_token_run_under_every_mechanism():
-    """4 tokens over 6 steps: some steps decode nothing (their head has no rows)."""
+def test_every_mechanism_runs_when_each_step_decodes_one_token():
+    """4 tokens over 4 steps, the most steps a 4-token model allows (one token per step; more steps would decode
+    nothing and are refused by generate)."""
+    from lazymar.errors import SettingsError
     torch.manual_seed(0)
     model = MAR(get_config("mar_tiny", img_size=32, num_sampling_steps="10")).eval()
     with torch.no_grad():  # the zero-initialised weights made random, so that z matters
         for p in model.parameters():
             if bool((p == 0).all()):
                 p.normal_(0.0, 0.02)
-    assert any(c.to_predict == 0 for c in step_counts(model.seq_len, NUM_ITER))
-    settings = SamplingSettings(num_iter=NUM_ITER, cfg=2.0)
+    steps = model.seq_len
+    assert all(c.to_predict == 1 for c in step_counts(model.seq_len, steps))
+    with pytest.raises(SettingsError, match="exceeds the model's 4 tokens"):
+        generate(model, LABELS, SamplingSettings(num_iter=steps + 1, cfg=2.0), seed=0)
+    settings = SamplingSettings(num_iter=steps, cfg=2.0)
     plain = generate(model, LABELS, settings, seed=0)
-    reuse_nothing = none_schedule(NUM_ITER).with_changes(
-        head_cache=[True] * NUM_ITER, head=HeadCachePolicy(hoist_invariants=True), selection_layer=0,
-        refresh=[s == 0 for s in range(NUM_ITER)], encoder="full")
-    for schedule in (load_schedule("lazymar", NUM_ITER, model.config), reuse_nothing):
+    reuse_nothing = none_schedule(steps).with_changes(
+        head_cache=[True] * steps, head=HeadCachePolicy(hoist_invariants=True), selection_layer=0,
+        refresh=[s == 0 for s in range(steps)], encoder="full")
+    for schedule in (load_schedule("lazymar", steps, model.config), reuse_nothing):
         engine = CacheEngine(schedule)
         tokens = generate(model, LABELS, settings, seed=0, runner=engine)
         assert torch.isfinite(tokens).all()

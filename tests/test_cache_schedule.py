@@ -118,3 +118,40 @@ def test_json_round_trip_and_loading(tmp_path):
     assert load_schedule("none", 8) == none_schedule(8)
     assert load_schedule("lazymar-released", 64).head.hoist_invariants is False
     assert load_schedule("lazymar", 64).head.hoist_invariants is True
+
+
+def test_typed_fields_name_the_field():
+    base = lazymar_schedule(8).to_dict()
+    for field_name, value, words in [("seed", "0", "seed"), ("seed", 1.5, "seed"), ("seed", None, "seed"),
+                                     ("seed", 2**63, "2**63"), ("always_keep", "new", "always_keep must be a list"),
+                                     ("keep_min_extra", "0.1", "keep_min_extra"), ("selection_layer", True, "selection_layer"),
+                                     ("name", 3, "name"), ("head", {"reuse_blocks": "12"}, "reuse_blocks"),
+                                     ("head", {"mlp_fresh_above": "x"}, "mlp_fresh_above"),
+                                     ("head", {"cfg_cache": "yes"}, "cfg_cache"),
+                                     ("keep_fraction", ["0.5"] * 8, "keep_fraction")]:
+        with pytest.raises(ScheduleError, match=field_name):
+            CacheSchedule.from_dict({**base, field_name: value})
+        with pytest.raises(ScheduleError) as err:
+            CacheSchedule.from_dict({**base, field_name: value})
+        assert words in str(err.value)
+
+
+@pytest.mark.parametrize("preset", ["none", "lazymar", "lazymar-released"])
+def test_every_preset_runs_any_step_count_up_to_the_sequence_length(preset):
+    import torch
+
+    from lazymar.cache.engine import CacheEngine
+    from lazymar.model import MAR
+    from lazymar.sampling import SamplingSettings, generate
+    torch.manual_seed(0)
+    config = get_config("mar_tiny", img_size=144, num_sampling_steps="2")  # 9 x 9 = 81 tokens
+    model = MAR(config).eval()
+    assert model.seq_len == 81
+    for num_iter in (1, 7, 64, 65, model.seq_len):
+        schedule = load_schedule(preset, num_iter, config)
+        assert schedule.num_iter == num_iter and schedule.refresh[0]
+        tokens = generate(model, [3], SamplingSettings(num_iter=num_iter, cfg=2.0), seed=0,
+                          runner=CacheEngine(schedule))
+        assert tokens.shape == (1, 81, 16) and torch.isfinite(tokens).all()
+        if preset != "none" and num_iter >= 64:  # the released refresh steps keep their place in the generation
+            assert sum(schedule.refresh) >= len(LAZYMAR_REFRESH)

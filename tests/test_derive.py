@@ -276,7 +276,7 @@ def test_cli_errors(stats_file, tmp_path, capsys):
     assert main(["derive", "--stats", str(stats_file), "--target-flops-ratio", "1000"]) == 2
     assert "no derived schedule reaches a FLOPs ratio of 1000" in capsys.readouterr().err
     assert main(["derive", "--stats", str(stats_file), "--target-flops-ratio", "0.5", "--no-measure"]) == 2
-    assert "--target-flops-ratio must be > 1" in capsys.readouterr().err
+    assert "--target-flops-ratio: must be > 1" in capsys.readouterr().err
 
 
 # --- out-of-core: the profile from a dask-backed recording, chunk by chunk -----------------------------------------

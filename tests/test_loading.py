@@ -316,3 +316,12 @@ def test_latent_tokens_need_a_vae():
 def test_vae_latent_size_must_match_the_model_tokens():
     with pytest.raises(CheckpointError, match="VAE latent has 4 channels but the model's tokens have 1"):
         tokens_to_images(MAR(get_config("digits")), torch.zeros(1, 64, 1), random_vae())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_rejected_at_load_time_naming_the_tensor(tmp_path, value):
+    ckpt = tiny_checkpoint()
+    ckpt["model_ema"]["encoder_blocks.1.attn.qkv.weight"][2, 5] = value
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"model_ema.*encoder_blocks\.1\.attn\.qkv\.weight.*non-finite"):
+        load_model(tmp_path / "bad.pth")

@@ -18,19 +18,22 @@ decoded at the previous step run, the buffer's K/V and outputs stay cached too; 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import MARConfig
+from ..errors import LazymarError
 
 SELECTION_RULES = ("similarity", "random", "status")
 ALWAYS_KEEP = ("to_predict", "new", "buffer")
 ENCODER_POLICIES = ("full", "incremental", "new-tokens")
 FORMAT = "lazymar-cache-schedule/1"
+SEED_LIMIT = 2**63  # the random selection seeds torch.Generator
 
 
-class ScheduleError(ValueError):
+class ScheduleError(LazymarError):
     """A cache schedule that cannot be run; the message names the problem."""
 
 
@@ -58,13 +61,24 @@ class HeadCachePolicy:
     hoist_invariants: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "reuse_blocks", tuple(int(b) for b in self.reuse_blocks))
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+        where = "head "
+        object.__setattr__(self, "reuse_blocks", tuple(_integer(b, where + "reuse_blocks entries")
+                                                       for b in _sequence(self.reuse_blocks, where + "reuse_blocks")))
+        if _integer(self.refresh_every, where + "refresh_every") < 1:
             raise ScheduleError(f"head refresh_every must be an integer >= 1, got {self.refresh_every!r}")
         if any(b < 0 for b in self.reuse_blocks) or len(set(self.reuse_blocks)) != len(self.reuse_blocks):
             raise ScheduleError(f"head reuse_blocks must be distinct indices >= 0, got {list(self.reuse_blocks)}")
-        if not 0.0 <= float(self.mlp_fresh_above) <= 1.0:
+        if not 0.0 <= _number(self.mlp_fresh_above, where + "mlp_fresh_above") <= 1.0:
             raise ScheduleError(f"head mlp_fresh_above must lie in [0, 1], got {self.mlp_fresh_above}")
+        for name in ("cfg_cache", "reuse_mlp", "hoist_invariants"):
+            object.__setattr__(self, name, _as_bool(getattr(self, name), where + name))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadCachePolicy":
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ScheduleError(f"unknown head policy field {unknown[0]!r}")
+        return cls(**data)
 
     @property
     def active(self) -> bool:
@@ -113,39 +127,41 @@ class CacheSchedule:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
-        if not isinstance(self.num_iter, int) or self.num_iter < 1:
+        if _integer(self.num_iter, "num_iter") < 1:
             raise ScheduleError(f"num_iter must be an integer >= 1, got {self.num_iter!r}")
         for name in ("refresh", "keep_fraction", "condition_cache", "head_cache"):
-            values = getattr(self, name)
-            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-                raise ScheduleError(f"{name} must be a list with one entry per step, got {type(values).__name__}")
+            values = _sequence(getattr(self, name), name, "with one entry per step")
             if len(values) != self.num_iter:
                 raise ScheduleError(f"{name} has {len(values)} entries but the schedule has {self.num_iter} steps")
-            try:
-                set_(name, tuple(float(v) if name == "keep_fraction" else _as_bool(v, name) for v in values))
-            except (TypeError, ValueError):
-                raise ScheduleError(f"{name} entries must be {'numbers' if name == 'keep_fraction' else 'booleans'}") from None
+            set_(name, tuple(_number(v, f"{name} entries") if name == "keep_fraction" else _as_bool(v, f"{name} entries")
+                             for v in values))
         bad = [(s, f) for s, f in enumerate(self.keep_fraction) if not 0.0 <= f <= 1.0]
         if bad:
             raise ScheduleError(f"keep_fraction must lie in [0, 1]; step {bad[0][0]} has {bad[0][1]}")
-        if not 0.0 <= float(self.keep_min_extra) <= 1.0:
+        if not 0.0 <= _number(self.keep_min_extra, "keep_min_extra") <= 1.0:
             raise ScheduleError(f"keep_min_extra must lie in [0, 1], got {self.keep_min_extra}")
         if not self.refresh[0]:
             raise ScheduleError("step 0 must refresh: nothing is cached before it")
         if self.condition_cache[0]:
             raise ScheduleError("step 0 cannot use the condition cache: no cond-uncond difference is cached yet")
-        if self.selection not in SELECTION_RULES:
+        if not isinstance(self.name, str):
+            raise ScheduleError(f"name must be a string, got {type(self.name).__name__}")
+        if not isinstance(self.selection, str) or self.selection not in SELECTION_RULES:
             raise ScheduleError(f"unknown selection rule {self.selection!r}; known: {', '.join(SELECTION_RULES)}")
-        if not isinstance(self.selection_layer, int) or self.selection_layer < 0:
+        if _integer(self.selection_layer, "selection_layer") < 0:
             raise ScheduleError(f"selection_layer must be an integer >= 0, got {self.selection_layer!r}")
-        set_("always_keep", tuple(self.always_keep))
-        unknown = [k for k in self.always_keep if k not in ALWAYS_KEEP]
+        set_("always_keep", tuple(_sequence(self.always_keep, "always_keep", f"of statuses ({', '.join(ALWAYS_KEEP)})")))
+        unknown = [k for k in self.always_keep if not isinstance(k, str) or k not in ALWAYS_KEEP]
         if unknown:
             raise ScheduleError(f"unknown always_keep status {unknown[0]!r}; known: {', '.join(ALWAYS_KEEP)}")
-        if self.encoder not in ENCODER_POLICIES:
+        if not isinstance(self.encoder, str) or self.encoder not in ENCODER_POLICIES:
             raise ScheduleError(f"unknown encoder policy {self.encoder!r}; known: {', '.join(ENCODER_POLICIES)}")
+        if not 0 <= _integer(self.seed, "seed") < SEED_LIMIT:
+            raise ScheduleError(f"seed must lie in [0, 2**63), got {self.seed}")
         if isinstance(self.head, dict):
-            set_("head", HeadCachePolicy(**self.head))
+            set_("head", HeadCachePolicy.from_dict(self.head))
+        elif not isinstance(self.head, HeadCachePolicy):
+            raise ScheduleError(f"head must be an object, got {type(self.head).__name__}")
 
     # --- checks against a model --------------------------------------------------------------------------------
     def validate_for(self, config: MARConfig, num_iter: Optional[int] = None) -> None:
@@ -210,10 +226,7 @@ class CacheSchedule:
         head = data.get("head", {})
         if not isinstance(head, dict):
             raise ScheduleError("schedule field 'head' must be an object")
-        try:
-            data["head"] = HeadCachePolicy(**head)
-        except TypeError as err:
-            raise ScheduleError(f"bad head policy: {err}") from None
+        data["head"] = HeadCachePolicy.from_dict(head)
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
@@ -227,9 +240,36 @@ class CacheSchedule:
 
 
 def _as_bool(value: Any, name: str) -> bool:
-    if value in (True, False, 0, 1):
+    """true/false (or 0/1) in a JSON file; anything else is a ScheduleError naming the field."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
-    raise ValueError(name)
+    raise ScheduleError(f"{name} must be booleans (true/false), got {value!r}")
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScheduleError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    """A finite number (int or float, not a string or boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScheduleError(f"{name} must be numbers, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ScheduleError(f"{name} must be finite numbers, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ScheduleError(f"{name} must be finite numbers, got {value!r}")
+    return number
+
+
+def _sequence(value: Any, name: str, what: str = "") -> Sequence:
+    """A list (or tuple); a string is not a list of statuses (\"new\" is not [\"n\", \"e\", \"w\"])."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ScheduleError(f"{name} must be a list{' ' + what if what else ''}, got {value!r}"[:200])
+    return value
 
 
 # --- presets -------------------------------------------------------------------------------------------------
@@ -298,6 +338,25 @@ def lazymar_schedule(num_iter: int = LAZYMAR_STEPS, config: Optional[MARConfig] 
 PRESETS = ("none", "lazymar", "lazymar-released")
 
 
+def read_schedule_file(path: str | Path) -> CacheSchedule:
+    """The schedule in a JSON file; ScheduleError naming the file and the problem for anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(f"unknown schedule {str(path)!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ScheduleError(f"schedule file {path}: {err.strerror or err}") from None
+    if not isinstance(data, dict):
+        raise ScheduleError(f"schedule file {path} must hold a JSON object")
+    try:
+        return CacheSchedule.from_dict(data)
+    except ScheduleError as err:
+        raise ScheduleError(f"schedule file {path}: {err}") from None
+
+
 def load_schedule(name_or_path: str | Path, num_iter: int, config: Optional[MARConfig] = None) -> CacheSchedule:
     """A preset by name (see PRESETS) mapped to ``num_iter`` steps, or a schedule JSON file.
 
@@ -309,15 +368,7 @@ def load_schedule(name_or_path: str | Path, num_iter: int, config: Optional[MARC
         schedule = lazymar_schedule(num_iter, config, hoist_invariants=key == "lazymar")
     else:
         path = Path(name_or_path)
-        if not path.is_file():
-            raise ScheduleError(f"unknown schedule {key!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ScheduleError(f"schedule file {path} must hold a JSON object")
-        schedule = CacheSchedule.from_dict(data)
+        schedule = read_schedule_file(path)
         if schedule.num_iter != num_iter:
             raise ScheduleError(f"schedule {path} has {schedule.num_iter} steps but sampling uses {num_iter}")
     if config is not None:

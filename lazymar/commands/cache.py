@@ -10,6 +10,7 @@ import torch
 from ..config import get_config
 from ..model import MAR
 from ..sampling import SamplingSettings
+from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
 
@@ -33,24 +34,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..cache.bench import benchmark
     from ..cache.schedule import load_schedule
     from ..runs import SamplePlan, prepare_cpu_memory_measurement, resident_mb
-    if args.threads:
+    if args.compute_bound and args.num_iter is not None:  # the random model's token count, before building it
+        check_num_iter(args.num_iter, get_config(args.arch or COMPUTE_BOUND["arch"]).seq_len)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     cpu_baseline = None
     if torch.device(args.device).type == "cpu" and prepare_cpu_memory_measurement():
         cpu_baseline = resident_mb()
     if args.compute_bound:
         args.arch = args.arch or COMPUTE_BOUND["arch"]
-        args.batch_size = args.batch_size or COMPUTE_BOUND["batch_size"]
-        args.num_samples = args.num_samples or args.batch_size
+        args.batch_size = COMPUTE_BOUND["batch_size"] if args.batch_size is None else args.batch_size
+        args.num_samples = args.batch_size if args.num_samples is None else args.num_samples
         model = random_model(args.arch, args.seed, args.device)
-        settings = replace(sampling_from_args(model, args), num_iter=args.num_iter or COMPUTE_BOUND["num_iter"],
+        settings = replace(sampling_from_args(model, args),
+                           num_iter=COMPUTE_BOUND["num_iter"] if args.num_iter is None else args.num_iter,
                            cfg=args.cfg if args.cfg is not None else COMPUTE_BOUND["cfg"])
     else:
         model = random_model(args.arch or "digits", args.seed, args.device) if args.random_init \
             else load_model_from_args(args)
         settings = sampling_from_args(model, args)
-    num_samples = args.num_samples or 200
-    batch_size = args.batch_size or 100
+    num_samples = 200 if args.num_samples is None else args.num_samples
+    batch_size = 100 if args.batch_size is None else args.batch_size
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
     plan = SamplePlan.balanced(num_samples, model.config.class_num, args.seed, batch_size)
     result = benchmark(model, plan, settings, schedule, repeats=args.repeats, cpu_baseline_mb=cpu_baseline,
@@ -77,6 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_flops(args: argparse.Namespace) -> int:
     from ..cache.flops import estimate_generation_flops, floor_flops
     from ..cache.schedule import load_schedule
+    for arch in args.arch:
+        check_num_iter(args.num_iter, get_config(arch).seq_len)
     rows = []
     for arch in args.arch:
         config = get_config(arch)
@@ -108,16 +114,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p)
     add_schedule_arg(p)
     p.set_defaults(schedule="lazymar")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per run (default 200; compute-bound: "
+    p.add_argument("--num-samples", type=positive_int, default=None, help="samples per run (default 200; compute-bound: "
                                                                      "one batch)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 100 (compute-bound: 8)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each run (default 3)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 100 (compute-bound: 8)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions of each run (default 3)")
     p.add_argument("--compute-bound", action="store_true",
                    help="mar_base-sized random weights, batch 8, 16 steps, cfg 3 (override with --arch, "
                         "--batch-size, --num-iter, --cfg)")
     p.add_argument("--random-init", action="store_true", help="random weights of --arch (default digits) "
                                                                   "instead of loading --model")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -125,10 +131,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="FLOPs (2 per multiply-add, matrix products and attention only) of one "
                                    "generation under each schedule, from the token counts alone; plus the floor "
                                    "(every position through the transformer once, the head once per token).")
-    p.add_argument("--arch", nargs="+", default=["mar_base", "mar_large", "mar_huge"])
-    p.add_argument("--schedule", nargs="+", default=["lazymar-released", "lazymar"])
-    p.add_argument("--num-iter", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--arch", type=model_arch, nargs="+", default=["mar_base", "mar_large", "mar_huge"])
+    p.add_argument("--schedule", type=schedule_spec, nargs="+", default=["lazymar-released", "lazymar"])
+    p.add_argument("--num-iter", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--no-cfg", action="store_true", help="without classifier-free guidance (one branch)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)

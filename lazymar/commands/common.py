@@ -10,21 +10,25 @@ from typing import Any
 from ..checkpoint import load_model
 from ..model import MAR
 from ..sampling import SamplingSettings
+from ..validation import check_num_iter, device, finite_float, model_arch, positive_float, positive_int, schedule_spec
+from ..validation import seed as seed_type
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="digits", help="'digits' (embedded) or a path to an official MAR checkpoint")
-    parser.add_argument("--arch", default=None, help="architecture name (mar_base, ...) when it cannot be inferred")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--arch", type=model_arch, default=None,
+                        help="architecture name (mar_base, ...) when it cannot be inferred")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Sampling options; each defaults to the checkpoint's stored setting."""
-    parser.add_argument("--num-iter", type=int, default=None, help="MAR steps (default: the checkpoint's)")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--num-iter", type=positive_int, default=None,
+                        help="MAR steps, 1 to the model's token count (default: the checkpoint's)")
+    parser.add_argument("--cfg", type=finite_float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="fixes generation orders and noise")
+    parser.add_argument("--temperature", type=positive_float, default=None)
+    parser.add_argument("--seed", type=seed_type, default=0, help="fixes generation orders and noise, in [0, 2**63)")
 
 
 def load_model_from_args(args: argparse.Namespace) -> MAR:
@@ -35,7 +39,9 @@ def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings
     base = model.sampling_defaults
     overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")
                  if getattr(args, k, None) is not None}
-    return replace(base, **overrides)
+    settings = replace(base, **overrides)
+    check_num_iter(settings.num_iter, model.seq_len)
+    return settings
 
 
 def print_json(obj: Any) -> None:
@@ -45,7 +51,7 @@ def print_json(obj: Any) -> None:
 
 # --- cache schedules (lazymar.cache) ------------------------------------------------------------------------
 def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--schedule", default="none", metavar="NAME|PATH.json",
+    parser.add_argument("--schedule", type=schedule_spec, default="none", metavar="NAME|PATH.json",
                         help="cache schedule: 'none' (exact), 'lazymar', 'lazymar-released', or a schedule JSON file")
 
 

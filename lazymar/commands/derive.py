@@ -3,6 +3,7 @@ fidelity floor), and `lazymar sweep`: the speed/quality trade-off of schedules a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import torch
 
 from .. import schedules
+from ..errors import ArgumentError
+from ..validation import (check_outputs, finite_float, float_in, greater_than, non_negative_int, positive_int,
+                          schedule_spec, seed)
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 
@@ -19,9 +23,26 @@ def _analysis():
     return schedules, sweep
 
 
-def _check_out(path: str | None, force: bool) -> None:
-    if path and Path(path).exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+def derive_outputs(out: str | None) -> list[Path]:
+    """The files ``derive --out`` writes: the schedule JSON and its markdown report beside it."""
+    return [] if out is None else [Path(out), Path(out).with_suffix(".md")]
+
+
+def default_stats() -> Path:
+    """The committed recording of the embedded model (found from the package, not the working directory)."""
+    from ..checkpoint import DATA_DIR
+    return DATA_DIR / "stats" / "digits.nc"
+
+
+def load_profile(derive, stats: str | Path):
+    """The redundancy profile of a recording; a recording without any finite token similarity (e.g. all NaN)
+    cannot rank positions, so it is rejected with one line instead of failing inside the search."""
+    import numpy as np
+    from ..recording import load_stats
+    ds = load_stats(stats)
+    if "token_cosine" in ds and not np.isfinite(ds["token_cosine"].values).any():
+        raise derive.DerivationError(f"{stats}: token_cosine holds no finite values (all NaN); record it again")
+    return dataclasses.replace(derive.RedundancyProfile.from_stats(ds), source=str(stats))
 
 
 def _reference(args: argparse.Namespace, profile):
@@ -29,11 +50,11 @@ def _reference(args: argparse.Namespace, profile):
     from ..runs import Reference, RunError, SamplePlan
     model = load_model_from_args(args)
     if model.config != profile.config:
-        raise ValueError(f"model {args.model!r} does not match the recording's model configuration "
+        raise ArgumentError(f"model {args.model!r} does not match the recording's model configuration "
                          f"({profile.source}); pass the --model that was recorded")
     settings = sampling_from_args(model, args)
     if settings.num_iter != profile.num_iter:
-        raise ValueError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
+        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
                          f"pass --num-iter {profile.num_iter}")
     if model.config.vae_stride != 1:
         raise RunError("measured PSNR is taken on images and this model's tokens are VAE latents; "
@@ -56,12 +77,12 @@ def _measurer(reference, quiet: bool):
 
 def cmd_derive(args: argparse.Namespace) -> int:
     derive = schedules
-    if args.threads:
+    check_outputs(derive_outputs(args.out), args.force)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _check_out(args.out, args.force)
     if args.target_flops_ratio is not None and args.min_psnr is not None:
-        raise ValueError("pass either --target-flops-ratio or --min-psnr, not both")
-    profile = derive.RedundancyProfile.from_stats(args.stats)
+        raise ArgumentError("pass either --target-flops-ratio or --min-psnr, not both")
+    profile = load_profile(derive, args.stats)
     measured, considered, reference = [], None, None
     mode = "thresholds"
     if args.target_flops_ratio is not None or args.min_psnr is not None:
@@ -70,7 +91,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
         if args.target_flops_ratio is not None:
             mode = "budget"
             if not args.target_flops_ratio > 1.0:
-                raise ValueError(f"--target-flops-ratio must be > 1 (1 is no caching), got {args.target_flops_ratio}")
+                raise ArgumentError(f"--target-flops-ratio must be > 1 (1 is no caching), got {args.target_flops_ratio}")
             measure = None
             if not args.no_measure:
                 derive.search_budget(profile, args.target_flops_ratio, None, grid=grid,  # impossible budget: fail now
@@ -82,7 +103,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
         else:
             mode = "fidelity"
             if args.no_measure:
-                raise ValueError("--min-psnr needs measured PSNR; drop --no-measure")
+                raise ArgumentError("--min-psnr needs measured PSNR; drop --no-measure")
             reference = _reference(args, profile)
             result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, args.json), grid=grid,
                                             progress=not args.json, flops_batch_size=args.flops_batch_size)
@@ -212,16 +233,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     derive, sweep = _analysis()
     from ..runs import DEFAULT, Reference, SamplePlan
     from ..cache.schedule import load_schedule
-    if args.threads:
+    check_outputs([args.out], args.force)
+    if args.stats is None and not args.no_defaults:
+        args.stats = default_stats()
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _check_out(args.out, args.force)
-    profile = derive.RedundancyProfile.from_stats(args.stats)
+    profile = None if args.stats is None else load_profile(derive, args.stats)
     model = load_model_from_args(args)
-    if model.config != profile.config:
-        raise ValueError(f"model {args.model!r} does not match the recording's model configuration ({args.stats})")
+    if profile is not None and model.config != profile.config:
+        raise ArgumentError(f"model {args.model!r} does not match the recording's model configuration ({args.stats})")
     settings = sampling_from_args(model, args)
-    if settings.num_iter != profile.num_iter:
-        raise ValueError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
+    if profile is not None and settings.num_iter != profile.num_iter:
+        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
     extra = []
     for spec in args.schedule or []:
         schedule = load_schedule(spec, settings.num_iter, model.config)
@@ -251,49 +274,54 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or the best measured fidelity at a FLOPs budget (--target-flops-ratio), or "
                                    "the highest FLOPs ratio above a PSNR floor (--min-psnr).")
     p.add_argument("--stats", required=True, help="recording (NetCDF) made by `lazymar record`")
-    p.add_argument("--out", default=None, help="schedule JSON to write (a markdown report goes beside it)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--out", default=None, help="schedule JSON to write (a markdown report goes beside it, with "
+                                               "the suffix .md)")
+    p.add_argument("--force", action="store_true", help="overwrite --out and its report")
     p.add_argument("--name", default=None, help="schedule name (default: from the thresholds)")
     mode = p.add_argument_group("search (instead of fixed thresholds)")
-    mode.add_argument("--target-flops-ratio", type=float, default=None,
-                      help="best fidelity among schedules with at least this predicted FLOPs ratio")
-    mode.add_argument("--min-psnr", type=float, default=None,
+    target = mode.add_mutually_exclusive_group()
+    target.add_argument("--target-flops-ratio", type=greater_than(1.0), default=None,
+                        help="best fidelity among schedules with at least this predicted FLOPs ratio (> 1)")
+    target.add_argument("--min-psnr", type=finite_float, default=None,
                       help="highest predicted FLOPs ratio with measured PSNR vs uncached >= this (dB)")
     mode.add_argument("--no-measure", action="store_true",
                       help="budget search ranked by the uncalibrated error model only (no sampling)")
-    mode.add_argument("--candidates", type=int, default=4,
+    mode.add_argument("--candidates", type=positive_int, default=4,
                       help="candidates measured near the budget, after one calibration probe per error component (default 4)")
-    mode.add_argument("--measure-samples", type=int, default=32, help="fixed samples for measured PSNR (default 32)")
-    mode.add_argument("--batch-size", type=int, default=100, help="sampling batch of the measurements")
-    p.add_argument("--flops-batch-size", type=int, default=1,
+    mode.add_argument("--measure-samples", type=positive_int, default=32,
+                      help="fixed samples for measured PSNR (default 32)")
+    mode.add_argument("--batch-size", type=positive_int, default=100, help="sampling batch of the measurements")
+    p.add_argument("--flops-batch-size", type=positive_int, default=1,
                    help="batch the predicted FLOPs ratio assumes (default 1, per image: conservative; 100 matches "
                         "`lazymar bench` and `lazymar sweep` defaults, where the hoisted head embedding is shared)")
     for name, help_text in GRID_ARGS.items():
-        mode.add_argument(f"--grid-{name}", type=float, nargs="+", default=None,
+        kind = float_in(0.0, 1.0) if name == "token-quantile" else finite_float
+        mode.add_argument(f"--grid-{name}", type=kind, nargs="+", default=None,
                           help=f"search grid: {help_text} (default: lazymar.schedules.DEFAULT_GRID)")
     th = p.add_argument_group("thresholds (without a search)")
-    th.add_argument("--tau-token", type=float, default=None,
+    th.add_argument("--tau-token", type=finite_float, default=None,
                     help="recompute positions whose V similarity with the previous step is below this "
                          "(default: the median similarity)")
-    th.add_argument("--token-quantile", type=float, default=None,
+    th.add_argument("--token-quantile", type=float_in(0.0, 1.0), default=None,
                     help="tau_token as this quantile of the selection layer's similarity (instead of --tau-token)")
-    th.add_argument("--tau-refresh", type=float, default=8.0,
+    th.add_argument("--tau-refresh", type=finite_float, default=8.0,
                     help="refresh when the accumulated change reaches this many average steps' worth (default 8)")
-    th.add_argument("--tau-cfg", type=float, default=0.999,
+    th.add_argument("--tau-cfg", type=finite_float, default=0.999,
                     help="condition cache while the weighted residual similarity to the anchor is >= this "
                          "(default 0.999)")
-    th.add_argument("--tau-head", type=float, default=0.2,
+    th.add_argument("--tau-head", type=finite_float, default=0.2,
                     help="largest accumulated relative change of a reused head part (default 0.2)")
-    th.add_argument("--tau-buffer", type=float, default=1.0,
+    th.add_argument("--tau-buffer", type=finite_float, default=1.0,
                     help="cache the buffer in the encoder too (encoder 'new-tokens') when its accumulated change "
                          "since a refresh keeps a similarity >= this (default 1.0: recompute it, as LazyMAR)")
-    th.add_argument("--selection-layer", type=int, default=None,
+    th.add_argument("--selection-layer", type=non_negative_int, default=None,
                     help="decoder block that ranks positions (default: the selection-layer study's pick)")
     add_model_args(p)
-    p.add_argument("--num-iter", type=int, default=None, help="MAR steps for measuring (must match the recording)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--num-iter", type=positive_int, default=None,
+                   help="MAR steps for measuring (must match the recording)")
+    p.add_argument("--seed", type=seed, default=1,
                    help="seed of the measured samples (default 1: the sweep's default 0 stays a held-out check)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_derive, cfg=None, cfg_schedule=None, temperature=None)
 
@@ -303,16 +331,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "uncached sampler; write FLOPs ratio, wall ratio, PSNR, token MSE, accuracy, "
                                    "FID and the Pareto front (flops_ratio vs psnr) to a CSV.")
     add_model_args(p)
-    p.add_argument("--stats", default="data/stats/digits.nc", help="recording for the derived points")
-    p.add_argument("--schedule", nargs="+", default=None, metavar="NAME|PATH.json",
+    p.add_argument("--stats", default=None,
+                   help="recording for the derived points (default: the repository's data/stats/digits.nc; not "
+                        "needed with --no-defaults)")
+    p.add_argument("--schedule", type=schedule_spec, nargs="+", default=None, metavar="NAME|PATH.json",
                    help="extra schedules to include (presets or schedule JSON files)")
     p.add_argument("--no-defaults", action="store_true", help="only the --schedule points (and the reference)")
-    p.add_argument("--num-samples", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--num-iter", type=int, default=None, help="MAR steps (must match the recording)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--num-iter", type=positive_int, default=None, help="MAR steps (must match the recording)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-quality", action="store_true", help="skip accuracy and FID")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="CSV to write, e.g. data/sweeps/digits.csv")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

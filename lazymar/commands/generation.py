@@ -5,8 +5,10 @@ import argparse
 import time
 from pathlib import Path
 
+from ..errors import ArgumentError
 from ..grid import parse_labels, save_sample_grid
 from ..runs import ImageSpace, SamplePlan, generate_tokens, quality_evaluator
+from ..validation import check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
 
@@ -27,12 +29,13 @@ def _image_space(model, args) -> ImageSpace:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    args.out = str(check_outputs([image_path(args.out)], args.force)[0])  # the file really written
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     labels = [l for l in parse_labels(args.labels) for _ in range(args.per_label)]
     bad = [l for l in labels if not -1 <= l < model.config.class_num]
     if bad:
-        raise ValueError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
+        raise ArgumentError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
     images_of = _image_space(model, args)
     schedule = _schedule(model, args, settings)
     start = time.perf_counter()
@@ -53,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     images_of = _image_space(model, args)
     evaluator = quality_evaluator(model, images_of.vae)
     if evaluator is None:
-        raise ValueError("no quality evaluator fits this model (accuracy and digits-FID score the digits model)")
+        raise ArgumentError("no quality evaluator fits this model (accuracy and digits-FID score the digits model)")
     schedule = _schedule(model, args, settings)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
     start = time.perf_counter()
@@ -72,13 +75,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..sampling import SamplingSettings
-    from ..train import train_digits
+    from ..train import train_digits, training_outputs
     sampling = SamplingSettings(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule="linear", temperature=1.0)
     overrides = {k: v for k, v in (("encoder_embed_dim", args.width), ("decoder_embed_dim", args.width),
                                    ("encoder_depth", args.depth), ("decoder_depth", args.depth)) if v is not None}
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    check_outputs(training_outputs(out), args.force)
     train_digits(out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, sampling=sampling,
                  **overrides)
     print(f"wrote {out}")
@@ -91,11 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)
-    p.add_argument("--labels", default="0-9", help="class labels, e.g. 0,1,2 or 0-9 (default 0-9)")
-    p.add_argument("--per-label", type=int, default=8, help="samples per label (default 8)")
-    p.add_argument("--batch-size", type=int, default=80)
+    p.add_argument("--labels", type=labels, default="0-9", help="class labels, e.g. 0,1,2 or 0-9 (default 0-9)")
+    p.add_argument("--per-label", type=positive_int, default=8, help="samples per label (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=80)
     p.add_argument("--vae", default=None, help="KL-16 VAE checkpoint for latent-space models (official MAR)")
-    p.add_argument("--out", default="samples.png", help="output image (default samples.png)")
+    p.add_argument("--out", default="samples.png",
+                   help="output image (default samples.png; .png is appended to a name without a suffix)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_sample)
 
@@ -105,8 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-samples", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval, vae=None)
 
@@ -114,13 +118,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a MAR on scikit-learn's digits (train split); writes the checkpoint, "
                                    "its training log (JSON) and a loss-curve PNG beside it.")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. data/checkpoints/digits.pth")
-    p.add_argument("--steps", type=int, default=600, help="optimiser steps (default 600)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--width", type=int, default=None, help="encoder/decoder width (default 96)")
-    p.add_argument("--depth", type=int, default=None, help="encoder/decoder depth (default 4)")
-    p.add_argument("--num-iter", type=int, default=64, help="stored default sampling steps")
-    p.add_argument("--cfg", type=float, default=3.0, help="stored default CFG scale")
+    p.add_argument("--steps", type=positive_int, default=600, help="optimiser steps (default 600)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="encoder/decoder width, a multiple of the 4 attention heads (default 96)")
+    p.add_argument("--depth", type=positive_int, default=None, help="encoder/decoder depth (default 4)")
+    p.add_argument("--num-iter", type=positive_int, default=64,
+                   help="stored default sampling steps (at most the 64 tokens)")
+    p.add_argument("--cfg", type=finite_float, default=3.0, help="stored default CFG scale")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     p.set_defaults(func=cmd_train)

@@ -11,6 +11,7 @@ from ..recording import load_stats, merge_stats, save_stats
 from ..recording.dataset import RecordingError
 from ..recording.driver import record
 from ..recording.summary import overview
+from ..validation import check_outputs, keep_bits, positive_int
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      runner_from_args, sampling_from_args)
 
@@ -29,8 +30,7 @@ def shard_path(out: Path, rank: int, world_size: int) -> Path:
 def cmd_record(args: argparse.Namespace) -> int:
     rank, world = distributed_rank()
     out = shard_path(Path(args.out), rank, world)
-    if out.exists() and not (args.force or args.resume):
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it or --resume to continue it")
+    check_outputs([out], args.force, resume=args.resume)
     if world > 1 and str(args.device).startswith("cuda") and ":" not in str(args.device):
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model = load_model_from_args(args)
@@ -57,8 +57,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    check_outputs([out], args.force)
     if out.resolve() in {Path(p).resolve() for p in args.inputs}:
         raise RecordingError(f"the output {out} is also an input")
     ds = merge_stats(args.inputs)
@@ -83,12 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)
-    p.add_argument("--num-samples", type=int, default=64, help="samples to record (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per generation batch (default 16)")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="samples to record (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="samples per generation batch (default 16)")
     p.add_argument("--out", required=True, help="output NetCDF file, e.g. data/stats/digits.nc")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--resume", action="store_true", help="keep the batches already in OUT and record the rest")
-    p.add_argument("--keep-bits", default=None, metavar="N|compact",
+    p.add_argument("--keep-bits", type=keep_bits, default=None, metavar="N|compact",
                    help="round statistics to N float32 mantissa bits, or 'compact' (cosines 14 bits, relative "
                         "changes 9), for a smaller file (lossy; default: exact float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from .. import __version__
+from ..errors import LazymarError
 
 FORMAT = "lazymar.redundancy"
 FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ DESCRIPTIONS = {
 }
 
 
-class RecordingError(ValueError):
+class RecordingError(LazymarError):
     """A recording that cannot be made, read or merged; the message names the cause in one line."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..errors import LazymarError
 from ..cache.schedule import HeadCachePolicy
 from ..config import MARConfig
 from ..recording import STATUS_CODES, load_stats
@@ -31,7 +32,7 @@ ALWAYS_KEEP = ("to_predict", "new")
 TAU_TOKEN_ALL = 1.000001  # above every cosine: recompute all positions
 
 
-class DerivationError(ValueError):
+class DerivationError(LazymarError):
     """Thresholds or a recording from which no schedule can be derived; the message names the problem."""
 
 

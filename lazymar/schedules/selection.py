@@ -24,13 +24,14 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import rankdata
 
+from ..errors import LazymarError
 from ..recording import STATUS_CODES
 from .levels import sample_chunks
 
 ALWAYS_KEPT = ("to_predict", "new")
 
 
-class SelectionStudyError(ValueError):
+class SelectionStudyError(LazymarError):
     """A recording the selection-layer study cannot use; the message names the problem."""
 
 

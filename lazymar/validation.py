@@ -1,0 +1,197 @@
+"""One validator per kind of command-line value, shared by every subcommand.
+
+The argparse types (``positive_int``, ``finite_float``, ``seed``, ...) reject a bad value while the arguments are
+parsed, so argparse prints one ``lazymar <cmd>: error: argument --x: ...`` line and exits 2 before any work. The
+checks that need more than one value or the file system (output paths and their side files, ``num_iter`` against
+the model's sequence length) raise :class:`~lazymar.errors.LazymarError` subclasses, which the CLI prints the
+same way.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from .errors import ArgumentError, OutputError
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [-2**63, 2**64); seeds + batch offsets stay well inside
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A count that must be >= 1 (samples, batch size, steps, repetitions, threads)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An index or count that may be 0 (a layer index)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed in [0, 2**63)."""
+    value = _integer(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed must lie in [0, 2**63), got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite real number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (temperature, learning rate)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """A finite number in [low, high] (quantiles, cosine thresholds)."""
+    def check(text: str) -> float:
+        value = finite_float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low:g}, {high:g}], got {value:g}")
+        return value
+    check.__name__ = f"number in [{low:g}, {high:g}]"
+    return check
+
+
+def labels(text: str) -> str:
+    """Class labels "0,1,2" or "0-9" (ranges ascending; -1 = unconditional), checked by
+    :func:`lazymar.grid.parse_labels`; the text is kept for the command to parse."""
+    from .grid import parse_labels
+    try:
+        parse_labels(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def keep_bits(text: str):
+    """--keep-bits: N mantissa bits, 'compact' or 'exact' (parsed by the recording module)."""
+    from .recording.dataset import parse_keep_bits
+    try:
+        bits = parse_keep_bits(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if bits and not all(0 < b < 23 for b in bits.values()):  # float32 has 23 mantissa bits
+        raise argparse.ArgumentTypeError(f"mantissa bits must lie in 1..22, got {text}")
+    return text
+
+
+# --- checks after parsing ------------------------------------------------------------------------------------
+def check_num_iter(num_iter: int, seq_len: int) -> None:
+    """Each MAR step decodes at least one token: 1 <= num_iter <= seq_len."""
+    if not 1 <= num_iter <= seq_len:
+        raise ArgumentError(f"--num-iter: must lie in [1, {seq_len}] (the model's {seq_len} tokens; each step "
+                            f"decodes at least one), got {num_iter}")
+
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def image_path(path: str | Path) -> Path:
+    """The file an image is written to: ``path``, with ``.png`` appended when it has no suffix (as matplotlib
+    does), so that messages name the real file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix:
+            raise OutputError(f"{path}: unsupported image type {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
+        path = path.with_name(path.name + ".png")
+    return path
+
+
+def check_outputs(paths: Iterable[Optional[str | Path]], force: bool = False, resume: bool = False) -> list[Path]:
+    """Every file a command will write, checked before any work: not a directory, distinct from each other, in a
+    writable folder, and (unless ``force``, or ``resume`` for files that are continued) not already there."""
+    checked: list[Path] = []
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise OutputError(f"{path}: is a directory; give a file name")
+        if any(path.resolve() == p.resolve() for p in checked):
+            raise OutputError(f"{path}: would be written twice (the command writes {', '.join(map(str, checked))} "
+                              f"beside it); choose another name")
+        if path.exists() and not (force or resume):
+            raise OutputError(f"{path}: exists; pass --force to overwrite it")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise OutputError(f"{path}: not writable (permission denied)")
+        folder = path.parent
+        while not folder.exists():  # the command creates missing folders; the first existing one must allow it
+            folder = folder.parent
+        if not folder.is_dir():
+            raise OutputError(f"{path}: cannot create it, {folder} is not a directory")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"{path}: cannot write in {folder} (permission denied)")
+        checked.append(path)
+    return checked
+
+
+def device(text: str) -> str:
+    """A torch device string (cpu, cuda, cuda:1, mps, ...); availability is checked when the model moves."""
+    import torch
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    return text
+
+
+def model_arch(text: str) -> str:
+    """A named model configuration (mar_base, mar_large, mar_huge, mar_tiny, digits)."""
+    from .config import CONFIGS
+    if text not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown architecture {text!r}; known: {', '.join(CONFIGS)}")
+    return text
+
+
+def schedule_spec(text: str) -> str:
+    """--schedule: a preset name, or a schedule JSON file that parses (its step count is checked later, against
+    the sampling settings)."""
+    from .cache.schedule import PRESETS, ScheduleError, read_schedule_file
+    if text in PRESETS:
+        return text
+    try:
+        read_schedule_file(text)
+    except ScheduleError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def greater_than(low: float) -> Callable[[str], float]:
+    """A finite number > low (e.g. a FLOPs ratio target above 1, which is no caching)."""
+    def check(text: str) -> float:
+        value = finite_float(text)
+        if not value > low:
+            raise argparse.ArgumentTypeError(f"must be > {low:g}, got {value:g}")
+        return value
+    check.__name__ = f"number > {low:g}"
+    return check
