@@ -21,35 +21,21 @@ SEED = 0
 FIGURES = None                      # folder to also save the figures into (None: display only)
 
 # %%
-import sys
-from pathlib import Path
-
-if (Path.cwd().parent / "analysis").is_dir():  # run from notebooks/: the repository, if lazymar is not installed
-    sys.path.insert(0, str(Path.cwd().parent))
-
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import phenomena, plots, redundancy_plots
+from analysis import phenomena, plots, redundancy_plots, workbook
 from lazymar.recording import load_stats
 
 
-def save(fig, name):
-    """Show ``fig``; also write it (PNG and PDF) under FIGURES when that is set."""
-    if FIGURES:
-        plots.save_figure(fig, name, FIGURES)
-    return fig
+writer = workbook.FigureWriter(FIGURES)
+save = writer.figure
 
 # %%
 ds = load_stats(STATS)
-attrs = ds.attrs
-settings = phenomena.sampling_settings(attrs)
-display(Markdown(
-    f"Recording `{STATS}`: model **{attrs['model']}**, {ds.sizes['sample']} samples, {ds.sizes['step']} MAR steps, "
-    f"CFG {settings.cfg:g} ({settings.cfg_schedule}), temperature {settings.temperature:g}, "
-    f"{ds.sizes['position']} positions (buffer {int(attrs['buffer_size'])} + {int(attrs['seq_len'])} tokens), "
-    f"layers {', '.join(map(str, ds.layer.values))}."))
+settings = phenomena.sampling_settings(ds.attrs)
+display(Markdown(workbook.describe_recording(ds, STATS)))
 
 # %% [markdown]
 # ## Distributions by position status
@@ -132,7 +118,7 @@ display(Markdown(
 
 # %%
 from lazymar.checkpoint import load_model
-from lazymar.grid import balanced_labels
+from lazymar.runs import balanced_labels
 
 model = load_model(MODEL)
 labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)

@@ -25,11 +25,7 @@ SEED = 0
 FIGURES = None                         # folder to save the starting schedule's heat map into (None: no file)
 
 # %%
-import sys
 from pathlib import Path
-
-if (Path.cwd().parent / "analysis").is_dir():  # run from notebooks/: the repository, if lazymar is not installed
-    sys.path.insert(0, str(Path.cwd().parent))
 
 from IPython.display import Markdown, display
 

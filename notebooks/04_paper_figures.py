@@ -19,53 +19,29 @@ REFRESH_INTERVALS = (3, 5, 9, 16)          # refresh every k steps after the war
 SEED = 0
 
 # %%
-import sys
+import json
 from pathlib import Path
 
-if (Path.cwd().parent / "analysis").is_dir():  # run from notebooks/: the repository, if lazymar is not installed
-    sys.path.insert(0, str(Path.cwd().parent))
-
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import phenomena, plots, redundancy_plots
-from lazymar.recording import load_stats
-import json
-
-import matplotlib.pyplot as plt
-
-from analysis import measure
-from lazymar.schedules import RedundancyProfile, derive_schedule, schedule_matrix
+from analysis import measure, phenomena, plots, redundancy_plots, workbook
 from lazymar.cache.schedule import CacheSchedule, lazymar_schedule
 from lazymar.checkpoint import load_model
-from lazymar.grid import balanced_labels
+from lazymar.recording import load_stats
+from lazymar.runs import balanced_labels
+from lazymar.schedules import RedundancyProfile, derive_schedule, schedule_matrix
 
-written = []
-
-
-def save(fig, name):
-    written.extend(plots.save_figure(fig, name, FIGURES))
-    return fig
-
-
-def save_table(df, name):
-    path = Path(FIGURES) / name
-    df.to_csv(path.with_suffix(".csv"), float_format="%.6g")
-    path.with_suffix(".md").write_text(plots.markdown_table(df))
-    written.extend([path.with_suffix(".csv"), path.with_suffix(".md")])
-    return df
+writer = workbook.FigureWriter(FIGURES)
+save, save_table = writer.figure, writer.table
 
 
 # %%
 ds = load_stats(STATS)
-attrs = ds.attrs
-settings = phenomena.sampling_settings(attrs)
-display(Markdown(
-    f"Recording `{STATS}`: model **{attrs['model']}**, {ds.sizes['sample']} samples, {ds.sizes['step']} MAR steps, "
-    f"CFG {settings.cfg:g} ({settings.cfg_schedule}), temperature {settings.temperature:g}, "
-    f"{ds.sizes['position']} positions (buffer {int(attrs['buffer_size'])} + {int(attrs['seq_len'])} tokens), "
-    f"layers {', '.join(map(str, ds.layer.values))}."))
+settings = phenomena.sampling_settings(ds.attrs)
+display(Markdown(workbook.describe_recording(ds, STATS)))
 model = load_model(MODEL)
 live_labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)
 
@@ -190,4 +166,4 @@ display(Markdown(
     f"{table['accuracy'].max():.0%}."))
 
 # %%
-display(Markdown(f"Wrote {len(written)} files to `{FIGURES}`:\n\n" + "\n".join(f"- `{Path(p).name}`" for p in written)))
+display(Markdown(writer.summary()))
