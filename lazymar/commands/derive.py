@@ -253,7 +253,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.out:
         sweep.save_sweep(df, args.out)
     if args.json:
-        print_json([{**row, "world_size": distributed.world_size()} for row in json.loads(df.to_json(orient="records"))])
+        rows = json.loads(df.to_json(orient="records"))
+        print_json([{**row, "world_size": distributed.world_size()} for row in rows])
     else:
         print(sweep.front_markdown(df))
         print("\nPareto front (flops_ratio vs psnr):")
