@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import LazymarError
 from .metrics import frechet_distance
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -44,7 +45,7 @@ INSTALL_HINT = ("FID/IS need torch-fidelity and its Inception weights: pip insta
 FeatureExtractor = Callable[[Tensor], "tuple[Tensor, Tensor]"]
 
 
-class ImageNetMetricsError(ValueError):
+class ImageNetMetricsError(LazymarError):
     """FID/IS cannot be computed (library, weights or reference statistics missing or unfit); one line says why."""
 
 
@@ -278,3 +279,64 @@ class InceptionStats:
         if reference is not None:
             out = {"fid": self.fid(reference), **out, "fid_stats": reference.path}
         return out
+
+
+# --- the quality evaluator of VAE models (lazymar.runs seam) ---------------------------------------------
+class ImageNetQuality:
+    """FID against ``reference`` and IS of a run's decoded images, through ``extractor``: the runs core's quality
+    evaluator for VAE models once :func:`use_imagenet_quality` activated it (``eval``/``bench``/``sweep``
+    ``--fid-stats``). It streams: ``stream()`` takes the images chunk by chunk into an :class:`InceptionStats`.
+    IS uses ``min(10, N)`` splits (10 from 10 samples on, as the official evaluation)."""
+
+    name = "imagenet"
+    keys = ("fid", "inception_score", "inception_score_std")
+
+    def __init__(self, extractor: FeatureExtractor, reference: ReferenceStats):
+        self.extractor, self.reference = extractor, reference
+
+    @classmethod
+    def load(cls, fid_stats: str | Path, device: str | torch.device = "cpu",
+             weights_path: Optional[str | Path] = None) -> "ImageNetQuality":
+        """Reference statistics and the Inception network, loaded now (one-line ImageNetMetricsError if missing)."""
+        reference = load_reference_stats(fid_stats)
+        return cls(load_inception(device, weights_path), reference)
+
+    def stream(self) -> "_ImageNetStream":
+        return _ImageNetStream(self)
+
+    def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]:
+        stream = self.stream()
+        stream.add(images, 0)
+        return stream.scores()
+
+
+class _ImageNetStream:
+    def __init__(self, quality: ImageNetQuality):
+        self.quality, self.stats = quality, InceptionStats()
+
+    def add(self, images: Tensor, start: int) -> None:
+        self.stats.add_images(self.quality.extractor, images, start=start)
+
+    def scores(self) -> dict[str, float]:
+        return {k: v for k, v in self.stats.scores(self.quality.reference, splits=min(IS_SPLITS, self.stats.count)
+                                                   ).items() if k in ImageNetQuality.keys}
+
+
+_ACTIVE: list[Optional[ImageNetQuality]] = [None]
+
+
+def use_imagenet_quality(quality: Optional[ImageNetQuality]) -> None:
+    """Make ``quality`` the evaluator of every VAE model (runs.quality_evaluator); None: no ImageNet quality."""
+    _ACTIVE[0] = quality
+
+
+def _imagenet_factory(model, vae) -> Optional[ImageNetQuality]:
+    return _ACTIVE[0] if vae is not None else None
+
+
+def _register() -> None:
+    from .runs import register_evaluator
+    register_evaluator(_imagenet_factory)
+
+
+_register()

@@ -13,6 +13,7 @@ from ..sampling import SamplingSettings
 from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
+from .measuring import add_imagenet_args, image_space_from_args, launched
 
 COMPUTE_BOUND = dict(arch="mar_base", batch_size=8, num_iter=16, cfg=3.0)
 
@@ -31,6 +32,14 @@ def random_model(arch: str, seed: int, device: str) -> MAR:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Under torchrun every run samples its batches on all ranks (runs.Run: the slowest rank's seconds, the merged
+    FLOPs, the largest rank's peak memory); rank 0 decodes, scores, compares and prints."""
+    with launched(args):
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..cache.bench import benchmark
     from ..cache.schedule import load_schedule
     from ..runs import SamplePlan, prepare_cpu_memory_measurement, resident_mb
@@ -55,15 +64,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings = sampling_from_args(model, args)
     num_samples = 200 if args.num_samples is None else args.num_samples
     batch_size = 100 if args.batch_size is None else args.batch_size
+    images = image_space_from_args(model, args)
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
     plan = SamplePlan.balanced(num_samples, model.config.class_num, args.seed, batch_size)
-    result = benchmark(model, plan, settings, schedule, repeats=args.repeats, cpu_baseline_mb=cpu_baseline,
-                       progress=True)  # on stderr; stdout holds only the JSON
+    result = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
+                       cpu_baseline_mb=cpu_baseline, progress=distributed.is_main())  # stderr; stdout: the JSON
+    if not distributed.is_main():
+        return 0
     result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,
               "weights": "random" if (args.compute_bound or args.random_init) else "checkpoint",
               "schedule": args.schedule, "device": str(args.device), "threads": torch.get_num_threads(),
               "num_samples": num_samples, "batch_size": batch_size, "repeats": args.repeats, "seed": args.seed,
-              "settings": settings.__dict__, **result}
+              "world_size": distributed.world_size(), "settings": settings.__dict__, **result}
     if args.json:
         print_json(result)
     else:
@@ -74,7 +86,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                       f"token MSE {result['token_mse']:.3g} (no images: no VAE)"))
         for name in ("baseline", "cached"):
             r = result[name]
-            print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB, accuracy {r['accuracy']}, fid {r['fid']}")
+            quality = ", ".join(f"{k} {r[k]:.4g}" for k in ("accuracy", "fid", "inception_score")
+                                if r.get(k) is not None)
+            print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB" + (f", {quality}" if quality else ""))
     return 0
 
 
@@ -126,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
 
     p = sub.add_parser("flops", help="analytic FLOPs of cache schedules for MAR architectures",
                        description="FLOPs (2 per multiply-add, matrix products and attention only) of one "

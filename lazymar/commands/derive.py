@@ -230,9 +230,19 @@ DERIVED_GRID = [
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """Under torchrun every point samples its batches on all ranks (lazymar.runs.Run); rank 0 decodes, scores,
+    compares, prints and writes the CSV."""
+    from .measuring import launched
+    with launched(args):
+        return _sweep(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
     derive, sweep = _analysis()
+    from .. import distributed
     from ..runs import DEFAULT, Reference, SamplePlan
     from ..cache.schedule import load_schedule
+    from .measuring import image_space_from_args
     check_outputs([args.out], args.force)
     if args.stats is None and not args.no_defaults:
         args.stats = default_stats()
@@ -252,13 +262,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
+    images = image_space_from_args(model, args)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
-    reference = Reference(model, plan, settings, evaluator=None if args.no_quality else DEFAULT)
-    df = sweep.run_sweep(reference, points, quality=not args.no_quality, progress=not args.json)
+    reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else DEFAULT)
+    df = sweep.run_sweep(reference, points, quality=not args.no_quality,
+                         progress=not args.json and distributed.is_main())
+    if not distributed.is_main():
+        return 0
     if args.out:
         sweep.save_sweep(df, args.out)
     if args.json:
-        print_json(json.loads(df.to_json(orient="records")))
+        rows = json.loads(df.to_json(orient="records"))
+        print_json([{**row, "world_size": distributed.world_size()} for row in rows])
     else:
         print(sweep.front_markdown(df))
         print("\nPareto front (flops_ratio vs psnr):")
@@ -347,3 +362,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sweep, cfg=None, cfg_schedule=None, temperature=None)
+    from .measuring import add_imagenet_args
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)

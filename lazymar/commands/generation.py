@@ -7,10 +7,11 @@ from pathlib import Path
 
 from ..errors import ArgumentError
 from ..grid import parse_labels, save_sample_grid
-from ..runs import ImageSpace, SamplePlan, generate_tokens, quality_evaluator
+from ..runs import Run, SamplePlan, generate_tokens, quality_evaluator
 from ..validation import check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
+from .measuring import add_imagenet_args, image_space_from_args, launched
 
 
 def _schedule(model, args, settings):
@@ -18,14 +19,6 @@ def _schedule(model, args, settings):
     from ..cache.schedule import load_schedule
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
     return None if args.schedule == "none" else schedule
-
-
-def _image_space(model, args) -> ImageSpace:
-    """Tokens to images, with the --vae decoder checked against the model before any sampling."""
-    from ..vae import check_vae_fits, load_vae
-    vae = load_vae(args.vae, device=args.device) if getattr(args, "vae", None) else None
-    check_vae_fits(model, vae)
-    return ImageSpace(model, vae)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -36,7 +29,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bad = [l for l in labels if not -1 <= l < model.config.class_num]
     if bad:
         raise ArgumentError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
-    images_of = _image_space(model, args)
+    images_of = image_space_from_args(model, args)
     schedule = _schedule(model, args, settings)
     start = time.perf_counter()
     tokens, _ = generate_tokens(model, SamplePlan.of(labels, args.seed, args.batch_size), settings, schedule,
@@ -51,18 +44,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    with launched(args):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Under torchrun each rank samples its share of the batches; rank 0 decodes, scores and prints."""
+    from .. import distributed
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
-    images_of = _image_space(model, args)
+    images_of = image_space_from_args(model, args)
     evaluator = quality_evaluator(model, images_of.vae)
     if evaluator is None:
-        raise ArgumentError("no quality evaluator fits this model (accuracy and digits-FID score the digits model)")
+        raise ArgumentError("no quality evaluator fits this model (the digits model: accuracy and digits-FID; a VAE "
+                         "model: --vae with --fid-stats for ImageNet FID/IS)")
     schedule = _schedule(model, args, settings)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
-    start = time.perf_counter()
-    tokens, _ = generate_tokens(model, plan, settings, schedule, progress=True)
-    seconds = time.perf_counter() - start
-    result = {**evaluator(images_of(tokens), plan.labels), "num_samples": plan.num_samples, "seconds": seconds,
+    run = Run("eval", plan, settings, schedule).repeat(model, progress=True).finish(images_of, evaluator)
+    if not distributed.is_main():
+        return 0
+    seconds = run.median_seconds
+    result = {**run.quality, "num_samples": plan.num_samples, "seconds": seconds, "world_size": run.world_size,
               "model": args.model, "schedule": args.schedule, "seed": args.seed, "batch_size": args.batch_size,
               **settings.__dict__}
     if args.json:
@@ -113,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval, vae=None)
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
 
     p = sub.add_parser("train", help="train the embedded digits MAR",
                        description="Train a MAR on scikit-learn's digits (train split); writes the checkpoint, "

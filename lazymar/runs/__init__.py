@@ -3,12 +3,12 @@ their images and quality (images), peak memory (memory), and a candidate against
 ``sample``, ``eval``, ``bench``, ``sweep``, ``derive``, the explorer and the notebooks all go through it."""
 from .compare import DEFAULT, Reference, RunError, fidelity
 from .execute import Run, generate_tokens
-from .images import (IMAGE_DATA_RANGE, DigitsQuality, ImageSpace, QualityEvaluator, is_digits_model,
-                     quality_evaluator, register_evaluator)
+from .images import (IMAGE_DATA_RANGE, DigitsQuality, ImageSpace, QualityEvaluator, QualityStream,
+                     decode_and_score, is_digits_model, quality_evaluator, register_evaluator)
 from .memory import PeakMemory, prepare_cpu_memory_measurement, resident_mb
 from .plan import SEED_RULE, Batch, SamplePlan, balanced_labels, batch_seed
 
 __all__ = ["DEFAULT", "IMAGE_DATA_RANGE", "SEED_RULE", "Batch", "DigitsQuality", "ImageSpace", "PeakMemory",
-           "QualityEvaluator", "Reference", "Run", "RunError", "SamplePlan", "balanced_labels", "batch_seed",
-           "fidelity", "generate_tokens", "is_digits_model", "prepare_cpu_memory_measurement", "quality_evaluator",
-           "register_evaluator", "resident_mb"]
+           "QualityEvaluator", "QualityStream", "Reference", "Run", "RunError", "SamplePlan", "balanced_labels",
+           "batch_seed", "decode_and_score", "fidelity", "generate_tokens", "is_digits_model",
+           "prepare_cpu_memory_measurement", "quality_evaluator", "register_evaluator", "resident_mb"]

@@ -3,6 +3,12 @@
 Batch k is generated with ``torch.Generator(device).manual_seed(batch.seed)`` (the one seed rule, runs.plan) and,
 when a schedule is given, its own fresh ``CacheEngine(schedule)``; the FLOPs ledgers of the batches are merged.
 ``rank``/``world_size`` pick this process's batches (round robin) so that a multi-process layer reuses it.
+
+Under torchrun (lazymar.distributed) a :class:`Run` generates this rank's share and gathers it: the tokens in
+sample order on rank 0 (the other ranks hold none, and decode, score and compare nothing), the FLOPs ledgers of
+all ranks merged. Timing: the ranks start together (barrier) and each times its own share, CUDA synchronised; a
+repetition's ``seconds`` is the slowest rank's (the wall time of the parallel run), ``cpu_seconds`` the sum over
+ranks (the CPU work), ``peak_memory_mb`` the largest rank's. One rank and N ranks give the same tokens.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from ..cache.flops import FlopsLedger
 from ..cache.schedule import CacheSchedule
 from ..model import MAR
 from ..sampling import SamplingSettings, generate
-from .images import ImageSpace, QualityEvaluator
+from .images import ImageSpace, QualityEvaluator, decode_and_score
 from .memory import PeakMemory
 from .plan import SamplePlan
 
@@ -45,8 +51,9 @@ def generate_tokens(model: MAR, plan: SamplePlan, settings: SamplingSettings,
 
 @dataclass
 class Run:
-    """A plan sampled under a schedule: its tokens (CPU), the FLOPs of all batches, the wall and process CPU seconds
-    and peak memory (MiB) of every timed repetition, and, once :meth:`finish` ran, its images and quality."""
+    """A plan sampled under a schedule: its tokens (CPU; rank 0 only under torchrun), the FLOPs of all batches, the
+    wall and process CPU seconds and peak memory (MiB) of every timed repetition, and, once :meth:`finish` ran, its
+    images (when the image space keeps them) and quality."""
 
     name: str
     plan: SamplePlan
@@ -60,35 +67,49 @@ class Run:
     repeats_identical: bool = True
     images: Optional[Tensor] = None
     quality: dict = field(default_factory=dict)
+    image_space: Optional[ImageSpace] = None
+    world_size: int = 1
 
     def repeat(self, model: MAR, cpu_baseline_mb: Optional[float] = None, progress: bool = False) -> "Run":
-        """Sample the plan once more, timed (CUDA synchronised); notes whether the tokens repeat exactly."""
+        """Sample the plan once more (this rank's share under torchrun), timed (CUDA synchronised) and gathered;
+        notes whether the tokens repeat exactly."""
+        from .. import distributed
         device = next(model.parameters()).device
+        rank, self.world_size = distributed.rank(), distributed.world_size()
+        distributed.barrier()
         with PeakMemory(device, cpu_baseline_mb) as memory:
             start, cpu_start = time.perf_counter(), time.process_time()
-            tokens, ledger = generate_tokens(model, self.plan, self.settings, self.schedule, progress=progress,
-                                             desc=self.name)
+            tokens, ledger = generate_tokens(model, self.plan, self.settings, self.schedule, rank, self.world_size,
+                                             progress=progress and distributed.is_main(), desc=self.name)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        tokens = tokens.detach().cpu()
-        if self.tokens is None:
-            self.tokens, self.flops = tokens, ledger
-        elif not torch.equal(self.tokens, tokens):
+        index = [i for batch in self.plan.batches(rank, self.world_size) for i in range(batch.start, batch.stop)]
+        tokens = distributed.gather_samples(tokens.detach(), index)  # None on ranks other than 0
+        parts = distributed.gather_objects((ledger, seconds, cpu_seconds, memory.peak_mb), dst=None)
+        tokens = None if tokens is None else tokens.cpu()
+        if not self.seconds:
+            self.tokens, self.flops = tokens, FlopsLedger()
+            for part in parts:
+                self.flops = self.flops.merge(part[0])
+        elif tokens is not None and not torch.equal(self.tokens, tokens):
             self.repeats_identical = False
-        self.seconds.append(seconds)
-        self.cpu_seconds.append(cpu_seconds)
-        if memory.peak_mb is not None:
-            self.peak_memory_mb.append(memory.peak_mb)
+        self.seconds.append(max(part[1] for part in parts))
+        self.cpu_seconds.append(sum(part[2] for part in parts))
+        peaks = [part[3] for part in parts if part[3] is not None]
+        if peaks:
+            self.peak_memory_mb.append(max(peaks))
         return self
 
     def finish(self, images: ImageSpace, evaluator: Optional[QualityEvaluator] = None) -> "Run":
-        """Decode the images (None without an image space) and score them with ``evaluator`` (if any)."""
-        if self.tokens is None:
+        """Decode the images and score them with ``evaluator`` (if any), streamed (runs.images.decode_and_score);
+        the images are kept when ``images.keep``. Nothing to do on ranks other than 0 under torchrun."""
+        if not self.seconds:
             raise RuntimeError(f"run {self.name!r} has not been sampled yet")
-        self.images = images(self.tokens)
-        if evaluator is not None and self.images is not None:
-            self.quality = dict(evaluator(self.images, self.plan.labels))
+        self.image_space = images
+        if self.tokens is not None:
+            self.images, quality = decode_and_score(images, self.tokens, self.plan.labels, evaluator)
+            self.quality = quality if evaluator is not None else self.quality
         return self
 
     @property

@@ -8,12 +8,15 @@ its runs have no images, no PSNR and no image quality (token MSE still compares 
 
 Quality evaluators are small objects that score a run's images; :func:`quality_evaluator` picks the one that fits
 a model (the digits classifier's accuracy and digits-FID for the digits model). An evaluator for other models (for
-example ImageNet FID/IS for the VAE models) plugs in with :func:`register_evaluator`.
+example ImageNet FID/IS for the VAE models, lazymar.imagenet) plugs in with :func:`register_evaluator`. An evaluator
+with a ``stream()`` method sees the images chunk by chunk (:func:`decode_and_score`), so a run of 50k decoded
+256x256 images never sits in memory: an :class:`ImageSpace` keeps the images of pixel models (they are the tokens)
+and, by default, not those of VAE models (PSNR is then streamed from the tokens too, runs.compare).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -31,13 +34,15 @@ def is_digits_model(config: MARConfig) -> bool:
 
 class ImageSpace:
     """Maps a model's tokens (N, seq_len, token_dim) to CPU float images (N, C, H, W) in [-1, 1], or to None when
-    the model's tokens are VAE latents and no VAE was given. VAE decoding runs ``decode_batch`` samples at a time."""
+    the model's tokens are VAE latents and no VAE was given. VAE decoding runs ``decode_batch`` samples at a time.
+    ``keep``: whether runs keep their decoded images (default: pixel models only; decoded images are streamed)."""
 
-    def __init__(self, model: MAR, vae=None, decode_batch: int = 32):
+    def __init__(self, model: MAR, vae=None, decode_batch: int = 32, keep: Optional[bool] = None):
         from ..vae import check_vae_fits
         if vae is not None:
             check_vae_fits(model, vae)
         self.model, self.vae, self.decode_batch = model, vae, decode_batch
+        self.keep = vae is None if keep is None else keep
 
     @property
     def available(self) -> bool:
@@ -49,9 +54,14 @@ class ImageSpace:
             return None
         if self.vae is None:
             return self.model.unpatchify(tokens).detach().cpu().float()
+        return torch.cat([images for _, images in self.chunks(tokens)])
+
+    @torch.no_grad()
+    def chunks(self, tokens: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """(index of the first sample, CPU float images) of ``decode_batch`` samples at a time."""
         from ..vae import tokens_to_images
-        return torch.cat([tokens_to_images(self.model, tokens[i:i + self.decode_batch], self.vae).cpu().float()
-                          for i in range(0, len(tokens), self.decode_batch)])
+        for i in range(0, len(tokens), self.decode_batch):
+            yield i, tokens_to_images(self.model, tokens[i:i + self.decode_batch], self.vae).cpu().float()
 
 
 class QualityEvaluator(Protocol):
@@ -61,6 +71,36 @@ class QualityEvaluator(Protocol):
     keys: tuple[str, ...]
 
     def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]: ...
+
+
+class QualityStream(Protocol):
+    """Running quality of images added chunk by chunk (``start``: index of the chunk's first sample)."""
+
+    def add(self, images: Tensor, start: int) -> None: ...
+
+    def scores(self) -> dict[str, float]: ...
+
+
+def decode_and_score(image_space: ImageSpace, tokens: Tensor, labels: Sequence[int],
+                     evaluator: Optional[QualityEvaluator] = None) -> tuple[Optional[Tensor], dict]:
+    """The images of ``tokens`` (None unless the image space keeps them) and their quality ({} without an
+    evaluator or images). Streaming evaluators (``stream()``) see one chunk at a time, the others all images."""
+    if not image_space.available:
+        return None, {}
+    stream = evaluator.stream() if evaluator is not None and hasattr(evaluator, "stream") else None
+    collect = image_space.keep or (evaluator is not None and stream is None)
+    kept = []
+    for start, images in image_space.chunks(tokens):
+        if stream is not None:
+            stream.add(images, start)
+        if collect:
+            kept.append(images)
+    images = torch.cat(kept) if kept else None
+    if stream is not None:
+        quality = dict(stream.scores())
+    else:
+        quality = dict(evaluator(images, labels)) if evaluator is not None else {}
+    return (images if image_space.keep else None), quality
 
 
 class DigitsQuality:

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import ArgumentError
+
 SEED_RULE = "batch k (samples k*batch_size...) uses torch seed SeedSequence([seed, k]).generate_state(1)[0]"
 
 
@@ -47,9 +49,9 @@ class SamplePlan:
 
     def __post_init__(self) -> None:
         if not self.labels:
-            raise ValueError("a run needs at least one sample")
+            raise ArgumentError("a run needs at least one sample")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ArgumentError(f"batch size must be >= 1, got {self.batch_size}")
 
     @classmethod
     def balanced(cls, num_samples: int, num_classes: int, seed: int, batch_size: int) -> "SamplePlan":
@@ -66,7 +68,7 @@ class SamplePlan:
     def batches(self, rank: int = 0, world_size: int = 1) -> list[Batch]:
         """The batches rank ``rank`` of ``world_size`` runs (round robin; all of them on one process)."""
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+            raise ArgumentError(f"rank {rank} is not in 0..{world_size - 1}")
         out = [Batch(k, start, min(start + self.batch_size, self.num_samples),
                      self.labels[start:start + self.batch_size], batch_seed(self.seed, k))
                for k, start in enumerate(range(0, self.num_samples, self.batch_size))]

@@ -1,0 +1,50 @@
+"""What the measuring commands (``eval``, ``bench``, ``sweep``) share: the ImageNet options (--vae, --fid-stats,
+--inception-weights) and running under torchrun (each rank samples its share of the batches, rank 0 reports)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Iterator
+
+import torch
+
+from ..model import MAR
+from ..errors import ArgumentError
+from ..runs import ImageSpace
+
+
+def add_imagenet_args(parser: argparse.ArgumentParser, vae: bool = True) -> None:
+    """--vae (unless the command has it already), --fid-stats and --inception-weights."""
+    if vae:
+        parser.add_argument("--vae", default=None, help="KL-16 VAE checkpoint for latent-space models (official MAR)")
+    parser.add_argument("--fid-stats", default=None, metavar="PATH",
+                        help="FID reference statistics (.npz with mu/sigma, e.g. the ADM in256 stats of MAR's "
+                             "evaluation): FID and IS of the VAE-decoded samples (needs torch-fidelity)")
+    parser.add_argument("--inception-weights", default=None, metavar="PATH",
+                        help="local Inception weights file for --fid-stats (default: torch-fidelity's download)")
+
+
+def image_space_from_args(model: MAR, args: argparse.Namespace) -> ImageSpace:
+    """Tokens to images with the --vae decoder, and with --fid-stats the ImageNet quality evaluator made the VAE
+    models' one (lazymar.imagenet); everything loaded and checked now, before any sampling."""
+    from ..vae import check_vae_fits, load_vae
+    vae = load_vae(args.vae, device=args.device) if getattr(args, "vae", None) else None
+    check_vae_fits(model, vae)
+    from .. import imagenet
+    quality = None
+    if getattr(args, "fid_stats", None):
+        if vae is None:
+            raise ArgumentError("--fid-stats scores VAE-decoded ImageNet samples: pass the model's --vae too")
+        quality = imagenet.ImageNetQuality.load(args.fid_stats, args.device, args.inception_weights)
+    imagenet.use_imagenet_quality(quality)  # None: an earlier command's evaluator does not linger
+    return ImageSpace(model, vae)
+
+
+@contextlib.contextmanager
+def launched(args: argparse.Namespace) -> Iterator[torch.device]:
+    """Join torchrun's process group when launched by it (lazymar.distributed) and set ``args.device`` to this
+    rank's device (``cuda`` -> ``cuda:LOCAL_RANK``)."""
+    from .. import distributed
+    with distributed.launched(args.device) as device:
+        args.device = str(device)
+        yield device

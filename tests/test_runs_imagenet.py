@@ -1,0 +1,148 @@
+"""ImageNet quality through the runs core (lazymar.runs + lazymar.imagenet.ImageNetQuality): a tiny latent MAR with
+a tiny random KL VAE, the stand-in extractor and reference statistics computed here; decoded images are streamed
+(not kept) and give the same FID/IS and PSNR as all images at once. Parametrised over the available devices."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lazymar import imagenet
+from lazymar.imagenet import ImageNetQuality, InceptionStats, ReferenceStats
+from lazymar.metrics import psnr, token_mse
+from lazymar.runs import ImageSpace, Reference, Run, SamplePlan, decode_and_score, quality_evaluator
+from lazymar.cache.schedule import load_schedule
+from lazymar.sampling import SamplingSettings
+from lazymar.vae import AutoencoderKL, VAEConfig, tokens_to_images
+from standins import StandInExtractor, tiny_mar
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SETTINGS = SamplingSettings(num_iter=4, cfg=2.0)
+
+
+def tiny_vae(seed: int = 0, ch: int = 8) -> AutoencoderKL:
+    """A random KL autoencoder with mar_tiny's 16 latent channels, upsampling x2 (8x8 latents -> 16x16 images)."""
+    torch.manual_seed(seed)
+    config = VAEConfig(ch=ch, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4 if ch < 32 else 32,
+                       encoder_attn_levels=())
+    return AutoencoderKL(config).eval()
+
+
+class DeviceExtractor(StandInExtractor):
+    """The stand-in extractor computing on ``device`` (as torch-fidelity's network does on the run's device)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = torch.device(device)
+        self.conv, self.fc = self.conv.to(self.device), self.fc.to(self.device)
+
+    def __call__(self, images):
+        return super().__call__(images.to(self.device))
+
+
+@pytest.fixture
+def imagenet_quality():
+    """Activated for VAE models while the test runs."""
+    def make(device: str) -> ImageNetQuality:
+        g = torch.Generator().manual_seed(1)
+        reference = ReferenceStats(np.random.default_rng(0).normal(size=64) * 0.1, np.eye(64) * 0.05, "test")
+        quality = ImageNetQuality(DeviceExtractor(device), reference)
+        imagenet.use_imagenet_quality(quality)
+        return quality
+    yield make
+    imagenet.use_imagenet_quality(None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_seam_picks_imagenet_quality_for_vae_models_only(device, imagenet_quality):
+    model, vae = tiny_mar().to(device), tiny_vae().to(device)
+    assert quality_evaluator(model, None) is None
+    quality = imagenet_quality(device)
+    assert quality_evaluator(model, vae) is quality
+    imagenet.use_imagenet_quality(None)
+    assert quality_evaluator(model, vae) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamed_scores_equal_all_images_at_once(device, imagenet_quality):
+    model, vae, quality = tiny_mar().to(device), tiny_vae().to(device), imagenet_quality(device)
+    plan = SamplePlan.balanced(12, 10, seed=4, batch_size=5)
+    run = Run("none", plan, SETTINGS, None).repeat(model)
+    space = ImageSpace(model, vae, decode_batch=5)
+    assert not space.keep  # decoded images are streamed by default
+    run.finish(space, quality)
+    assert run.images is None and run.tokens.device.type == "cpu"
+    images = tokens_to_images(model, run.tokens.to(device), vae).cpu().float()
+    assert images.shape == (12, 3, 16, 16)
+    direct = quality(images, plan.labels)  # one shot, no streaming
+    assert set(direct) == set(ImageNetQuality.keys)
+    np.testing.assert_allclose([run.quality[k] for k in quality.keys], [direct[k] for k in quality.keys],
+                               rtol=1e-6)  # the extractor's float32 conv differs by batch size
+    stats = InceptionStats()
+    stats.add_images(StandInExtractor(), images)
+    assert math.isclose(run.quality["fid"], stats.fid(quality.reference), rel_tol=1e-6)
+    assert run.quality["inception_score"] >= 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_measures_psnr_streamed_as_on_kept_images(device, imagenet_quality):
+    model, vae, quality = tiny_mar().to(device), tiny_vae().to(device), imagenet_quality(device)
+    plan = SamplePlan.balanced(6, 10, seed=2, batch_size=3)
+    schedule = load_schedule("lazymar", SETTINGS.num_iter, model.config)
+    streamed = Reference(model, plan, SETTINGS, vae=vae)
+    kept = Reference(model, plan, SETTINGS, vae=vae, keep_images=True)
+    run_s, row_s = streamed.measure(schedule)
+    run_k, row_k = kept.measure(schedule)
+    assert run_s.images is None and run_k.images is not None
+    assert torch.equal(run_s.tokens, run_k.tokens)
+    assert row_k["psnr"] == psnr(run_k.images, kept.images, data_range=2.0)
+    assert math.isclose(row_s["psnr"], row_k["psnr"], rel_tol=1e-6) and math.isfinite(row_s["psnr"])
+    assert row_s["token_mse"] == token_mse(run_s.tokens, streamed.tokens) > 0
+    assert row_s["fid"] == pytest.approx(row_k["fid"], rel=1e-6)
+    assert streamed.row()["psnr"] == math.inf and streamed.quality()["fid"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_sample_on_the_device_with_the_seed_rule(device):
+    """Run.repeat on ``device`` equals generating each batch with its seed on that device, in plan order; the tokens
+    come back to the CPU and a second repetition is identical."""
+    from lazymar.sampling import generate
+    model = tiny_mar().to(device)
+    plan = SamplePlan.balanced(5, 10, seed=7, batch_size=2)
+    run = Run("none", plan, SETTINGS, None).repeat(model).repeat(model)
+    expected = torch.cat([generate(model, list(b.labels), SETTINGS, seed=torch.Generator(device).manual_seed(b.seed))
+                          for b in plan.batches()]).cpu()
+    assert run.tokens.device.type == "cpu" and torch.equal(run.tokens, expected)
+    assert run.repeats_identical and len(run.seconds) == 2 and run.world_size == 1
+    if device == "cuda":
+        assert run.peak_memory_mb and all(m > 0 for m in run.peak_memory_mb)
+
+
+def test_decode_and_score_without_image_space_is_empty():
+    model = tiny_mar()
+    assert decode_and_score(ImageSpace(model), torch.zeros(2, model.seq_len, model.token_dim), [0, 1]) == (None, {})
+
+
+def test_eval_without_torch_fidelity_says_so_in_one_line_before_sampling(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from conftest import reference_dir
+    from lazymar.cli import main
+    checkpoint = reference_dir() / "mar_tiny_a.pth"
+    if not checkpoint.is_file():
+        pytest.skip("mar_tiny_a.pth fixture not available")
+    torch.save({"model": tiny_vae(ch=32).state_dict()}, tmp_path / "vae.ckpt")
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as when it is not installed
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    import lazymar.runs.execute as execute
+    monkeypatch.setattr(execute, "generate_tokens", lambda *a, **k: pytest.fail("sampled before failing"))
+    code = main(["eval", "--model", str(checkpoint), "--vae", str(tmp_path / "vae.ckpt"),
+                 "--fid-stats", str(tmp_path / "stats.npz"), "--num-samples", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "torch-fidelity" in err and err.startswith("lazymar eval: error:")
+    assert main(["eval", "--model", str(checkpoint), "--fid-stats", str(tmp_path / "stats.npz")]) == 2
+    assert "--vae" in capsys.readouterr().err

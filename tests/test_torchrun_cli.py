@@ -1,0 +1,71 @@
+"""`eval` and `sweep` under torchrun (2 ranks, gloo on the CPU) print the same samples' metrics as one process.
+
+The commands run as ``torchrun --standalone --nproc_per_node 2 -m lazymar.cli ...`` with this worktree first on
+PYTHONPATH (the installed ``lazymar`` script may belong to another checkout). Small runs: 4 MAR steps, batches of 5
+so that both ranks sample (rank 0 batches 0, 2, ..., rank 1 batches 1, 3, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_distributed import torchrun_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lazymar(args: list[str], ranks: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = [sys.executable] if ranks == 1 else [*torchrun_command(), "--standalone", "--nproc_per_node",
+                                                    str(ranks)]
+    proc = subprocess.run([*launcher, "-m", "lazymar.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def json_of(proc: subprocess.CompletedProcess):
+    """The one JSON document on stdout (rank 0 prints it; no other rank prints anything)."""
+    return json.loads(proc.stdout)
+
+
+def test_eval_on_two_ranks_equals_one_process():
+    args = ["eval", "--model", "digits", "--num-samples", "10", "--batch-size", "5", "--num-iter", "4",
+            "--seed", "5", "--json"]
+    one, two = json_of(lazymar(args, 1)), json_of(lazymar(args, 2))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["num_samples"] == two["num_samples"] == 10
+    for key in ("accuracy", "fid", "fid_floor"):
+        assert one[key] == two[key], key
+    assert 0.0 <= one["accuracy"] <= 1.0 and one["fid"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_recording(tmp_path_factory) -> Path:
+    """A digits recording of 4 steps (sweep checks the model and step count against it)."""
+    out = tmp_path_factory.mktemp("torchrun") / "digits4.nc"
+    from lazymar.cli import main
+    assert main(["record", "--model", "digits", "--num-samples", "2", "--batch-size", "2", "--num-iter", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_sweep_on_two_ranks_equals_one_process(tiny_recording):
+    args = ["sweep", "--model", "digits", "--stats", str(tiny_recording), "--no-defaults", "--schedule", "lazymar",
+            "--num-samples", "10", "--batch-size", "5", "--num-iter", "4", "--seed", "3", "--json"]
+    one, two = json_of(lazymar(args, 1)), json_of(lazymar(args, 2))
+    assert [r["name"] for r in one] == [r["name"] for r in two] == ["none", "lazymar"]
+    assert {r["world_size"] for r in one} == {1} and {r["world_size"] for r in two} == {2}
+    for a, b in zip(one, two):
+        for key in ("flops_ratio", "psnr", "token_mse", "accuracy", "fid"):
+            assert a[key] == b[key], (a["name"], key)
+    assert one[0]["token_mse"] == 0.0  # the reference against itself
+    assert one[1]["flops_ratio"] > 1.0 and one[1]["token_mse"] > 0.0
