@@ -18,6 +18,17 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (modules opt in with ``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): tiny matrices run several times faster on one thread than on contended intra-op threads of a
+    shared CPU, and some tests compare against a run made on one thread bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def git_status() -> "str | None":
     """``git status --porcelain`` of the checkout (None outside a git checkout or without git)."""
     import subprocess

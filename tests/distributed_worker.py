@@ -13,12 +13,19 @@ import torch
 
 from lazymar import distributed
 from lazymar.imagenet import InceptionStats, ReferenceStats
+from lazymar.model import MAR
 from lazymar.runs import SamplePlan
 from lazymar.sampling import SamplingSettings, generate
-from standins import StandInExtractor, pseudo_images, tiny_mar
+from builders import tiny_mar
+from standins import StandInExtractor, pseudo_images
 
 PLAN = SamplePlan.balanced(num_samples=7, num_classes=10, seed=3, batch_size=2)  # 4 batches, the last of 1
 SETTINGS = SamplingSettings(num_iter=4, cfg=2.0)
+
+
+def plan_model() -> MAR:
+    """The tiny random MAR (8x8 tokens of 16 channels, 5 head steps) that every rank samples with."""
+    return tiny_mar(num_sampling_steps="5")
 
 
 def gathers() -> dict:
@@ -32,7 +39,7 @@ def gathers() -> dict:
 
 
 def plan_run() -> dict:
-    model, extractor, stats = tiny_mar(), StandInExtractor(), InceptionStats()
+    model, extractor, stats = plan_model(), StandInExtractor(), InceptionStats()
     tokens, index = [], []
     for batch in PLAN.batches(distributed.rank(), distributed.world_size()):
         t = generate(model, batch.labels, SETTINGS, seed=torch.Generator().manual_seed(batch.seed))

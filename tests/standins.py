@@ -1,10 +1,9 @@
-"""Small stand-ins for the ImageNet and torchrun tests: an Inception-like extractor and a tiny random MAR."""
+"""Small stand-ins for the ImageNet and torchrun tests: an Inception-like extractor and pseudo-images."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from lazymar.config import get_config
 from lazymar.model import MAR
 
 
@@ -24,18 +23,6 @@ class StandInExtractor:
         x = (images.float() - 128) / 128
         h = torch.relu(torch.nn.functional.conv2d(x, self.conv, padding=1)).mean(dim=(2, 3))
         return h, h @ self.fc
-
-
-def tiny_mar(seed: int = 0) -> MAR:
-    """mar_tiny (10 classes, 8x8 tokens of 16 channels) with 5 head steps; zero-initialised weights made random
-    so that labels and every layer matter."""
-    torch.manual_seed(seed)
-    model = MAR(get_config("mar_tiny", num_sampling_steps="5")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
-    return model
 
 
 def pseudo_images(model: MAR, tokens: Tensor) -> Tensor:

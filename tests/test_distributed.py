@@ -96,18 +96,14 @@ def test_plan_batches_over_two_ranks_equal_one_process_bit_for_bit(runs):
     assert torch.equal(one["plan_tokens"], two["plan_tokens"])
 
 
-def test_one_process_run_is_the_plain_generation(runs):
-    """The worker's one-process tokens are generate() of each batch with its seed, in plan order."""
-    from distributed_worker import PLAN, SETTINGS  # tests/ is on the path of the test modules
-    from standins import tiny_mar
+def test_one_process_run_is_the_plain_generation(runs, one_thread):
+    """The worker's one-process tokens are generate() of each batch with its seed, in plan order (on one thread,
+    as the worker ran)."""
+    from distributed_worker import PLAN, SETTINGS, plan_model  # tests/ is on the path of the test modules
 
-    model, threads = tiny_mar(), torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker ran
-    try:
-        expected = torch.cat([generate(model, b.labels, SETTINGS, seed=torch.Generator().manual_seed(b.seed))
-                              for b in PLAN.batches()])
-    finally:
-        torch.set_num_threads(threads)
+    model = plan_model()
+    expected = torch.cat([generate(model, b.labels, SETTINGS, seed=torch.Generator().manual_seed(b.seed))
+                          for b in PLAN.batches()])
     assert torch.equal(runs[0]["plan_tokens"], expected)
     assert [len(b.labels) for b in PLAN.batches(0, 2)] == [2, 2] and [len(b.labels) for b in PLAN.batches(1, 2)] == [2, 1]
 

@@ -4,6 +4,7 @@ a tiny random KL VAE, the stand-in extractor and reference statistics computed h
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,19 +16,16 @@ from lazymar.metrics import psnr, token_mse
 from lazymar.runs import ImageSpace, Reference, Run, SamplePlan, decode_and_score, quality_evaluator
 from lazymar.cache.schedule import load_schedule
 from lazymar.sampling import SamplingSettings
-from lazymar.vae import AutoencoderKL, VAEConfig, tokens_to_images
-from standins import StandInExtractor, tiny_mar
+from lazymar.vae import tokens_to_images
+from builders import tiny_mar, tiny_vae
+from standins import StandInExtractor
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SETTINGS = SamplingSettings(num_iter=4, cfg=2.0)
 
 
-def tiny_vae(seed: int = 0, ch: int = 8) -> AutoencoderKL:
-    """A random KL autoencoder with mar_tiny's 16 latent channels, upsampling x2 (8x8 latents -> 16x16 images)."""
-    torch.manual_seed(seed)
-    config = VAEConfig(ch=ch, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4 if ch < 32 else 32,
-                       encoder_attn_levels=())
-    return AutoencoderKL(config).eval()
+latent_mar = partial(tiny_mar, num_sampling_steps="5")  # 8x8 latent tokens of 16 channels
+upsampling_vae = partial(tiny_vae, z_channels=16, ch_mult=(1, 2))  # random KL VAE: 8x8 latents -> 16x16 images
 
 
 class DeviceExtractor(StandInExtractor):
@@ -57,7 +55,7 @@ def imagenet_quality():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_seam_picks_imagenet_quality_for_vae_models_only(device, imagenet_quality):
-    model, vae = tiny_mar().to(device), tiny_vae().to(device)
+    model, vae = latent_mar().to(device), upsampling_vae().to(device)
     assert quality_evaluator(model, None) is None
     quality = imagenet_quality(device)
     assert quality_evaluator(model, vae) is quality
@@ -67,7 +65,7 @@ def test_the_seam_picks_imagenet_quality_for_vae_models_only(device, imagenet_qu
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_streamed_scores_equal_all_images_at_once(device, imagenet_quality):
-    model, vae, quality = tiny_mar().to(device), tiny_vae().to(device), imagenet_quality(device)
+    model, vae, quality = latent_mar().to(device), upsampling_vae().to(device), imagenet_quality(device)
     plan = SamplePlan.balanced(12, 10, seed=4, batch_size=5)
     run = Run("none", plan, SETTINGS, None).repeat(model)
     space = ImageSpace(model, vae, decode_batch=5)
@@ -88,7 +86,7 @@ def test_streamed_scores_equal_all_images_at_once(device, imagenet_quality):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reference_measures_psnr_streamed_as_on_kept_images(device, imagenet_quality):
-    model, vae, quality = tiny_mar().to(device), tiny_vae().to(device), imagenet_quality(device)
+    model, vae, quality = latent_mar().to(device), upsampling_vae().to(device), imagenet_quality(device)
     plan = SamplePlan.balanced(6, 10, seed=2, batch_size=3)
     schedule = load_schedule("lazymar", SETTINGS.num_iter, model.config)
     streamed = Reference(model, plan, SETTINGS, vae=vae)
@@ -109,7 +107,7 @@ def test_runs_sample_on_the_device_with_the_seed_rule(device):
     """Run.repeat on ``device`` equals generating each batch with its seed on that device, in plan order; the tokens
     come back to the CPU and a second repetition is identical."""
     from lazymar.sampling import generate
-    model = tiny_mar().to(device)
+    model = latent_mar().to(device)
     plan = SamplePlan.balanced(5, 10, seed=7, batch_size=2)
     run = Run("none", plan, SETTINGS, None).repeat(model).repeat(model)
     expected = torch.cat([generate(model, list(b.labels), SETTINGS, seed=torch.Generator(device).manual_seed(b.seed))
@@ -121,7 +119,7 @@ def test_runs_sample_on_the_device_with_the_seed_rule(device):
 
 
 def test_decode_and_score_without_image_space_is_empty():
-    model = tiny_mar()
+    model = latent_mar()
     assert decode_and_score(ImageSpace(model), torch.zeros(2, model.seq_len, model.token_dim), [0, 1]) == (None, {})
 
 
@@ -133,7 +131,7 @@ def test_eval_without_torch_fidelity_says_so_in_one_line_before_sampling(tmp_pat
     checkpoint = reference_dir() / "mar_tiny_a.pth"
     if not checkpoint.is_file():
         pytest.skip("mar_tiny_a.pth fixture not available")
-    torch.save({"model": tiny_vae(ch=32).state_dict()}, tmp_path / "vae.ckpt")
+    torch.save({"model": upsampling_vae(ch=32, norm_groups=32).state_dict()}, tmp_path / "vae.ckpt")
     np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as when it is not installed
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
