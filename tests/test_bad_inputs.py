@@ -20,6 +20,7 @@ from lazymar.errors import LazymarError, NonFiniteError, SettingsError
 from lazymar.model import MAR
 from lazymar.recording import save_stats
 from lazymar.sampling import SamplingSettings, generate
+from builders import checkpoint, tiny_mar
 from test_derive import keep_test_similarity, synthetic
 
 
@@ -38,11 +39,9 @@ def work(tmp_path, monkeypatch):
     for name, changes in {"seed_string": {"seed": "0"}, "seed_float": {"seed": 1.5}, "seed_null": {"seed": None},
                           "seed_huge": {"seed": 2**63}, "keep_string": {"always_keep": "new"}}.items():
         (inputs / f"{name}.json").write_text(json.dumps({**schedule, **changes}))
-    torch.manual_seed(0)
-    config = get_config("mar_tiny")
-    state = MAR(config).state_dict()
-    state["decoder_blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
-    torch.save({"model": state, "args": config.to_dict()}, inputs / "nan.pth")
+    nan = checkpoint(tiny_mar(randomise="none"))
+    nan["model"]["decoder_blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(nan, inputs / "nan.pth")
     (tmp_path / "notes.md").write_text("my notes\n")
     (tmp_path / "old.png").write_bytes(b"old")
     return tmp_path
@@ -194,14 +193,13 @@ def test_sampling_settings_reject_non_finite_values(changes):
 
 
 def test_generate_rejects_more_steps_than_tokens():
-    model = MAR(get_config("mar_tiny", num_sampling_steps="2")).eval()
+    model = tiny_mar(num_sampling_steps="2", randomise="none")
     with pytest.raises(SettingsError, match="num_iter 65 exceeds the model's 64 tokens"):
         generate(model, [0], SamplingSettings(num_iter=65))
 
 
 def test_non_finite_features_stop_sampling_naming_the_step_and_layer():
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", num_sampling_steps="2")).eval()
+    model = tiny_mar(num_sampling_steps="2", randomise="none")
     assert torch.isfinite(generate(model, [0, 1], SamplingSettings(num_iter=3, cfg=2.0))).all()
     with torch.no_grad():
         model.encoder_blocks[1].mlp.fc2.bias[3] = float("inf")

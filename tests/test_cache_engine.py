@@ -8,24 +8,12 @@ from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import FlopsLedger
 from lazymar.cache.head import HeadCache
 from lazymar.cache.schedule import HeadCachePolicy, ScheduleError, load_schedule, none_schedule
-from lazymar.config import get_config
 from lazymar.model import MAR
 from lazymar.sampling import SamplingSettings, StepContext, StepObserver, current_step, generate, observe_steps
+from builders import tiny_model  # other test modules import it from here too
 
 NUM_ITER = 6
 LABELS = [3, 7]
-
-
-def tiny_model(seed: int = 0) -> MAR:
-    """mar_tiny with 3 decoder blocks and 3 head res-blocks; the zero-initialised weights made random so that
-    every part of the network matters."""
-    torch.manual_seed(seed)
-    model = MAR(get_config("mar_tiny", decoder_depth=3, diffloss_d=3, num_sampling_steps="10")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
-    return model
 
 
 @pytest.fixture(scope="module")

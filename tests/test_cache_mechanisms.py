@@ -12,10 +12,10 @@ from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import FlopsLedger, estimate_generation_flops, step_counts
 from lazymar.cache.head import HeadCache
 from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
-from lazymar.config import get_config
 from lazymar.model import MAR
 from lazymar.sampling import SamplingSettings, StepObserver, generate, observe_steps
-from test_cache_engine import LABELS, NUM_ITER, relative_error, tiny_model
+from builders import tiny_mar, tiny_model
+from test_cache_engine import LABELS, NUM_ITER, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +126,7 @@ def test_every_mechanism_runs_when_each_step_decodes_one_token():
     """4 tokens over 4 steps, the most steps a 4-token model allows (one token per step; more steps would decode
     nothing and are refused by generate)."""
     from lazymar.errors import SettingsError
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", img_size=32, num_sampling_steps="10")).eval()
-    with torch.no_grad():  # the zero-initialised weights made random, so that z matters
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
+    model = tiny_mar(img_size=32, num_sampling_steps="10")  # the zero-initialised weights made random: z matters
     steps = model.seq_len
     assert all(c.to_predict == 1 for c in step_counts(model.seq_len, steps))
     with pytest.raises(SettingsError, match="exceeds the model's 4 tokens"):

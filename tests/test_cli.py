@@ -2,18 +2,12 @@
 import json
 
 import pytest
-import torch
 
 from lazymar.cli import main
 from lazymar.grid import parse_labels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_subcommand_has_help(capsys):

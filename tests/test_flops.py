@@ -10,14 +10,14 @@ from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.model import MAR
 from lazymar.sampling import SamplingSettings, StepObserver, generate, observe_steps
+from builders import tiny_mar
 
 NUM_ITER = 5
 
 
 @pytest.fixture(scope="module")
 def model() -> MAR:
-    torch.manual_seed(0)
-    return MAR(get_config("mar_tiny", decoder_depth=3, diffloss_d=3, num_sampling_steps="6")).eval()
+    return tiny_mar(decoder_depth=3, diffloss_d=3, num_sampling_steps="6", randomise="none")
 
 
 def test_formulas_by_hand():

@@ -1,15 +1,16 @@
 """Loading official-layout MAR checkpoints and the VAE: round trips, weight choice, inference, clear errors."""
 import argparse
 import pickle
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 
+from builders import checkpoint, random_mar, random_vae, saved, tiny_mar
 from conftest import reference_dir
 from lazymar import MAR, MARConfig, get_config
 from lazymar.checkpoint import EMBEDDED, CheckpointError, load_model
-from lazymar.vae import LATENT_SCALE, AutoencoderKL, AttnBlock, Downsample, VAEConfig, load_vae, tokens_to_images
+from lazymar.vae import LATENT_SCALE, AttnBlock, Downsample, VAEConfig, load_vae, tokens_to_images
 
 TINY = get_config("mar_tiny")
 TINY_VAE = VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_levels=(1,))
@@ -17,12 +18,10 @@ TINY_VAE = VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_b
 
 def random_model(config: MARConfig = TINY, seed: int = 0) -> MAR:
     """A MAR with every tensor random (the official init leaves some at zero, which would hide mix-ups)."""
-    torch.manual_seed(seed)
-    model = MAR(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+    return random_mar(config, seed, randomise="all", std=0.2)
+
+
+random_tiny_vae = partial(random_vae, TINY_VAE, std=0.1)  # every tensor random, as for the MAR
 
 
 @torch.no_grad()
@@ -38,11 +37,6 @@ def outputs(model: MAR) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(2 * B * L, model.token_dim, generator=g)
     head = model.diffloss.net(x, torch.full((2 * B * L,), 7), z.reshape(-1, z.shape[-1]))
     return z, head
-
-
-def save(path: Path, obj) -> Path:
-    torch.save(obj, path)
-    return path
 
 
 def assert_same_outputs(a: MAR, b: MAR) -> None:
@@ -62,7 +56,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, layout):
         ckpt["args"] = argparse.Namespace(**TINY.to_dict(), lr=1e-4, epochs=400)
     elif layout == "bare state dict":
         ckpt = state
-    loaded = load_model(save(tmp_path / "m.pth", ckpt))
+    loaded = load_model(saved(tmp_path / "m.pth", ckpt))
     assert loaded.config == TINY
     assert not loaded.training
     assert_same_outputs(model, loaded)
@@ -70,11 +64,11 @@ def test_round_trip_gives_identical_outputs(tmp_path, layout):
 
 def test_model_ema_is_preferred_and_model_is_the_fallback(tmp_path):
     live, ema = random_model(seed=1), random_model(seed=2)
-    both = load_model(save(tmp_path / "both.pth", {"model": live.state_dict(), "model_ema": ema.state_dict(),
+    both = load_model(saved(tmp_path / "both.pth", {"model": live.state_dict(), "model_ema": ema.state_dict(),
                                                     "args": TINY.to_dict()}))
     assert both.weights == "model_ema"
     assert_same_outputs(ema, both)
-    only = load_model(save(tmp_path / "only.pth", {"model": live.state_dict(), "args": TINY.to_dict()}))
+    only = load_model(saved(tmp_path / "only.pth", {"model": live.state_dict(), "args": TINY.to_dict()}))
     assert only.weights == "model"
     assert_same_outputs(live, only)
 
@@ -82,7 +76,7 @@ def test_model_ema_is_preferred_and_model_is_the_fallback(tmp_path):
 def test_sampling_defaults_come_from_the_checkpoint(tmp_path):
     ckpt = {"model_ema": random_model().state_dict(), "args": TINY.to_dict(),
             "sampling": {"num_iter": 16, "cfg": 2.5, "cfg_schedule": "constant", "temperature": 0.9}}
-    defaults = load_model(save(tmp_path / "m.pth", ckpt)).sampling_defaults
+    defaults = load_model(saved(tmp_path / "m.pth", ckpt)).sampling_defaults
     assert (defaults.num_iter, defaults.cfg, defaults.cfg_schedule, defaults.temperature) == (16, 2.5, "constant", 0.9)
 
 
@@ -91,7 +85,7 @@ def test_fixture_without_args_is_inferred_and_reproduces_the_official_outputs(tm
     fixture = reference_dir() / "mar_tiny_a.pth"
     ckpt = torch.load(fixture, map_location="cpu", weights_only=False)
     args_config = MARConfig.from_dict(ckpt["args"])
-    model = load_model(save(tmp_path / "noargs.pth", {"model": ckpt["model"], "model_ema": ckpt["model_ema"]}))
+    model = load_model(saved(tmp_path / "noargs.pth", {"model": ckpt["model"], "model_ema": ckpt["model_ema"]}))
     assert model.config == args_config  # heads too: they come from the matching named configuration
     io = torch.load(fixture.with_name("mar_tiny_a_io.pt"), map_location="cpu", weights_only=False)
     B = io["labels"].shape[0]
@@ -105,7 +99,7 @@ def test_fixture_without_args_is_inferred_and_reproduces_the_official_outputs(tm
 def test_named_arch_overrides_args(tmp_path):
     ckpt = torch.load(reference_dir() / "mar_tiny_a.pth", map_location="cpu", weights_only=False)
     ckpt["args"] = {"encoder_embed_dim": 32}  # wrong args are ignored when the user names the architecture
-    model = load_model(save(tmp_path / "m.pth", ckpt), arch="mar_tiny")
+    model = load_model(saved(tmp_path / "m.pth", ckpt), arch="mar_tiny")
     assert model.config == TINY and model.arch == "mar_tiny"
 
 
@@ -115,7 +109,7 @@ def test_unnamed_shapes_are_inferred_with_head_size_64(tmp_path):
                        mlp_ratio=2.0, buffer_size=8, diffloss_d=1, diffloss_w=48, class_num=7)
     model = random_model(config)
     with pytest.warns(UserWarning, match="head"):
-        loaded = load_model(save(tmp_path / "m.pth", {"model_ema": model.state_dict()}))
+        loaded = load_model(saved(tmp_path / "m.pth", {"model_ema": model.state_dict()}))
     assert loaded.config == config  # 128/64 = 2 and 192/64 = 3 heads; 36 tokens of 16 -> 96 px at stride 16
     assert loaded.arch is None
     assert_same_outputs(model, loaded)
@@ -125,7 +119,7 @@ def test_pixel_tokens_are_inferred_as_pixels(tmp_path):
     config = get_config("digits", encoder_embed_dim=64, decoder_embed_dim=64, encoder_depth=1, decoder_depth=1,
                         encoder_num_heads=1, decoder_num_heads=1, diffloss_d=1, diffloss_w=32)
     with pytest.warns(UserWarning):
-        loaded = load_model(save(tmp_path / "m.pth", {"model": random_model(config).state_dict()}))
+        loaded = load_model(saved(tmp_path / "m.pth", {"model": random_model(config).state_dict()}))
     assert (loaded.config.img_size, loaded.config.vae_stride, loaded.config.vae_embed_dim) == (8, 1, 1)
 
 
@@ -135,7 +129,7 @@ def test_official_training_args_name_the_model(tmp_path):
     official = {k: v for k, v in official.items() if "depth" not in k and "heads" not in k}
     official.update(model="mar_tiny", num_sampling_steps=10, lr=1e-4, cfg=3.0, vae_path="pretrained/kl16.ckpt")
     model = random_model()
-    loaded = load_model(save(tmp_path / "m.pth", {"model_ema": model.state_dict(),
+    loaded = load_model(saved(tmp_path / "m.pth", {"model_ema": model.state_dict(),
                                                   "args": argparse.Namespace(**official)}))
     assert loaded.config == TINY and loaded.arch == "mar_tiny"
     assert_same_outputs(model, loaded)
@@ -147,7 +141,7 @@ def test_args_without_sizes_or_known_name_combine_with_inferred_shapes(tmp_path)
                        diffloss_w=32, class_num=3, num_sampling_steps="7")
     args = {"model": "mar_custom", "img_size": 48, "vae_stride": 8, "num_sampling_steps": 7}
     with pytest.warns(UserWarning, match="guess"):
-        loaded = load_model(save(tmp_path / "m.pth", {"model": random_model(config).state_dict(), "args": args}))
+        loaded = load_model(saved(tmp_path / "m.pth", {"model": random_model(config).state_dict(), "args": args}))
     assert loaded.config == config
 
 
@@ -161,8 +155,7 @@ def test_embedded_digits_model_loads_by_name():
 
 # --- errors -----------------------------------------------------------------------------------------------------
 def tiny_checkpoint(**changes) -> dict:
-    state = random_model().state_dict()
-    return {"model_ema": state, "args": TINY.to_dict(), **changes}
+    return checkpoint(random_model(), "model_ema", **changes)
 
 
 def test_missing_file_names_the_path(tmp_path):
@@ -190,7 +183,7 @@ def test_missing_keys_are_listed(tmp_path):
     ckpt = tiny_checkpoint()
     del ckpt["model_ema"]["mask_token"], ckpt["model_ema"]["decoder_norm.bias"]
     with pytest.raises(CheckpointError, match="missing keys mask_token, decoder_norm.bias"):
-        load_model(save(tmp_path / "m.pth", ckpt))
+        load_model(saved(tmp_path / "m.pth", ckpt))
 
 
 def test_unexpected_keys_are_listed_first_few(tmp_path):
@@ -198,7 +191,7 @@ def test_unexpected_keys_are_listed_first_few(tmp_path):
     for i in range(7):
         ckpt["model_ema"][f"extra.{i}.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError) as err:
-        load_model(save(tmp_path / "m.pth", ckpt))
+        load_model(saved(tmp_path / "m.pth", ckpt))
     message = str(err.value)
     assert "unexpected keys extra.0.weight, extra.1.weight" in message and "and 2 more" in message
     assert "extra.6.weight" not in message and "missing" not in message
@@ -208,7 +201,7 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     ckpt = tiny_checkpoint()
     ckpt["model_ema"]["class_emb.weight"] = torch.zeros(12, 64)
     with pytest.raises(CheckpointError, match=r"class_emb.weight: expected \(10, 64\), found \(12, 64\)"):
-        load_model(save(tmp_path / "m.pth", ckpt))
+        load_model(saved(tmp_path / "m.pth", ckpt))
 
 
 def test_arch_that_does_not_fit_names_the_keys(tmp_path):
@@ -216,12 +209,12 @@ def test_arch_that_does_not_fit_names_the_keys(tmp_path):
         load_model(reference_dir() / "mar_tiny_a.pth", arch="mar_base")  # 12 blocks wanted, 2 found
     shallow = get_config("mar_base", encoder_depth=2, decoder_depth=2, diffloss_d=2)
     with pytest.raises(CheckpointError, match=r"shape mismatch for fake_latent: expected \(1, 768\), found \(1, 64\)"):
-        load_model(save(tmp_path / "m.pth", tiny_checkpoint(args=shallow.to_dict())))
+        load_model(saved(tmp_path / "m.pth", tiny_checkpoint(args=shallow.to_dict())))
 
 
 def test_a_vae_is_not_a_mar(tmp_path):
     with pytest.raises(CheckpointError, match="vae.ckpt: cannot infer the architecture: no z_proj.weight"):
-        load_model(save(tmp_path / "vae.ckpt", {"model": random_vae().state_dict()}))
+        load_model(saved(tmp_path / "vae.ckpt", {"model": random_tiny_vae().state_dict()}))
 
 
 def test_unknown_arch_is_named(tmp_path):
@@ -234,22 +227,13 @@ def test_checkpoint_error_is_a_value_error_for_the_cli():
 
 
 # --- the VAE ----------------------------------------------------------------------------------------------------
-def random_vae(config: VAEConfig = TINY_VAE) -> AutoencoderKL:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(config).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.normal_(0, 0.1)
-    return vae
-
-
 def test_tiny_vae_round_trip(tmp_path):
-    vae = random_vae()
+    vae = random_tiny_vae()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         latent = vae.encode(images)
         assert latent.shape == (2, 4, 8, 8)
-        loaded = load_vae(save(tmp_path / "vae.ckpt", {"model": vae.state_dict()}))
+        loaded = load_vae(saved(tmp_path / "vae.ckpt", {"model": vae.state_dict()}))
         assert loaded.config == TINY_VAE
         assert torch.equal(loaded.encode(images), latent)
         assert torch.equal(loaded.decode(latent), vae.decode(latent))
@@ -260,11 +244,11 @@ def test_vae_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_vae(tmp_path / "kl16.ckpt")
     with pytest.raises(CheckpointError, match=r"mar.pth: not an AutoencoderKL state dict.*encoder.conv_in.weight"):
-        load_vae(save(tmp_path / "mar.pth", {"model": random_model().state_dict()}))
-    state = random_vae().state_dict()
+        load_vae(saved(tmp_path / "mar.pth", {"model": random_model().state_dict()}))
+    state = random_tiny_vae().state_dict()
     state["decoder.conv_out.bias"] = torch.zeros(4)
     with pytest.raises(CheckpointError, match=r"decoder.conv_out.bias: expected \(3,\), found \(4,\)"):
-        load_vae(save(tmp_path / "vae.ckpt", {"model": state}), config=TINY_VAE)
+        load_vae(saved(tmp_path / "vae.ckpt", {"model": state}), config=TINY_VAE)
 
 
 def test_attention_block_is_single_head_softmax_over_pixels():
@@ -290,8 +274,8 @@ def test_downsample_pads_right_and_bottom():
 
 
 def test_tokens_to_images_with_vae_decodes_scaled_latents():
-    model = MAR(get_config("mar_tiny", vae_embed_dim=4)).eval()  # 8x8 grid of 4-channel latents
-    vae = random_vae()
+    model = tiny_mar(vae_embed_dim=4, randomise="none")  # 8x8 grid of 4-channel latents
+    vae = random_tiny_vae()
     tokens = torch.randn(2, model.seq_len, 4)
     images = tokens_to_images(model, tokens, vae)
     assert images.shape == (2, 3, 16, 16)
@@ -310,12 +294,12 @@ def test_tokens_to_images_without_vae_for_pixel_tokens():
 
 def test_latent_tokens_need_a_vae():
     with pytest.raises(CheckpointError, match="--vae"):
-        tokens_to_images(MAR(TINY), torch.zeros(1, 64, 16))
+        tokens_to_images(tiny_mar(randomise="none"), torch.zeros(1, 64, 16))
 
 
 def test_vae_latent_size_must_match_the_model_tokens():
     with pytest.raises(CheckpointError, match="VAE latent has 4 channels but the model's tokens have 1"):
-        tokens_to_images(MAR(get_config("digits")), torch.zeros(1, 64, 1), random_vae())
+        tokens_to_images(MAR(get_config("digits")), torch.zeros(1, 64, 1), random_tiny_vae())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -20,17 +20,13 @@ from lazymar.cache.schedule import LAZYMAR_REFRESH, lazymar_schedule, none_sched
 from lazymar.recording import STATUS_CODES  # noqa: E402
 from lazymar.recording.dataset import make_dataset  # noqa: E402
 from lazymar.sampling import SamplingSettings, generate  # noqa: E402
+from builders import tiny_mar  # noqa: E402
 
 B, K, N, U, M = (STATUS_CODES[s] for s in ("buffer", "known", "new", "to_predict", "masked"))
 LAYERS = ["encoder.0", "decoder.0", "z"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -215,12 +211,7 @@ def test_step_similarity_matrix_by_hand():
 # --- live capture and measured runs on a tiny model ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny() -> MAR:
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", img_size=64, num_sampling_steps="5")).eval()
-    with torch.no_grad():
-        for p in model.diffloss.net.parameters():
-            p.normal_(0, 0.1)
-    return model
+    return tiny_mar(img_size=64, num_sampling_steps="5", randomise="head", std=0.1)
 
 
 def test_capture_step_features_matches_the_sampler(tiny):

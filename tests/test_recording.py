@@ -14,30 +14,18 @@ from lazymar.recording import (STATUS_CODES, RecordingError, RedundancyRecorder,
 from lazymar.recording.driver import record
 from lazymar.recording.summary import overview, summarize, tidy, tidy_head
 from lazymar.sampling import SamplingSettings, StepObserver, StepRunner, current_step, generate, observe_steps
+from builders import checkpoint, random_mar, saved, tiny_mar
 
 SETTINGS = SamplingSettings(num_iter=5, cfg=2.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is several times faster than contended intra-op threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny() -> MAR:
     """A 4x4-token MAR with random weights everywhere (the head's adaLN-zero init would make it inert)."""
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", img_size=64, num_sampling_steps="6")).eval()
-    with torch.no_grad():
-        for p in model.diffloss.net.parameters():
-            p.normal_(0, 0.1)
-        for name in ("mask_token", "fake_latent"):
-            getattr(model, name).normal_(0, 0.5)
-    return model
+    return tiny_mar(img_size=64, num_sampling_steps="6", randomise="head", std=0.1, token_std=0.5)
 
 
 # --- independent capture ------------------------------------------------------------------------------------
@@ -264,9 +252,8 @@ def test_row_contract_of_step_runners(tiny):
 
 
 def test_mar_base_shaped_model_records():
-    torch.manual_seed(0)
-    config = get_config("mar_base", encoder_depth=2, decoder_depth=2, diffloss_d=2, num_sampling_steps="3")
-    model = MAR(config).eval()
+    model = random_mar(get_config("mar_base", encoder_depth=2, decoder_depth=2, diffloss_d=2, num_sampling_steps="3"),
+                       randomise="none")
     with RedundancyRecorder(model, model_name="mar_base-2+2") as rec:
         generate(model, [3, 999], SamplingSettings(num_iter=3, cfg=3.0), seed=0)
     ds = rec.to_dataset()
@@ -327,9 +314,8 @@ def test_loader_names_what_is_wrong(tiny, tmp_path):
 
 
 def _tiny_checkpoint(model: MAR, path) -> str:
-    torch.save({"model": model.state_dict(), "args": model.config.to_dict(),
-                "sampling": {"num_iter": 4, "cfg": 2.0, "cfg_schedule": "linear", "temperature": 1.0}}, path)
-    return str(path)
+    sampling = {"num_iter": 4, "cfg": 2.0, "cfg_schedule": "linear", "temperature": 1.0}
+    return str(saved(path, checkpoint(model, sampling=sampling)))
 
 
 def test_shards_merge_into_the_single_process_recording(tiny, tmp_path):

@@ -15,35 +15,24 @@ from lazymar.cache.schedule import lazymar_schedule, none_schedule
 from lazymar.runs import (DigitsQuality, ImageSpace, Reference, Run, RunError, SamplePlan, batch_seed, fidelity,
                           generate_tokens, quality_evaluator)
 from lazymar.sampling import SamplingSettings, generate
-from lazymar.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+from lazymar.vae import LATENT_SCALE, AutoencoderKL
+from builders import tiny_mar, tiny_vae
 
 SETTINGS = SamplingSettings(num_iter=4, cfg=2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny() -> MAR:
     """mar_tiny on a 4x4 token grid, the zero-initialised head weights made random (so caching changes tokens)."""
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", img_size=64, num_sampling_steps="4")).eval()
-    with torch.no_grad():
-        for p in model.diffloss.net.parameters():
-            p.normal_(0, 0.1)
-    return model
+    return tiny_mar(img_size=64, num_sampling_steps="4", randomise="head", std=0.1)
 
 
 @pytest.fixture(scope="module")
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(1)
-    return AutoencoderKL(VAEConfig(embed_dim=16, z_channels=4, ch=8, ch_mult=(1, 1), num_res_blocks=1,
-                                   norm_groups=4, encoder_attn_levels=())).eval()
+def vae() -> AutoencoderKL:
+    return tiny_vae(seed=1)
 
 
 PLAN = SamplePlan.of([3, 1, 4, 1, 5], seed=5, batch_size=2)  # batches [3, 1], [4, 1], [5]
@@ -119,14 +108,14 @@ def test_psnr_by_hand():
         fidelity(candidate, other_plan)
 
 
-def test_images_through_a_vae_and_psnr_in_image_space(tiny, tiny_vae):
+def test_images_through_a_vae_and_psnr_in_image_space(tiny, vae):
     tokens, _ = generate_tokens(tiny, PLAN, SETTINGS)
-    images = ImageSpace(tiny, tiny_vae, decode_batch=2)(tokens)
+    images = ImageSpace(tiny, vae, decode_batch=2)(tokens)
     with torch.no_grad():
-        expected = tiny_vae.decode(tiny.unpatchify(tokens) / LATENT_SCALE)
+        expected = vae.decode(tiny.unpatchify(tokens) / LATENT_SCALE)
     torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-6)
     assert ImageSpace(tiny)(tokens) is None
-    reference = Reference(tiny, PLAN, SETTINGS, vae=tiny_vae, evaluator=None)
+    reference = Reference(tiny, PLAN, SETTINGS, vae=vae, evaluator=None)
     assert math.isinf(reference.psnr(none_schedule(4)))
     cached = reference.psnr(lazymar_schedule(4, tiny.config))
     assert 0 < cached < math.inf
@@ -135,7 +124,7 @@ def test_images_through_a_vae_and_psnr_in_image_space(tiny, tiny_vae):
 def test_quality_evaluator_seam():
     digits = MAR(get_config("digits"))
     assert isinstance(quality_evaluator(digits), DigitsQuality)
-    assert quality_evaluator(MAR(get_config("mar_tiny"))) is None
+    assert quality_evaluator(tiny_mar()) is None
     from lazymar.digits import digits_split
     images, labels = digits_split("held_out")
     scores = DigitsQuality()(images[:20], labels[:20].tolist())

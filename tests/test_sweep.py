@@ -7,16 +7,15 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from analysis.derive import predicted_flops
 from analysis.sweep import (COLUMNS, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
                             load_sweep, mark_pareto, pareto_front, random_point, run_sweep, save_sweep)
-from lazymar import MAR, get_config
+from lazymar import get_config
 from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
 from lazymar.runs import Reference, SamplePlan
 from lazymar.sampling import SamplingSettings
-from lazymar.vae import AutoencoderKL, VAEConfig
+from builders import tiny_mar, tiny_vae
 
 
 def hand_table() -> pd.DataFrame:
@@ -85,18 +84,11 @@ def test_baseline_schedules():
     assert predicted_flops(rnd.schedule, config)["total"] == predicted_flops(lazymar.schedule, config)["total"]
 
 
-def test_tiny_sweep_end_to_end():
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = MAR(get_config("mar_tiny", img_size=48, num_sampling_steps="4")).eval()
-    with torch.no_grad():  # random weights everywhere: the zero-initialised head would make caching exact
-        for p in model.diffloss.net.parameters():
-            p.normal_(0, 0.1)
-        for name in ("mask_token", "fake_latent"):
-            getattr(model, name).normal_(0, 0.5)
+def test_tiny_sweep_end_to_end(one_thread):
+    # random weights everywhere: the zero-initialised head would make caching exact
+    model = tiny_mar(img_size=48, num_sampling_steps="4", randomise="head", std=0.1, token_std=0.5)
     settings = SamplingSettings(num_iter=4, cfg=2.0)
-    vae = AutoencoderKL(VAEConfig(embed_dim=16, z_channels=4, ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4,
-                                  encoder_attn_levels=())).eval()  # PSNR is taken on images: decode the latents
+    vae = tiny_vae(seed=None)  # PSNR is taken on images: decode the latents
     reference = Reference(model, SamplePlan.of([0, 1, 2], seed=3, batch_size=2), settings, vae=vae)
     exact = SweepPoint("exact", "derived", none_schedule(4))
     cached = SweepPoint("lazymar", "lazymar", load_schedule("lazymar", 4, model.config))
