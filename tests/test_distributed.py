@@ -16,12 +16,13 @@ from lazymar.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "distributed_worker.py"
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # --- one process, no torchrun ------------------------------------------------------------------------
 @pytest.fixture
 def no_torchrun(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in TORCHRUN_VARIABLES:
         monkeypatch.delenv(key, raising=False)
 
 
@@ -63,15 +64,23 @@ def torchrun_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def run_worker(out: Path, ranks: int) -> dict:
+def launch(args: list[str], ranks: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python ARGS`` as one plain process (ranks=1) or under torchrun with ``ranks`` CPU ranks, from the repository
+    root with this checkout first on PYTHONPATH (the installed ``lazymar`` may belong to another checkout), one
+    thread per process and no torchrun variables inherited; asserts that it succeeded."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    for key in TORCHRUN_VARIABLES:
         env.pop(key, None)
     launcher = [sys.executable] if ranks == 1 else [*torchrun_command(), "--standalone", "--nproc_per_node",
                                                     str(ranks)]
-    proc = subprocess.run([*launcher, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_worker(out: Path, ranks: int) -> dict:
+    launch([str(WORKER), str(out)], ranks, timeout=180)
     return torch.load(out, weights_only=False)
 
 

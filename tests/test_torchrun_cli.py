@@ -7,29 +7,16 @@ so that both ranks sample (rank 0 batches 0, 2, ..., rank 1 batches 1, 3, ...).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from test_distributed import torchrun_command
-
-REPO = Path(__file__).resolve().parents[1]
+from test_distributed import launch
 
 
 def lazymar(args: list[str], ranks: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    launcher = [sys.executable] if ranks == 1 else [*torchrun_command(), "--standalone", "--nproc_per_node",
-                                                    str(ranks)]
-    proc = subprocess.run([*launcher, "-m", "lazymar.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return launch(["-m", "lazymar.cli", *args], ranks)
 
 
 def json_of(proc: subprocess.CompletedProcess):
