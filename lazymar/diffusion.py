@@ -26,11 +26,13 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_size = frequency_size
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        half = frequency_size // 2
+        # the frequencies once (not per head step); not in the state dict, so checkpoints load unchanged
+        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half),
+                             persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
-        half = self.frequency_size // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].float() * self.freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 

@@ -149,14 +149,15 @@ class MAR(nn.Module):
         return torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)
 
     def embed_encoder_input(self, tokens: Tensor, class_embedding: Tensor,
-                            positions: Optional[Tensor] = None) -> Tensor:
+                            positions: Optional[Tensor] = None, n_buf: Optional[int] = None) -> Tensor:
         """Encoder inputs (class embedding or projected token, plus position, normalised) of ``positions`` (N, n)
-        of buffer + sequence, buffer positions first in every row; all positions by default."""
+        of buffer + sequence, buffer positions first in every row (``n_buf`` of them: counted from the positions
+        when not given, a host round-trip); all positions by default."""
         buf = self.buffer_size
         if positions is None:
             n_buf, z, pos = buf, self.z_proj(tokens), self.encoder_pos_embed_learned
         else:
-            n_buf = int((positions[0] < buf).sum())
+            n_buf = int((positions[0] < buf).sum()) if n_buf is None else n_buf
             index = (positions[:, n_buf:] - buf).unsqueeze(-1).expand(-1, -1, tokens.shape[2])
             z, pos = self.z_proj(tokens.gather(1, index)), self.encoder_pos_embed_learned[0][positions]
         x = torch.cat([class_embedding.unsqueeze(1).expand(-1, n_buf, -1).to(z.dtype), z], dim=1)

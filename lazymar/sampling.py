@@ -62,10 +62,34 @@ class StepContext:
     branches: tuple[str, ...] = ()    # () = the default: ("cond", "uncond") with CFG, ("cond",) without
     encoder_rows: Optional[Tensor] = None
     decoder_rows: Optional[Tensor] = None
+    # The positions of the new and to-predict tokens, (B, n) sorted per row, and the token counts per sample (equal
+    # for every sample): the loop knows them from the generation orders, so runners need no host round-trip
+    # (nonzero, .sum()) to learn them. Computed from the masks when a context is built without them.
+    new_positions: Optional[Tensor] = None
+    to_predict_positions: Optional[Tensor] = None
+    num_masked: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.branches:
             self.branches = BRANCHES if self.use_cfg else BRANCHES[:1]
+        if self.new_positions is None:
+            self.new_positions = _positions(self.new)
+        if self.to_predict_positions is None:
+            self.to_predict_positions = _positions(self.to_predict)
+        if self.num_masked is None:
+            self.num_masked = int(self.masked[0].sum()) if self.masked.numel() else 0
+
+    @property
+    def num_new(self) -> int:
+        return self.new_positions.shape[1]
+
+    @property
+    def num_to_predict(self) -> int:
+        return self.to_predict_positions.shape[1]
+
+    @property
+    def num_known(self) -> int:
+        return self.known.shape[1] - self.num_new - self.num_to_predict - self.num_masked
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +111,17 @@ class StepContext:
         if self.use_cfg:
             emb = torch.cat([emb, model.class_embedding(None, B)])
         return self.doubled(self.tokens), self.doubled(self.unknown).float(), emb
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """The True positions of a (B, L) mask with the same count in every row, (B, n) sorted per row."""
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)
+
+
+def rows_at(x: Tensor, positions: Tensor) -> Tensor:
+    """x (N, L, C) at ``positions`` (N, n): (N * n, C), in the order of boolean-mask indexing when the positions
+    are sorted per row (x[mask] without the host round-trip that a boolean index costs)."""
+    return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[2])).reshape(-1, x.shape[2])
 
 
 class StepRunner:
@@ -182,19 +217,24 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     orders = random_orders(B, L, generator, device)
     unknown = torch.ones(B, L, dtype=torch.bool, device=device)
     new = torch.zeros_like(unknown)
+    new_positions = orders[:, :0]
+    num_unknown = L  # per sample, tracked on the host (the loop needs no device round-trip)
     runner.start(model, settings, B)
     for obs in observers:
         obs.on_generation_start(model, settings, labels)
     for step in tqdm(range(settings.num_iter), desc="steps", disable=not progress, leave=False):
-        mask_len = mask_length(step, settings.num_iter, L, int(unknown[0].sum()))
+        mask_len = mask_length(step, settings.num_iter, L, num_unknown)
         masked = torch.zeros_like(unknown).scatter_(1, orders[:, :mask_len], True)
         if step == settings.num_iter - 1:
             masked = torch.zeros_like(unknown)
+        still_masked = mask_len if step < settings.num_iter - 1 else 0
+        to_predict_positions = orders[:, still_masked:num_unknown].sort(dim=1).values
         ctx = StepContext(
             model=model, step=step, num_iter=settings.num_iter, tokens=tokens, labels=labels,
             known=~unknown & ~new, new=new, to_predict=unknown & ~masked, masked=masked,
             mask_ratio=mask_len / L if step < settings.num_iter - 1 else 0.0,
             cfg_scale=step_cfg_scale(settings.cfg, settings.cfg_schedule, mask_len, L), use_cfg=use_cfg,
+            new_positions=new_positions, to_predict_positions=to_predict_positions, num_masked=still_masked,
         )
         reset = _current_step.set(ctx)
         try:
@@ -202,15 +242,16 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
                 obs.on_step_start(ctx)
             ctx.z = runner.transformer(ctx)
             ctx.phase = "head"
-            rows = ctx.doubled(ctx.to_predict)
-            ctx.sampled = runner.head(ctx, ctx.z[rows], settings.temperature, generator)
-            tokens = tokens.clone()
-            tokens[ctx.to_predict] = ctx.sampled
+            z_rows = rows_at(ctx.z, ctx.doubled(to_predict_positions))  # = ctx.z[ctx.doubled(ctx.to_predict)]
+            ctx.sampled = runner.head(ctx, z_rows, settings.temperature, generator)
+            index = to_predict_positions.unsqueeze(-1).expand(-1, -1, D)
+            tokens = tokens.scatter(1, index, ctx.sampled.reshape(B, -1, D))  # tokens[to_predict] = sampled
             for obs in observers:
                 obs.on_step_end(ctx)
         finally:
             _current_step.reset(reset)
         new, unknown = ctx.to_predict, masked
+        new_positions, num_unknown = to_predict_positions, still_masked
     for obs in observers:
         obs.on_generation_end(model, tokens)
     return tokens

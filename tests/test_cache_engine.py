@@ -195,7 +195,8 @@ def test_similarity_selection_keeps_the_least_similar_positions(model):
     engine.decoder.previous_v = v_prev
     to_predict = torch.zeros(1, model.seq_len, dtype=torch.bool)
     to_predict[0, 5] = True
-    ctx = types.SimpleNamespace(step=1, batch_size=1, to_predict=to_predict, new=torch.zeros_like(to_predict))
+    ctx = types.SimpleNamespace(step=1, batch_size=1, to_predict=to_predict, new=torch.zeros_like(to_predict),
+                                num_to_predict=1, num_new=0)
     kept = engine.decoder.select(ctx, v_now)[0]
     cos = torch.nn.functional.cosine_similarity(v_now, v_prev, dim=-1).mean(dim=1)[0]
     cos[model.buffer_size + 5] = -2.0  # always kept

@@ -102,3 +102,39 @@ def test_bad_settings(kwargs, match):
 def test_label_out_of_range(tiny):
     with pytest.raises(ValueError, match="out of range"):
         generate(tiny, [10], SamplingSettings(num_iter=2))
+
+
+class PositionLog(StepObserver):
+    """What the loop hands runners without a host round-trip, beside what the masks say."""
+
+    def __init__(self):
+        self.checks = []
+
+    def on_step_end(self, ctx):
+        expected = {name: getattr(ctx, name).nonzero()[:, 1].reshape(ctx.batch_size, -1)
+                    for name in ("new", "to_predict")}
+        self.checks.append((
+            torch.equal(ctx.new_positions, expected["new"]),
+            torch.equal(ctx.to_predict_positions, expected["to_predict"]),
+            (ctx.num_known, ctx.num_new, ctx.num_to_predict, ctx.num_masked)
+            == tuple(int(getattr(ctx, name)[0].sum()) for name in ("known", "new", "to_predict", "masked")),
+        ))
+
+
+@pytest.mark.parametrize("num_iter", [1, 5])
+def test_step_context_positions_and_counts_match_the_masks(tiny, num_iter):
+    log = PositionLog()
+    with observe_steps(log):
+        generate(tiny, [0, 5, 9], SamplingSettings(num_iter=num_iter, cfg=2.0), seed=3)
+    assert len(log.checks) == num_iter
+    assert all(all(check) for check in log.checks), log.checks
+
+
+def test_rows_at_equals_boolean_indexing():
+    from lazymar.sampling import rows_at
+    x = torch.randn(4, 10, 3)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    for row, cols in enumerate(([1, 7], [0, 9], [3, 4], [2, 8])):
+        mask[row, cols] = True
+    positions = mask.nonzero()[:, 1].reshape(4, -1)
+    assert torch.equal(rows_at(x, positions), x[mask])

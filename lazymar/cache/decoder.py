@@ -114,7 +114,8 @@ class DecoderTokenCache:
                 always[:, buf:] |= statuses[status]
         if N == 2 * ctx.batch_size:
             always = torch.cat([always, always])
-        n_keep = sch.kept_count(ctx.step, total, int(always[0].sum()))
+        counts = {"to_predict": ctx.num_to_predict, "new": ctx.num_new, "buffer": buf}
+        n_keep = sch.kept_count(ctx.step, total, sum(counts[status] for status in set(sch.always_keep)))
         if sch.selection == "similarity":
             previous = self.previous_v[:N]
             dot = (v * previous).sum(-1)

@@ -71,15 +71,14 @@ class EncoderCache:
         their fresh K/V and the cached K/V of the other visible positions. Returns the decoder input."""
         model, c = self.model, self.model.config
         N, buf = tokens.shape[0], model.buffer_size
-        if self.length != int(ctx.known[0].sum()):
+        if self.length != ctx.num_known:
             raise RuntimeError("encoder cache out of step with the known tokens")  # a bug, not a user error
-        new = ctx.doubled(ctx.new) if N == 2 * ctx.batch_size else ctx.new
-        new_positions = new.nonzero(as_tuple=True)[1].reshape(N, -1) + buf  # sorted per row
-        n_buf, n_new = (buf if plan.encoder_buffer else 0), new_positions.shape[1]
-        rows = torch.cat([torch.arange(n_buf, device=tokens.device).expand(N, n_buf), new_positions], dim=1)
+        new = ctx.doubled(ctx.new_positions) if N == 2 * ctx.batch_size else ctx.new_positions
+        n_buf, n_new = (buf if plan.encoder_buffer else 0), ctx.num_new
+        rows = torch.cat([torch.arange(n_buf, device=tokens.device).expand(N, n_buf), new + buf], dim=1)
         ctx.encoder_rows = rows
         start, end = buf + self.length, buf + self.length + n_new  # cache slots of the new tokens
-        x = model.embed_encoder_input(tokens, class_emb, rows)
+        x = model.embed_encoder_input(tokens, class_emb, rows, n_buf)
         x = model.run_encoder(x, lambda layer: self._append_hook(layer, N, n_buf, start, end))
         self.length += n_new
         self.ledger.add("encoder", F.token_embed_flops(c, N * n_new)

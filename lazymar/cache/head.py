@@ -35,6 +35,7 @@ class HeadCache:
         self.num_steps = model.diffloss.gen_diffusion.num_timesteps
         self.timestep_map = model.diffloss.gen_diffusion.timestep_map
         self.use_cfg, self.cfg_scale, self.n, self.cached_rows = False, 1.0, 0, 0
+        self.head_step: Optional[int] = None
         self.reset()
 
     def reset(self) -> None:
@@ -52,6 +53,7 @@ class HeadCache:
                generator: Optional[torch.Generator]) -> Tensor:
         """``DiffLoss.sample`` of the rows of z with this cache as the denoiser (both CFG halves returned)."""
         self.begin(ctx.use_cfg, ctx.cfg_scale, z)
+        self.head_step = self.num_steps - 1  # DiffLoss.sample's reverse loop runs num_steps - 1 down to 0
         try:
             with self.capturing_mlps():
                 cfg = ctx.cfg_scale if ctx.use_cfg else None
@@ -67,6 +69,7 @@ class HeadCache:
         # rows that cached steps run: the cond half under the CFG cache
         self.cached_rows = self.n if (use_cfg and self.policy.cfg_cache) else z.shape[0]
         self.timestep_map = self.timestep_map.to(z.device)
+        self.head_step = None  # the next head step when counted (sample), else read from i
         if self.policy.hoist_invariants:
             self.cond = self.net.cond_embed(z)
             self.ledger.add("head", F.head_cond_flops(self.config, z.shape[0]))
@@ -91,7 +94,10 @@ class HeadCache:
 
     def denoise(self, x: Tensor, i: Tensor, z: Tensor) -> Tensor:
         """The network output for head step ``i`` (respaced index, one per row), CFG-guided with CFG on."""
-        step = int(i[0])
+        if self.head_step is None:
+            step = int(i[0])
+        else:  # counted: reading i would cost a host round-trip per head step
+            step, self.head_step = self.head_step, self.head_step - 1
         full = self.policy.full_step(step, self.num_steps)
         n = self.n
         if full or not (self.use_cfg and self.policy.cfg_cache):

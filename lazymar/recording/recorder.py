@@ -82,9 +82,9 @@ class _StepBuffers:
         self.step = ctx.step
         self.token_cosine = torch.full((B, num_layers, len(FEATURE_KINDS), num_positions), nan, device=device)
         self.cfg = torch.full((B, num_layers, len(CFG_STATS), num_positions), nan, device=device)
-        rows = ctx.to_predict.nonzero()
-        self.head_samples = rows[:, 0]                     # sample of each token the head decodes, row order
-        self.num_tokens = rows.shape[0]
+        n = ctx.num_to_predict                              # the head's rows: sample by sample, n tokens each
+        self.head_samples = torch.arange(B, device=device).repeat_interleave(n)  # sample of each head row
+        self.num_tokens = B * n
         self.head = torch.full((head_steps, head_parts, self.num_tokens), nan, device=device)
         self.head_index = -1                               # head network evaluations so far in this step
         self.head_deltas: dict[int, Tensor] = {}           # res-block residual updates of this head step
@@ -184,6 +184,11 @@ class RedundancyRecorder(StepObserver):
             "cfg": np.full((B, S, L, len(CFG_STATS), P), np.nan, dtype=np.float32),
             "head_change": np.full((B, S, T, H), np.nan, dtype=np.float32),
         }
+        # the same arrays as tensors on the model's device (views of the numpy arrays on CPU): steps write here,
+        # the batch end copies them back once (no host round-trip per step)
+        device = labels.device
+        self._device_arrays = {name: torch.from_numpy(array) if device.type == "cpu" else
+                               torch.from_numpy(array).to(device) for name, array in self._arrays.items()}
         self._mask_ratio = np.zeros(S, dtype=np.float32)
         self._cfg_scale = np.zeros(S, dtype=np.float32)
         self._previous: dict[tuple[int, int], _Previous] = {}
@@ -193,11 +198,11 @@ class RedundancyRecorder(StepObserver):
         if not self._active:
             return
         self._step = _StepBuffers(ctx, len(self.layers), self.num_positions, self.head_steps, len(self.head_parts))
-        status = torch.full((ctx.batch_size, self.num_positions), STATUS_CODES["buffer"], dtype=torch.int8)
+        status = self._device_arrays["status"][:, ctx.step]
+        status[:, :self.buffer_size] = STATUS_CODES["buffer"]
         tokens = status[:, self.buffer_size:]
         for name in ("known", "new", "to_predict", "masked"):
-            tokens[getattr(ctx, name).cpu()] = STATUS_CODES[name]
-        self._arrays["status"][:, ctx.step] = status.numpy()
+            tokens.masked_fill_(getattr(ctx, name), STATUS_CODES[name])
         self._mask_ratio[ctx.step] = ctx.mask_ratio
         self._cfg_scale[ctx.step] = ctx.cfg_scale
 
@@ -209,13 +214,14 @@ class RedundancyRecorder(StepObserver):
         positions = torch.arange(self.buffer_size, self.num_positions, device=z.device).expand(z.shape[0], -1)
         self._record(len(self.layers) - 1, OUTPUT, z[:, :, None, None], positions, branches, ctx)
         buf, s = self._step, ctx.step
-        self._arrays["token_cosine"][:, s] = buf.token_cosine.cpu().numpy()
-        self._arrays["cfg"][:, s] = buf.cfg.cpu().numpy()
+        arrays = self._device_arrays
+        arrays["token_cosine"][:, s] = buf.token_cosine
+        arrays["cfg"][:, s] = buf.cfg
         # head: mean over the tokens each sample decodes at this step
         B = ctx.batch_size
         sums = buf.head.new_zeros(buf.head.shape[:2] + (B,)).index_add_(2, buf.head_samples, buf.head)
-        counts = torch.bincount(buf.head_samples, minlength=B).to(sums.dtype)
-        self._arrays["head_change"][:, s] = (sums / counts).permute(2, 0, 1).cpu().numpy()
+        counts = torch.full((B,), buf.num_tokens // max(B, 1), dtype=sums.dtype, device=sums.device)
+        arrays["head_change"][:, s] = (sums / counts).permute(2, 0, 1)
         self._step = None
 
     def on_generation_end(self, model: MAR, tokens: Tensor) -> None:
@@ -223,6 +229,10 @@ class RedundancyRecorder(StepObserver):
             return
         self._active = False
         self._previous = {}
+        for name, array in self._arrays.items():
+            if self._device_arrays[name].device.type != "cpu":
+                array[...] = self._device_arrays[name].cpu().numpy()  # the batch's one copy to the host
+        self._device_arrays = {}
         B = tokens.shape[0]
         samples = np.arange(self.next_sample, self.next_sample + B)
         self.next_sample += B
