@@ -78,8 +78,10 @@ def _template(batch: xr.Dataset, labels: np.ndarray, samples: np.ndarray, batch_
         encoding[name] = {"chunks": tuple(chunks[d] for d in var.dims)}
     data_vars[RECORDED] = xr.Variable(("sample",), np.zeros(n, dtype=bool),
                                       attrs={"description": "the sample's batch is written completely"})
-    encoding[RECORDED] = {"chunks": (batch_size,)}
-    coords = {name: c.variable for name, c in batch.coords.items() if "sample" not in c.dims}
+    for name in (RECORDED, "label", "batch"):
+        encoding[name] = {"chunks": (batch_size,)}
+    coords = {name: c.variable.astype(object) if c.dtype.kind == "U" else c.variable  # variable-length text
+              for name, c in batch.coords.items() if "sample" not in c.dims}
     coords.update(sample=("sample", np.asarray(samples, np.int64)), label=("sample", np.asarray(labels, np.int64)),
                   batch=("sample", np.arange(n, dtype=np.int64) // batch_size))
     return xr.Dataset(data_vars, coords=coords, attrs=attrs), encoding
