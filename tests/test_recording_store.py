@@ -45,7 +45,8 @@ def test_store_is_lazy_and_holds_the_plans_samples(tiny, whole, tmp_path):
     ds = load_stats(record(tiny, tmp_path / "s.zarr", **KWARGS) and tmp_path / "s.zarr")
     assert hasattr(ds["token_cosine"].data, "dask")
     assert ds["sample"].values.tolist() == [0, 1, 2, 3, 4] and "recorded" not in ds
-    assert ds["token_cosine"].chunksizes["sample"] == ds["label"].chunksizes["sample"] == (2, 2, 1)  # one chunk per batch
+    assert ds["token_cosine"].chunksizes["sample"] == ds["label"].chunksizes["sample"] == (2, 2, 1)
+    assert ds.chunks["sample"] == (2, 2, 1)  # one chunking for the whole Dataset (derive uses Dataset ops)  # one chunk per batch
     plan = SamplePlan.balanced(5, tiny.config.class_num, seed=1, batch_size=2)
     for batch in plan.batches():  # what `sample`/`eval` draw with the same seed, labels and batch size
         tokens = generate(tiny, list(batch.labels), SETTINGS, seed=batch.seed)

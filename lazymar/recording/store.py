@@ -54,14 +54,16 @@ def clean_stale(path: str | Path) -> list[Path]:
     return removed
 
 
-def chunk_sizes(var: xr.Variable, sample_chunk: int) -> dict[str, int]:
-    """Chunks of one variable: ``sample_chunk`` samples, and as many steps as keep a chunk under CHUNK_BYTES."""
-    chunks = {d: n for d, n in var.sizes.items()}
-    if "sample" in chunks:
-        chunks["sample"] = sample_chunk
-    if "step" in chunks:
-        per_step = var.dtype.itemsize * int(np.prod([n for d, n in chunks.items() if d != "step"]))
-        chunks["step"] = int(max(1, min(var.sizes["step"], CHUNK_BYTES // max(per_step, 1))))
+def chunk_sizes(batch: xr.Dataset, sample_chunk: int) -> dict[str, int]:
+    """Chunks of every variable: ``sample_chunk`` samples, whole along other dims except ``step``, which is cut
+    (the same way for every variable, so that the Dataset has one chunking) to keep the largest variable's chunks
+    under CHUNK_BYTES."""
+    chunks = {"sample": sample_chunk}
+    largest = max((v for v in batch.data_vars.values() if "step" in v.dims), key=lambda v: v.nbytes, default=None)
+    if largest is not None:
+        per_step = largest.dtype.itemsize * int(np.prod([n for d, n in largest.sizes.items()
+                                                          if d not in ("step", "sample")])) * sample_chunk
+        chunks["step"] = int(max(1, min(largest.sizes["step"], CHUNK_BYTES // max(per_step, 1))))
     return chunks
 
 
@@ -70,12 +72,13 @@ def _template(batch: xr.Dataset, labels: np.ndarray, samples: np.ndarray, batch_
     """The whole recording's Dataset, lazy (nothing computed) for every per-sample variable, from one batch."""
     n = len(labels)
     data_vars, encoding = {}, {}
+    cut = chunk_sizes(batch, batch_size)
     for name, var in batch.data_vars.items():
         shape = tuple(n if d == "sample" else s for d, s in var.sizes.items())
-        chunks = chunk_sizes(var, batch_size)
-        data = dask.array.zeros(shape, dtype=var.dtype, chunks=tuple(chunks[d] for d in var.dims))
+        chunks = tuple(cut.get(d, s) for d, s in zip(var.dims, shape))
+        data = dask.array.zeros(shape, dtype=var.dtype, chunks=chunks)
         data_vars[name] = xr.Variable(var.dims, data, attrs=var.attrs)
-        encoding[name] = {"chunks": tuple(chunks[d] for d in var.dims)}
+        encoding[name] = {"chunks": chunks}
     data_vars[RECORDED] = xr.Variable(("sample",), np.zeros(n, dtype=bool),
                                       attrs={"description": "the sample's batch is written completely"})
     for name in (RECORDED, "label", "batch"):
@@ -151,6 +154,8 @@ def open_store(path: str | Path, all_samples: bool = False) -> xr.Dataset:
         raise RecordingError(f"{path} is not a Zarr store ({type(err).__name__}: {err})") from None
     if RECORDED not in ds or ds[RECORDED].dims != ("sample",):
         raise RecordingError(f"{path} is a Zarr store without the {RECORDED!r} variable of a lazymar recording")
+    # coordinates along other dims are small: in memory, so that their chunks never disagree with the data's
+    ds = ds.assign_coords({name: c.load() for name, c in ds.coords.items() if "sample" not in c.dims})
     if all_samples:
         return ds
     recorded = np.asarray(ds[RECORDED].values, dtype=bool)
