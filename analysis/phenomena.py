@@ -4,6 +4,11 @@ capture of per-step features for what a recording does not keep (the step x step
 Conventions: NaN marks a value that was not computed (a position absent at s or s-1) and is excluded from every
 count; "fraction above t" is (#values > t) / (#finite values); statuses are the recording's (buffer, known, new,
 to_predict, masked).
+
+Recordings larger than memory: ``load_stats`` opens a Zarr store lazily (dask), and every table here reduces it
+chunk by chunk (xarray reductions on dask arrays; only the small results are computed). Medians (and
+:func:`values_by_status`) need the values of one layer (or head part) in memory at a time; :func:`ecdf_by_status`
+is the chunk-wise alternative to plotting every value.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import xarray as xr
 
 from lazymar.recording import STATUS_CODES, STATUS_NAMES
 from lazymar.errors import LazymarError
+
+from .chunked import compute_all, compute_small, histogram, per_layer
 
 COSINE_VARIABLES = ("token_cosine", "cfg_residual_cosine")
 CHANGE_VARIABLES = ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change")
@@ -122,18 +129,42 @@ def fraction_above(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), l
     (``above_<t>``), over samples and positions. Steps where a layer has no value are dropped."""
     layers = _check_layers(ds, layers)
     da = statistic_values(ds, variable, kind, statuses).sel(layer=layers)
-    values = da.transpose("layer", "step", "sample", "position").values
-    finite = np.isfinite(values)
-    count = finite.sum(axis=(2, 3))
-    columns = {"count": count}
+    over = ("sample", "position")
+    columns = {"count": da.count(over)}
+    for t in thresholds:
+        columns[f"above_{t:g}"] = (da > t).sum(over)
+    table = compute_small(xr.Dataset(columns)).transpose("layer", "step")
+    count = table["count"].values
+    df = pd.DataFrame({"count": count.ravel().astype(int)},
+                      index=pd.MultiIndex.from_product([layers, table["step"].values], names=["layer", "step"]))
     with np.errstate(invalid="ignore", divide="ignore"):
         for t in thresholds:
-            columns[f"above_{t:g}"] = np.where(finite, values > t, False).sum(axis=(2, 3)) / count
-    steps = da["step"].values
-    index = pd.MultiIndex.from_product([layers, steps], names=["layer", "step"])
-    df = pd.DataFrame({k: np.asarray(v, dtype=float).ravel() for k, v in columns.items()}, index=index)
-    df["count"] = df["count"].astype(int)
+            df[f"above_{t:g}"] = (table[f"above_{t:g}"].values / count).ravel()
     return df[df["count"] > 0]
+
+
+def ecdf_by_status(ds: xr.Dataset, layer: str, variable: str = "token_cosine", kind: str = "output",
+                   edges: Optional[Sequence[float]] = None) -> pd.DataFrame:
+    """The ECDF of 1 - value of one layer per status, from histograms computed chunk by chunk: rows are the
+    bin edges (``distance``; distances below the first edge count at it), columns the statuses with values, each
+    the fraction of that status's finite values with 1 - value <= distance. ``count`` per status is in
+    ``df.attrs["count"]``. Default edges: 200 log-spaced from half the recording's resolution to 2."""
+    _check_layers(ds, [layer])
+    if edges is None:
+        edges = np.geomspace(resolution(ds, variable) / 2, 2.0, 200)
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise AnalysisError("edges must be at least two increasing numbers")
+    distance = (1.0 - statistic_values(ds, variable, kind).sel(layer=layer)).clip(edges[0], edges[-1])
+    counts = {name: histogram(distance.where(ds["status"] == code), edges) for name, code in STATUS_CODES.items()}
+    columns, total = {}, {}
+    for name, hist in zip(counts, compute_all(list(counts.values()))):
+        if hist.sum():
+            columns[name] = np.cumsum(hist) / hist.sum()
+            total[name] = int(hist.sum())
+    df = pd.DataFrame(columns, index=pd.Index(edges[1:], name="distance"))
+    df.attrs["count"] = total
+    return df
 
 
 def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "token_cosine", kind: str = "output",
@@ -155,14 +186,14 @@ def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "
         if statistic == "mean":
             out = da.mean(over, skipna=True)
         elif statistic == "median":
-            out = da.median(over, skipna=True)
+            out = per_layer(da, lambda x: x.median(over, skipna=True))
         elif statistic == "log10_change":
             floor = floor if floor is not None else resolution(ds, variable) / 2
             out = np.log10(np.maximum(1.0 - da, floor)).mean(over, skipna=True)
         else:
             count = da.count(over)
             out = (da > threshold).where(da.notnull()).sum(over) / count.where(count > 0)
-    out = out.transpose("layer", "step")
+    out = compute_small(out).transpose("layer", "step")
     out.name = f"{variable}_{statistic}" + (f"_{threshold:g}" if statistic == "above" else "")
     out.attrs.update(variable=variable, statistic=statistic, kind=kind if variable == "token_cosine" else "")
     return out
@@ -181,7 +212,8 @@ def encoder_vs_decoder(ds: xr.Dataset, kind: str = "output",
             raise AnalysisError(f"the recording has no {group} layers")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            rows[f"{group}_cosine"] = da.sel(layer=members).mean(("sample", "layer", "position"), skipna=True).values
+            rows[f"{group}_cosine"] = compute_small(da.sel(layer=members).mean(("sample", "layer", "position"),
+                                                                          skipna=True)).values
     df = pd.DataFrame(rows, index=pd.Index(ds["step"].values, name="step")).dropna(how="all")
     for group in ("encoder", "decoder"):
         df[f"{group}_change"] = 1.0 - df[f"{group}_cosine"]
@@ -193,17 +225,19 @@ def group_summary(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), ki
     """Per layer group (encoder, decoder, z): mean cosine and fraction above each threshold over all finite
     values of its layers (every sample, step and position)."""
     da = statistic_values(ds, "token_cosine", kind, statuses)
-    rows = []
+    groups = {}
     for group in ("encoder", "decoder", "z"):
         members = [str(x) for x in ds["layer"].values if layer_group(str(x)) == group]
-        if not members:
-            continue
-        v = da.sel(layer=members).values
-        v = v[np.isfinite(v)]
-        if not v.size:
-            continue
-        rows.append({"group": group, "count": int(v.size), "mean_cosine": float(v.mean()),
-                     **{f"above_{t:g}": float((v > t).mean()) for t in thresholds}})
+        if members:
+            v = da.sel(layer=members)
+            groups[group] = {"count": v.count(), "sum": v.sum(skipna=True),
+                             **{f"above_{t:g}": (v > t).sum() for t in thresholds}}
+    rows = []
+    for group, totals in zip(groups, compute_all([groups[g] for g in groups])):
+        count = int(totals["count"])
+        if count:
+            rows.append({"group": group, "count": count, "mean_cosine": float(totals["sum"]) / count,
+                         **{f"above_{t:g}": int(totals[f"above_{t:g}"]) / count for t in thresholds}})
     return pd.DataFrame(rows).set_index("group")
 
 
@@ -229,16 +263,16 @@ def branch_vs_residual(ds: xr.Dataset, statistic: str = "median", by: str = "lay
     if by not in ("layer", "step"):
         raise AnalysisError(f"by must be 'layer' or 'step', got {by!r}")
     layers = _check_layers(ds, layers)
-    arrays = {name: ds[name].sel(layer=layers).transpose("layer", "step", "sample", "position").values
-              for name in CHANGE_VARIABLES}
     rows = []
     steps = ds["step"].values
-    for i, layer in enumerate(layers):
+    for layer in layers:  # one layer in memory at a time
+        arrays = {name: ds[name].sel(layer=layer).transpose("step", "sample", "position").values
+                  for name in CHANGE_VARIABLES}
         cells = [(None, slice(None))] if by == "layer" else [(int(s), j) for j, s in enumerate(steps)]
         for step, j in cells:
             row = {"layer": layer} if by == "layer" else {"layer": layer, "step": step}
             for name, arr in arrays.items():
-                row[name.removeprefix("cfg_")] = _reduce(arr[i, j], statistic)
+                row[name.removeprefix("cfg_")] = _reduce(arr[j], statistic)
             rows.append(row)
     df = pd.DataFrame(rows)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -253,9 +287,11 @@ def head_change_profile(ds: xr.Dataset, statistic: str = "mean") -> pd.DataFrame
     between consecutive head steps, ``statistic`` over samples and MAR steps."""
     if "head_change" not in ds:
         raise AnalysisError("the recording has no head statistics")
-    arr = ds["head_change"].transpose("head_step", "head_part", "sample", "step").values
     parts = [str(p) for p in ds["head_part"].values]
-    data = {part: [_reduce(arr[h, k], statistic) for h in range(arr.shape[0])] for k, part in enumerate(parts)}
+    data = {}
+    for part in parts:  # one head part in memory at a time
+        arr = ds["head_change"].sel(head_part=part).transpose("head_step", "sample", "step").values
+        data[part] = [_reduce(arr[h], statistic) for h in range(arr.shape[0])]
     df = pd.DataFrame(data, index=pd.Index(ds["head_step"].values, name="head_step"))
     df.columns.name = "head_part"
     return df.dropna(how="all")

@@ -135,7 +135,7 @@ def check_outputs(paths: Iterable[Optional[str | Path]], force: bool = False, re
         if path is None:
             continue
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and path.suffix != ".zarr":  # a Zarr store is a folder; anything else must be a file
             raise OutputError(f"{path}: is a directory; give a file name")
         if any(path.resolve() == p.resolve() for p in checked):
             raise OutputError(f"{path}: would be written twice (the command writes {', '.join(map(str, checked))} "

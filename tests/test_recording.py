@@ -1,5 +1,6 @@
 """The redundancy recorder: it never changes sampling, its statistics equal a direct computation from features
-captured independently, its files validate, merge and resume, and the CLI refuses to overwrite."""
+captured independently, its files validate, and the CLI refuses to overwrite (stores, ranks, resuming and merging:
+test_recording_store.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,7 @@ import xarray as xr
 
 from lazymar import MAR, get_config
 from lazymar.cli import main
-from lazymar.recording import (STATUS_CODES, RecordingError, RedundancyRecorder, load_stats, merge_stats,
-                               save_stats)
+from lazymar.recording import STATUS_CODES, RecordingError, RedundancyRecorder, load_stats, save_stats
 from lazymar.recording.driver import record
 from lazymar.recording.summary import overview, summarize, tidy, tidy_head
 from lazymar.sampling import SamplingSettings, StepObserver, StepRunner, current_step, generate, observe_steps
@@ -318,48 +318,6 @@ def _tiny_checkpoint(model: MAR, path) -> str:
     return str(saved(path, checkpoint(model, sampling=sampling)))
 
 
-def test_shards_merge_into_the_single_process_recording(tiny, tmp_path):
-    settings = SamplingSettings(num_iter=4, cfg=2.0)
-    kwargs = dict(num_samples=5, settings=settings, seed=1, batch_size=2, progress=False)
-    whole = record(tiny, tmp_path / "whole.nc", **kwargs)
-    for rank in (0, 1):
-        record(tiny, tmp_path / f"s.nc.rank{rank}", rank=rank, world_size=2, **kwargs)
-    assert main(["merge-stats", str(tmp_path / "m.nc"), str(tmp_path / "s.nc.rank1"),
-                 str(tmp_path / "s.nc.rank0")]) == 0
-    merged = load_stats(tmp_path / "m.nc")
-    assert merged["sample"].values.tolist() == [0, 1, 2, 3, 4]
-    xr.testing.assert_identical(merged.drop_attrs(), whole.drop_attrs())
-    with pytest.raises(RecordingError, match="sample 0 is in both"):
-        merge_stats([tmp_path / "s.nc.rank0", tmp_path / "whole.nc"])
-    other = record(tiny, tmp_path / "other.nc", **{**kwargs, "seed": 2})
-    with pytest.raises(RecordingError, match="attribute 'seed' differs"):
-        merge_stats([tmp_path / "s.nc.rank0", other.sel(sample=[1])])
-
-
-def test_interrupted_run_keeps_completed_batches_and_resumes(tiny, tmp_path, monkeypatch):
-    import lazymar.recording.driver as driver
-    settings = SamplingSettings(num_iter=3, cfg=2.0)
-    kwargs = dict(num_samples=6, settings=settings, seed=0, batch_size=2, progress=False)
-    calls = {"n": 0}
-    real = driver.generate
-
-    def failing(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(driver, "generate", failing)
-    with pytest.raises(KeyboardInterrupt):
-        record(tiny, tmp_path / "run.nc", **kwargs)
-    monkeypatch.setattr(driver, "generate", real)
-    partial = load_stats(tmp_path / "run.nc")
-    assert partial["sample"].values.tolist() == [0, 1, 2, 3]
-    resumed = record(tiny, tmp_path / "run.nc", resume=True, **kwargs)
-    fresh = record(tiny, tmp_path / "fresh.nc", **kwargs)
-    xr.testing.assert_identical(resumed.drop_attrs(), fresh.drop_attrs())
-
-
 def test_cli_records_refuses_overwrite_and_reports_json(tiny, tmp_path, capsys):
     ckpt = _tiny_checkpoint(tiny, tmp_path / "tiny.pth")
     out = tmp_path / "stats.nc"
@@ -387,16 +345,6 @@ def test_cli_records_under_a_cache_schedule(tiny, tmp_path):
     # cached steps leave positions uncomputed (missing), so fewer values than the plain model records
     assert int(ds["token_cosine"].count()) < int(plain["token_cosine"].count())
     assert bool(ds["token_cosine"].notnull().any())
-
-
-def test_cli_under_torchrun_writes_rank_shards(tiny, tmp_path, monkeypatch):
-    ckpt = _tiny_checkpoint(tiny, tmp_path / "tiny.pth")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert main(["record", "--model", ckpt, "--num-samples", "4", "--batch-size", "1", "--num-iter", "2",
-                 "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
-    shard = load_stats(tmp_path / "s.nc.rank1")
-    assert shard["sample"].values.tolist() == [1, 3] and shard.attrs["rank"] == 1
 
 
 def test_tidy_and_summaries(tiny):

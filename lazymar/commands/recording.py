@@ -1,4 +1,5 @@
-"""`lazymar record` (redundancy statistics of sampling into a NetCDF file) and `lazymar merge-stats`."""
+"""`lazymar record` (redundancy statistics of sampling into a Zarr store or a NetCDF file) and `lazymar merge-stats`
+(joins recordings, e.g. old per-rank NetCDF shards)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..recording import load_stats, merge_stats, save_stats
 from ..recording.dataset import RecordingError
@@ -22,14 +24,22 @@ def distributed_rank() -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def shard_path(out: Path, rank: int, world_size: int) -> Path:
-    """OUT for one process, OUT.rankN for rank N under torchrun."""
-    return out if world_size == 1 else out.with_name(f"{out.name}.rank{rank}")
+def process_group_barrier() -> Callable[[], None]:
+    """torch.distributed.barrier of the torchrun job (a gloo process group is started if none is)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return dist.barrier
+
+
+def path_bytes(path: Path) -> int:
+    """Size on disk of a file, or of every file in a store folder."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def cmd_record(args: argparse.Namespace) -> int:
     rank, world = distributed_rank()
-    out = shard_path(Path(args.out), rank, world)
+    out = Path(args.out)
     check_outputs([out], args.force, resume=args.resume)
     if world > 1 and str(args.device).startswith("cuda") and ":" not in str(args.device):
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
@@ -40,13 +50,19 @@ def cmd_record(args: argparse.Namespace) -> int:
     if schedule != "none":
         runner_from_args(model, args, settings)  # a bad schedule fails now, not after the first batch
         runner_factory = lambda: runner_from_args(model, args, settings)  # noqa: E731
+    barrier = process_group_barrier() if world > 1 else None
     start = time.perf_counter()
     ds = record(model, out, args.num_samples, settings, seed=args.seed, batch_size=args.batch_size,
                 model_name=str(args.model), runner_factory=runner_factory, schedule=str(schedule), rank=rank,
-                world_size=world, resume=args.resume, keep_bits=args.keep_bits, progress=not args.no_progress)
+                world_size=world, resume=args.resume, keep_bits=args.keep_bits, progress=not args.no_progress,
+                barrier=barrier)
+    if barrier is not None:
+        barrier()  # every rank has written its batches: rank 0 reports the whole recording
+        if rank > 0:
+            return 0
+        ds = load_stats(out)
     seconds = time.perf_counter() - start
-    result = {"out": str(out), "bytes": out.stat().st_size, "seconds": seconds, "rank": rank, "world_size": world,
-              **overview(ds)}
+    result = {"out": str(out), "bytes": path_bytes(out), "seconds": seconds, "world_size": world, **overview(ds)}
     if args.json:
         print_json(result)
     else:
@@ -65,7 +81,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     save_stats(ds, out, keep_bits=json.loads(keep_bits) if keep_bits else None)
     load_stats(out)
     result = {"out": str(out), "inputs": [str(p) for p in args.inputs], "samples": int(ds.sizes["sample"]),
-              "bytes": out.stat().st_size}
+              "bytes": path_bytes(out)}
     if args.json:
         print_json(result)
     else:
@@ -75,16 +91,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "record", help="record token and CFG redundancy of sampling into a NetCDF file",
+        "record", help="record token and CFG redundancy of sampling into a Zarr store (or a NetCDF file)",
         description="Generate samples batch by batch and record, per step, layer and position, how much features "
-                    "and the CFG difference change from the previous step. Under torchrun each rank writes "
-                    "OUT.rankN with its share of the batches; join them with `lazymar merge-stats`.")
+                    "and the CFG difference change from the previous step. OUT is a Zarr store (a folder, e.g. "
+                    "stats.zarr) filled batch by batch, or a NetCDF file for .nc paths (small recordings). Under "
+                    "torchrun every rank writes its batches into the one store; no merge step.")
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)
     p.add_argument("--num-samples", type=positive_int, default=64, help="samples to record (default 64)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="samples per generation batch (default 16)")
-    p.add_argument("--out", required=True, help="output NetCDF file, e.g. data/stats/digits.nc")
+    p.add_argument("--out", required=True, help="output Zarr store (a folder, e.g. stats.zarr) or NetCDF file (.nc, small recordings)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--resume", action="store_true", help="keep the batches already in OUT and record the rest")
     p.add_argument("--keep-bits", type=keep_bits, default=None, metavar="N|compact",

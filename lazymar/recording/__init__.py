@@ -1,7 +1,8 @@
-"""Recording token and condition redundancy of MAR sampling (hooks -> xarray Datasets -> NetCDF files).
+"""Recording token and condition redundancy of MAR sampling (hooks -> xarray Datasets -> Zarr stores or NetCDF).
 
 - :class:`RedundancyRecorder` (recorder.py): the hooks and step observer; ``with RedundancyRecorder(model) as rec``.
-- :func:`record` (driver.py): many samples batch by batch into a file, with fixed seeds and torchrun shards.
+- :func:`record` (driver.py): many samples batch by batch into one store, with fixed seeds, ranks writing in it.
+- store.py: the Zarr store (created once, written per batch, ``recorded`` says which batches are done).
 - dataset.py: the Dataset layout, :func:`save_stats` (atomic), :func:`load_stats` (validating), :func:`merge_stats`.
 - summary.py: :func:`tidy` long-format DataFrames, :func:`summarize` per-(step, layer, status) tables.
 """

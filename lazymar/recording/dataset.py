@@ -3,7 +3,8 @@
 Dimensions: sample, step, layer ("encoder.i", "decoder.i", "z"), kind (output, k, v), position (buffer first,
 then the tokens in raster order), head_step (the head's sampling steps in execution order), head_part ("eps_cfg",
 "res_block.i"), token and channel (the generated tokens). Statistics are float32 with NaN where a position or
-layer was not computed at the step or at the step before. Files are NetCDF4 (netCDF4 engine), written atomically.
+layer was not computed at the step or at the step before. Recordings are Zarr stores written batch by batch (:mod:`lazymar.recording.store`), or NetCDF4 files (netCDF4
+engine, ``.nc`` paths, for small recordings), written atomically.
 """
 from __future__ import annotations
 
@@ -164,20 +165,35 @@ def parse_keep_bits(value: Optional[str | int | dict]) -> Optional[dict[str, int
     return {name: bits for name in COMPACT_BITS}
 
 
+def apply_keep_bits(ds: xr.Dataset, bits: Optional[dict[str, int]]) -> xr.Dataset:
+    """``ds`` with its float statistics rounded to ``bits`` mantissa bits (chunk by chunk for dask arrays) and
+    the attribute ``keep_bits`` set; ``ds`` itself when ``bits`` is None."""
+    if bits is None:
+        return ds
+    ds = ds.copy()
+    for name, b in bits.items():
+        if name in ds:
+            data = ds[name].data
+            rounded = (data.map_blocks(round_mantissa, b, dtype=np.float32) if hasattr(data, "map_blocks")
+                       else round_mantissa(data, b))
+            ds[name] = ds[name].copy(data=rounded)
+    ds.attrs["keep_bits"] = json.dumps(bits, sort_keys=True)
+    return ds
+
+
 def save_stats(ds: xr.Dataset, path: str | Path, keep_bits: Optional[str | int | dict] = None) -> Path:
-    """Write ``ds`` to ``path`` atomically (a temporary file in the same folder, then os.replace), compressed.
+    """Write ``ds`` to ``path``: a NetCDF file for ``.nc`` paths (small recordings; atomically, a temporary file
+    in the same folder, then os.replace), else a Zarr store (see :mod:`lazymar.recording.store`).
 
     ``keep_bits`` rounds float statistics to that many mantissa bits (see :func:`parse_keep_bits`; lossy, for
     smaller files; None keeps float32 exactly). The attribute ``keep_bits`` records what was applied."""
+    from .store import clean_stale, is_netcdf, save_store
     path = Path(path)
+    if not is_netcdf(path):
+        return save_store(ds, path, keep_bits)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bits = parse_keep_bits(keep_bits)
-    if bits is not None:
-        ds = ds.copy()
-        for name, b in bits.items():
-            if name in ds:
-                ds[name] = ds[name].copy(data=round_mantissa(ds[name].values, b))
-        ds.attrs["keep_bits"] = json.dumps(bits, sort_keys=True)
+    clean_stale(path)
+    ds = apply_keep_bits(ds, parse_keep_bits(keep_bits))
     encoding = {}
     for name, var in ds.data_vars.items():
         chunks = tuple(1 if d == "sample" else n for d, n in zip(var.dims, var.shape))
@@ -194,52 +210,104 @@ def save_stats(ds: xr.Dataset, path: str | Path, keep_bits: Optional[str | int |
 
 # --- loading and validating -----------------------------------------------------------------------------
 def validate(ds: xr.Dataset, source: str = "dataset") -> xr.Dataset:
-    """Check that ``ds`` has the recording layout; raise RecordingError naming the first problem."""
+    """Check that ``ds`` has the recording layout; raise RecordingError naming the first problem.
+    Works on lazy datasets: only the status codes are read (their min and max, chunk by chunk)."""
     if ds.attrs.get("format") != FORMAT:
         raise RecordingError(f"{source} is not a lazymar redundancy recording (attribute 'format' is "
                              f"{ds.attrs.get('format', 'missing')!r}, expected {FORMAT!r})")
-    if int(ds.attrs.get("format_version", -1)) > FORMAT_VERSION:
-        raise RecordingError(f"{source} has format version {ds.attrs['format_version']}, newer than this "
-                             f"lazymar reads ({FORMAT_VERSION})")
     missing = [a for a in REQUIRED_ATTRS if a not in ds.attrs]
     if missing:
         raise RecordingError(f"{source} lacks attribute(s): {', '.join(missing)}")
+    ints = {key: _int_attr(ds, key, source) for key in ("format_version", "num_iter", "buffer_size", "seq_len")}
+    if ints["format_version"] > FORMAT_VERSION:
+        raise RecordingError(f"{source} has format version {ints['format_version']}, newer than this "
+                             f"lazymar reads ({FORMAT_VERSION})")
+    for key in ("cfg", "temperature"):
+        try:
+            float(ds.attrs[key])
+        except (TypeError, ValueError):
+            raise RecordingError(f"{source}: attribute {key!r} is not a number: {ds.attrs[key]!r}") from None
+    try:
+        if not isinstance(json.loads(ds.attrs["config"]), dict):
+            raise ValueError("not an object")
+    except (TypeError, ValueError) as err:
+        raise RecordingError(f"{source}: attribute 'config' is not a JSON model configuration ({err})") from None
     for name, dims in {**VARIABLES, **COORDS}.items():
         if name not in ds.variables:
             raise RecordingError(f"{source} lacks variable {name!r} {dims}")
         if ds[name].dims != dims:
             raise RecordingError(f"{source}: variable {name!r} has dims {ds[name].dims}, expected {dims}")
-    if ds.sizes["step"] != int(ds.attrs["num_iter"]):
-        raise RecordingError(f"{source} has {ds.sizes['step']} steps but num_iter = {ds.attrs['num_iter']}")
-    if ds.sizes["position"] != int(ds.attrs["buffer_size"]) + int(ds.attrs["seq_len"]):
+        kind = ds[name].dtype.kind
+        expected = "f" if name in VARIABLES and name != "status" else _COORD_KINDS.get(name, "iu")
+        if name == "status":
+            expected = "iu"
+        if kind not in expected:
+            raise RecordingError(f"{source}: variable {name!r} has dtype {ds[name].dtype}, expected "
+                                 f"{'float' if expected == 'f' else 'integer' if expected == 'iu' else 'text'}")
+    if ds.sizes["step"] != ints["num_iter"]:
+        raise RecordingError(f"{source} has {ds.sizes['step']} steps but num_iter = {ints['num_iter']}")
+    if ds.sizes["position"] != ints["buffer_size"] + ints["seq_len"]:
         raise RecordingError(f"{source} has {ds.sizes['position']} positions, not buffer_size + seq_len")
-    status = ds["status"].values
-    if status.size and (status.min() < 0 or status.max() >= len(STATUS_NAMES)):
+    status = ds["status"]
+    if status.size and (int(status.min()) < 0 or int(status.max()) >= len(STATUS_NAMES)):
         raise RecordingError(f"{source}: status codes outside 0..{len(STATUS_NAMES) - 1}")
     if len(np.unique(ds["sample"].values)) != ds.sizes["sample"]:
         raise RecordingError(f"{source} has repeated sample indices")
     return ds
 
 
-def load_stats(path: str | Path, lazy: bool = False) -> xr.Dataset:
-    """Load and validate a recording. By default it is read into memory and the file closed; ``lazy=True``
-    leaves the statistics on disk until used (for recordings larger than memory; close the dataset after)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordingError(f"recording not found: {path}")
+# dtype kinds of the coordinates (numpy kind letters); others are integers
+_COORD_KINDS = {"mask_ratio": "f", "cfg_scale": "f", "layer": "OUST", "kind": "OUST", "head_part": "OUST"}
+
+
+def _int_attr(ds: xr.Dataset, key: str, source: str) -> int:
+    value = ds.attrs[key] if key in ds.attrs else -1
     try:
-        opened = xr.open_dataset(path, engine=ENGINE)
+        number = int(value)
+        if number != float(value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise RecordingError(f"{source}: attribute {key!r} is not an integer: {value!r}") from None
+    return number
+
+
+def load_stats(path: str | Path, lazy: Optional[bool] = None) -> xr.Dataset:
+    """Load and validate a recording: a Zarr store opens lazily (dask arrays, read chunk by chunk as used; only
+    the recorded samples), a NetCDF file is read into memory and closed. ``lazy=True`` opens a NetCDF file
+    lazily too (one chunk per sample; close the dataset after), ``lazy=False`` loads a store into memory."""
+    from .store import is_netcdf, open_store
+    path = Path(path)
+    if not path.exists():
+        raise RecordingError(f"recording not found: {path}")
+    if not is_netcdf(path):
+        ds = open_store(path)
+        try:
+            validate(ds, str(path))
+        except (KeyError, TypeError, ValueError) as err:
+            raise _as_recording_error(err, path) from None
+        return ds.load() if lazy is False else ds
+    if not path.is_file():
+        raise RecordingError(f"{path} is a folder, not a NetCDF4 file")
+    try:
+        opened = xr.open_dataset(path, engine=ENGINE, chunks={"sample": 1} if lazy else None)
     except Exception as err:  # the netCDF/HDF5 libraries raise many types for a file that is not NetCDF4
         raise RecordingError(f"{path} is not a NetCDF4 file ({type(err).__name__}: {err})") from None
     if lazy:
         try:
             return validate(opened, str(path))
-        except RecordingError:
+        except (KeyError, TypeError, ValueError) as err:
             opened.close()
-            raise
+            raise _as_recording_error(err, path) from None
     with opened:
         ds = opened.load()
-    return validate(ds, str(path))
+    try:
+        return validate(ds, str(path))
+    except (KeyError, TypeError, ValueError) as err:
+        raise _as_recording_error(err, path) from None
+
+
+def _as_recording_error(err: Exception, path: Path) -> RecordingError:
+    return err if isinstance(err, RecordingError) else RecordingError(f"{path}: {type(err).__name__}: {err}")
 
 
 # --- merging --------------------------------------------------------------------------------------------
@@ -281,33 +349,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return np.array_equal(np.asarray(a), np.asarray(b))
     return a == b
-
-
-class StatsWriter:
-    """Appends recorded batches to a file, rewriting it atomically after each, so an interrupted run keeps
-    the completed batches. ``resume=True`` starts from the batches already in the file."""
-
-    def __init__(self, path: str | Path, keep_bits: Optional[str | int | dict] = None, resume: bool = False):
-        self.path = Path(path)
-        self.keep_bits = keep_bits
-        self.batches: list[xr.Dataset] = [load_stats(self.path)] if resume and self.path.exists() else []
-
-    @property
-    def done_batches(self) -> set[int]:
-        return {int(b) for ds in self.batches for b in np.unique(ds["batch"].values)}
-
-    @property
-    def num_samples(self) -> int:
-        return sum(ds.sizes["sample"] for ds in self.batches)
-
-    def append(self, batches: Sequence[xr.Dataset]) -> None:
-        if not batches:
-            return
-        self.batches.extend(batches)
-        self.batches = [concat_batches(self.batches)]
-        save_stats(self.batches[0], self.path, self.keep_bits)
-
-    def dataset(self) -> xr.Dataset:
-        if not self.batches:
-            raise RecordingError(f"nothing written to {self.path}")
-        return self.batches[0]

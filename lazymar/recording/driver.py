@@ -1,83 +1,122 @@
-"""Recording many samples batch by batch into a file: fixed labels and seeds per batch, shards per rank."""
+"""Recording many samples batch by batch into one Zarr store (or a small NetCDF file), ranks writing their share.
+
+Labels, batches and seeds are those of :class:`lazymar.runs.SamplePlan` (balanced labels, batch k seeded with
+``batch_seed(seed, k)``), so a recording holds exactly the samples ``sample``/``eval`` draw with the same seed,
+labels and batch size. Memory holds one batch of features and statistics at a time, whatever ``num_samples``.
+"""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
 from ..model import MAR
+from ..runs import SEED_RULE, SamplePlan
 from ..sampling import SamplingSettings, StepRunner, generate
-from .dataset import RecordingError, StatsWriter, parse_keep_bits
+from . import store
+from .dataset import RecordingError, load_stats, parse_keep_bits, save_stats
 from .recorder import RedundancyRecorder
 
 
-def batch_seed(seed: int, batch_index: int) -> int:
-    """The torch seed of batch ``batch_index``: independent streams per (seed, batch), whatever the sharding."""
-    return int(np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1)[0])
-
-
-def sample_labels(num_samples: int, class_num: int) -> np.ndarray:
-    """Class labels of samples 0..n-1: cycling through the classes, so every batch is balanced."""
-    return np.arange(num_samples) % class_num
-
-
-def shard_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int]]:
-    """(batch index, first sample, end sample) of the batches rank ``rank`` records (round robin)."""
-    if batch_size < 1 or num_samples < 1:
-        raise RecordingError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
-    if not 0 <= rank < world_size:
-        raise RecordingError(f"rank {rank} is not in 0..{world_size - 1}")
-    batches = [(i, start, min(start + batch_size, num_samples))
-               for i, start in enumerate(range(0, num_samples, batch_size))]
-    return batches[rank::world_size]
+def staging_store(out: str | Path) -> Path:
+    """Where a recording to a NetCDF file ``out`` is written batch by batch before it is exported to ``out``
+    (``.NAME.partial.zarr`` beside it; kept after an interruption so that --resume continues it)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial.zarr")
 
 
 def record(model: MAR, out: str | Path, num_samples: int, settings: SamplingSettings, seed: int = 0,
            batch_size: int = 16, model_name: str = "",
            runner_factory: Optional[Callable[[], StepRunner]] = None, schedule: str = "none",
            rank: int = 0, world_size: int = 1, resume: bool = False, keep_bits: Optional[str | int | dict] = None,
-           progress: bool = True) -> xr.Dataset:
-    """Record ``num_samples`` generations (this rank's share) into ``out``, rewriting it after every batch.
+           progress: bool = True, barrier: Optional[Callable[[], None]] = None,
+           labels: Optional[list[int]] = None) -> xr.Dataset:
+    """Record ``num_samples`` generations (this rank's batches) into the store ``out`` and return the recording
+    (lazy for a store). Batches are those of ``SamplePlan`` (labels balanced over the classes unless given).
 
-    Batch k holds samples [k*batch_size, (k+1)*batch_size) with labels i % class_num and torch seed
-    batch_seed(seed, k), so shards of several ranks merge into the recording one process would make.
-    Returns the recording (exact float32 values, whatever ``keep_bits`` stored).
-    ``runner_factory`` makes a fresh step runner (e.g. a cache schedule) per batch; None runs the plain model."""
-    writer = StatsWriter(out, keep_bits=keep_bits, resume=resume)
-    done = writer.done_batches
-    todo = [b for b in shard_batches(num_samples, batch_size, rank, world_size) if b[0] not in done]
-    labels = sample_labels(num_samples, model.config.class_num)
-    extra = {"batch_size": batch_size, "rank": rank, "world_size": world_size,
-             "seed_rule": "batch k (samples k*batch_size...) uses torch seed SeedSequence([seed, k])"}
+    Rank 0 creates the store from its first batch (replacing an existing one unless ``resume``); ``barrier``
+    (e.g. torch.distributed.barrier) is called once by every rank after that, before any other rank writes.
+    Without a barrier, ranks > 0 need the store to exist already. ``resume`` records only the batches the store
+    does not mark as recorded. A ``.nc`` ``out`` is recorded into :func:`staging_store` and exported to NetCDF at
+    the end (one process only). ``runner_factory`` makes a fresh step runner (e.g. a cache schedule) per batch."""
+    out = Path(out)
+    if labels is not None and len(labels) != num_samples:
+        raise RecordingError(f"{len(labels)} labels for {num_samples} samples")
+    try:
+        plan = (SamplePlan.of(labels, seed, batch_size) if labels is not None
+                else SamplePlan.balanced(num_samples, model.config.class_num, seed, batch_size))
+        todo = plan.batches(rank, world_size)
+    except ValueError as err:
+        raise RecordingError(str(err)) from None
+    netcdf = store.is_netcdf(out)
+    if netcdf and world_size > 1:
+        raise RecordingError(f"{out}: record a torchrun job into a Zarr store (a path not ending in .nc)")
+    target = staging_store(out) if netcdf else out
+    if netcdf and resume and out.is_file() and not target.exists():
+        save_stats(load_stats(out), target)  # continue an old NetCDF recording in a store
+    extra = {"batch_size": batch_size, "world_size": world_size, "seed_rule": SEED_RULE}
     recorder = RedundancyRecorder(model, model_name=model_name, seed=seed, schedule=schedule, extra_attrs=extra)
-    if writer.batches:
-        _check_resumable(writer.dataset(), recorder, settings, out)
-        bits = parse_keep_bits(keep_bits)
-        if writer.dataset().attrs.get("keep_bits") != (json.dumps(bits, sort_keys=True) if bits else None):
-            raise RecordingError(f"cannot resume {out}: it was saved with keep_bits "
-                                 f"{writer.dataset().attrs.get('keep_bits', 'exact')}, not {keep_bits or 'exact'}")
-    device = next(model.parameters()).device
-    with recorder, tqdm(total=sum(b[2] - b[1] for b in todo), desc=f"record {Path(out).name}", unit="sample",
+    existing = resume and store.is_store(target)  # every rank looks before rank 0 may replace the store
+    if barrier is not None:
+        barrier()
+    if existing:
+        _check_resumable(target, recorder, settings, plan, keep_bits)
+        done = store.done_batches(target)
+        todo = [b for b in todo if b.index not in done]
+    elif rank > 0 and barrier is None and not store.is_store(target):
+        raise RecordingError(f"rank {rank} found no store at {target}: rank 0 creates it (pass a barrier)")
+    ready = barrier is None and (existing or rank > 0)
+    with recorder, tqdm(total=sum(b.stop - b.start for b in todo), desc=f"record {out.name}", unit="sample",
                         disable=not progress) as bar:
-        for index, start, stop in todo:
-            recorder.next_sample, recorder.next_batch_index = start, index
-            generator = torch.Generator(device=device).manual_seed(batch_seed(seed, index))
-            generate(model, torch.as_tensor(labels[start:stop]), settings, seed=generator,
+        for batch in todo:
+            recorder.next_sample, recorder.next_batch_index = batch.start, batch.index
+            generate(model, list(batch.labels), settings, seed=batch.seed,
                      runner=runner_factory() if runner_factory else None)
-            writer.append(recorder.take_batches())
-            bar.update(stop - start)
-    return writer.dataset()
+            (recorded,) = recorder.take_batches()
+            if not ready:  # before the first write: rank 0 creates a new store, then every rank passes the barrier
+                if rank == 0 and not existing:
+                    store.create_store(target, recorded, np.asarray(plan.labels), batch_size, keep_bits)
+                ready = _pass(barrier)
+            store.write_batch(target, recorded, keep_bits)
+            bar.update(batch.stop - batch.start)
+    if not ready:  # a rank without batches still meets the others at the barrier
+        _pass(barrier)
+    return _finish(out, target, netcdf)
 
 
-def _check_resumable(existing: xr.Dataset, recorder: RedundancyRecorder, settings: SamplingSettings,
-                     out: str | Path) -> None:
+def _pass(barrier: Optional[Callable[[], None]]) -> bool:
+    if barrier is not None:
+        barrier()
+    return True
+
+
+def _finish(out: Path, target: Path, netcdf: bool) -> xr.Dataset:
+    if not netcdf:
+        return load_stats(out)
+    ds = load_stats(target)
+    save_stats(ds, out)
+    ds.close()
+    shutil.rmtree(target)
+    return load_stats(out)
+
+
+def _check_resumable(target: Path, recorder: RedundancyRecorder, settings: SamplingSettings, plan: SamplePlan,
+                     keep_bits: Optional[str | int | dict]) -> None:
+    existing = store.open_store(target, all_samples=True)
     for key, value in recorder.attributes(settings).items():
         if key in ("rank", "world_size"):
             continue
         if str(existing.attrs.get(key)) != str(value):
-            raise RecordingError(f"cannot resume {out}: its {key!r} is {existing.attrs.get(key)!r}, not {value!r}")
+            raise RecordingError(f"cannot resume {target}: its {key!r} is {existing.attrs.get(key)!r}, not {value!r}")
+    if existing.sizes["sample"] != plan.num_samples or not np.array_equal(existing["label"].values, plan.labels):
+        raise RecordingError(f"cannot resume {target}: it holds {existing.sizes['sample']} samples with other "
+                             f"labels or count than the {plan.num_samples} asked for")
+    bits = parse_keep_bits(keep_bits)
+    if existing.attrs.get("keep_bits") != (json.dumps(bits, sort_keys=True) if bits else None):
+        raise RecordingError(f"cannot resume {target}: it was saved with keep_bits "
+                             f"{existing.attrs.get('keep_bits', 'exact')}, not {keep_bits or 'exact'}")

@@ -81,33 +81,46 @@ def summarize(ds: xr.Dataset, variable: str = "token_cosine", kind: Optional[str
     return df[keep].sort_values(["step", "layer", "status"]).set_index(["step", "layer", "status"])
 
 
-def overview(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99)) -> dict[str, Any]:
+def overview(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), median_samples: int = 64) -> dict[str, Any]:
     """A JSON-friendly digest: sizes, per-layer mean token cosine (output and V) and fraction above thresholds,
-    per-layer median CFG residual change and branch changes, and the mean head changes."""
+    per-layer median CFG residual change and branch changes (over the first ``median_samples`` samples, so
+    that the digest of a large store stays cheap), and the mean head changes. Means and fractions are
+    reductions chunk by chunk (dask arrays stay lazy until the small per-layer results are computed)."""
+    import dask
     layers = [str(x) for x in ds["layer"].values]
     out: dict[str, Any] = {"samples": int(ds.sizes["sample"]), "steps": int(ds.sizes["step"]),
                            "layers": layers, "attrs": {k: _plain(v) for k, v in ds.attrs.items() if k != "config"}}
+    over = ("sample", "step", "position")
+    lazy = {}
+    for kind in ("output", "v"):
+        values = ds["token_cosine"].sel(kind=kind)
+        lazy[f"{kind}_count"] = values.count(over)
+        lazy[f"{kind}_cosine_mean"] = values.mean(over, skipna=True)
+        for t in thresholds:
+            lazy[f"{kind}_cosine_above_{t:g}"] = (values > t).sum(over)
+    first = ds.isel(sample=slice(0, median_samples))
+    with warnings.catch_warnings():  # all-NaN layers (no CFG) and parts give NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name in ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change"):
+            lazy[f"{name}_median"] = first[name].load().median(over, skipna=True)
+        lazy["head"] = ds["head_change"].mean(("sample", "step", "head_step"), skipna=True)
+        (computed,) = dask.compute(lazy)
     per_layer = {}
-    for layer in layers:
+    for i, layer in enumerate(layers):
         row: dict[str, Any] = {}
         for kind in ("output", "v"):
-            values = ds["token_cosine"].sel(layer=layer, kind=kind).values
-            values = values[np.isfinite(values)]
-            if values.size:
-                row[f"{kind}_cosine_mean"] = float(values.mean())
+            count = int(computed[f"{kind}_count"].values[i])
+            if count:
+                row[f"{kind}_cosine_mean"] = float(computed[f"{kind}_cosine_mean"].values[i])
                 for t in thresholds:
-                    row[f"{kind}_cosine_above_{t:g}"] = float((values > t).mean())
+                    row[f"{kind}_cosine_above_{t:g}"] = float(computed[f"{kind}_cosine_above_{t:g}"].values[i]) / count
         for name in ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change"):
-            values = ds[name].sel(layer=layer).values
-            values = values[np.isfinite(values)]
-            if values.size:
-                row[f"{name}_median"] = float(np.median(values))
+            value = float(computed[f"{name}_median"].values[i])
+            if np.isfinite(value):
+                row[f"{name}_median"] = value
         per_layer[layer] = row
     out["per_layer"] = per_layer
-    with warnings.catch_warnings():  # all-NaN parts (no CFG) give NaN, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        head = ds["head_change"].mean(("sample", "step", "head_step"), skipna=True)
-    out["head_change_mean"] = {str(p): _plain(v) for p, v in zip(ds["head_part"].values, head.values)}
+    out["head_change_mean"] = {str(p): _plain(v) for p, v in zip(ds["head_part"].values, computed["head"].values)}
     return out
 
 
