@@ -12,7 +12,8 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from analysis import phenomena
-from lazymar import MAR, get_config
+from builders import tiny_mar
+from lazymar import MAR
 from lazymar.cli import main
 from lazymar.recording import RecordingError, load_stats, merge_stats, save_stats, validate
 from lazymar.recording import store
@@ -24,15 +25,13 @@ SETTINGS = SamplingSettings(num_iter=4, cfg=2.0)
 KWARGS = dict(num_samples=5, settings=SETTINGS, seed=1, batch_size=2, progress=False)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def tiny() -> MAR:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", img_size=64, num_sampling_steps="6")).eval()
-    with torch.no_grad():
-        for p in model.diffloss.net.parameters():
-            p.normal_(0, 0.1)
-    return model
+    """A 4x4-token MAR whose head has random weights (its adaLN-zero init would make it inert)."""
+    return tiny_mar(img_size=64, num_sampling_steps="6", randomise="head", std=0.1)
 
 
 @pytest.fixture(scope="module")
