@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "lazymar.commands.recording",  # record, merge-stats
     "lazymar.commands.cache",  # bench, flops
     "lazymar.commands.derive",  # derive, sweep
+    "lazymar.commands.quality",  # search-quality
 )
 
 

@@ -68,6 +68,7 @@ class SamplingSettings:
     cfg: float = 1.0
     cfg_schedule: str = "linear"
     temperature: float = 1.0
+    order: str = "mar"  # generation order (lazymar.orders): "mar", or GtR's two-stage "gtr:<detail steps>"
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
@@ -76,6 +77,9 @@ class SamplingSettings:
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.order != "mar":
+            from .orders import generation_order
+            generation_order(self.order)  # raises ValueError on a bad spec
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:
