@@ -14,19 +14,13 @@ from lazymar.config import SamplingSettings, get_config
 from lazymar.model import MAR
 from lazymar.orders import TwoStageOrder, checkerboard, generation_order
 from lazymar.sampling import StepObserver, generate, mask_length, observe_steps, random_orders
+from test_cache_engine import NUM_ITER, tiny_model
 
-NUM_ITER = 6
 
 
 @pytest.fixture(scope="module")
 def model() -> MAR:
-    torch.manual_seed(0)
-    model = MAR(get_config("mar_tiny", decoder_depth=3, diffloss_d=3, num_sampling_steps="10")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
-    return model
+    return tiny_model()
 
 
 def attention_schedule(num_iter=NUM_ITER, keep=0.3, layer=0) -> CacheSchedule:
