@@ -97,3 +97,11 @@ def test_search_refuses_evaluation_seeds_and_unreachable_budgets():
         quality_search(FakeReference({}, seed=7), floor, candidates(), CONFIG, 4.5)
     with pytest.raises(DerivationError, match="no candidate reaches"):
         quality_search(FakeReference({}), floor, candidates(), CONFIG, 9.0)
+
+
+def test_cli_refuses_an_evaluation_seed_in_one_line(capsys):
+    from lazymar.cli import main
+    code = main(["search-quality", "--base", "lazymar", "--target-flops-ratio", "4.5", "--seed", "7"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "evaluation seed" in err and len(err.strip().splitlines()) == 1
