@@ -132,7 +132,7 @@ def plot_tradeoff(points: pd.DataFrame, x: str = "flops_ratio", y: str = "psnr",
         for _, row in finite.iterrows():
             name, family = str(row[label]), str(row.get("family", "derived"))
             named = family in ("lazymar", "derived") and not name.startswith("derived-")
-            if name in ("none", "lazymar", "lazymar-released") or named or name in on_front:
+            if name in ("none", "lazymar", "lazymar-released", "marche", "gtr") or named or name in on_front:
                 ax.annotate(name, (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front is not None and len(front):
         ordered = front.sort_values(x)

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "lazymar.commands.recording",  # record, merge-stats
     "lazymar.commands.cache",  # bench, flops
     "lazymar.commands.derive",  # derive, sweep
+    "lazymar.commands.quality",  # search-quality
 )
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 

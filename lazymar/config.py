@@ -71,6 +71,7 @@ class SamplingSettings:
     cfg: float = 1.0
     cfg_schedule: str = "linear"
     temperature: float = 1.0
+    order: str = "mar"  # generation order (lazymar.orders): "mar", or GtR's two-stage "gtr:<detail steps>"
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
@@ -81,6 +82,9 @@ class SamplingSettings:
             raise SettingsError(f"cfg must be a finite number, got {self.cfg}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise SettingsError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.order != "mar":
+            from .orders import generation_order
+            generation_order(self.order)  # raises SettingsError on a bad spec
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:

@@ -214,7 +214,9 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     observers = _observers.get() + (FiniteGuard(),)  # non-finite features: one clear error
 
     tokens = torch.zeros(B, L, D, device=device)
-    orders = random_orders(B, L, generator, device)
+    from .orders import generation_order  # noqa: PLC0415 (orders imports this module)
+    order = generation_order(settings.order)
+    orders = order.orders(B, L, generator, device)
     unknown = torch.ones(B, L, dtype=torch.bool, device=device)
     new = torch.zeros_like(unknown)
     new_positions = orders[:, :0]
@@ -223,7 +225,7 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     for obs in observers:
         obs.on_generation_start(model, settings, labels)
     for step in tqdm(range(settings.num_iter), desc="steps", disable=not progress, leave=False):
-        mask_len = mask_length(step, settings.num_iter, L, num_unknown)
+        mask_len = order.mask_length(step, settings.num_iter, L, num_unknown)
         masked = torch.zeros_like(unknown).scatter_(1, orders[:, :mask_len], True)
         if step == settings.num_iter - 1:
             masked = torch.zeros_like(unknown)

@@ -17,6 +17,7 @@ from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
 from .schedule import CacheSchedule, StepPlan
+from .attention_selection import attention_received, capturing_queries, scoring_queries
 from .store import keep_rows
 
 
@@ -37,6 +38,7 @@ class DecoderTokenCache:
         self.previous_v: Optional[Tensor] = None      # (rows, heads, buffer + seq, head_dim) at the selection layer
         self.generator = torch.Generator(device=self.device).manual_seed(self.schedule.seed)
         self._v: Optional[Tensor] = None
+        self._q: dict[str, Tensor] = {}               # the "attention" rule's q and k at the selection layer
 
     @property
     def empty(self) -> bool:
@@ -66,7 +68,11 @@ class DecoderTokenCache:
                 self.output = keep_rows(self.output, x, self.rows)
             self._v = None
             return x
-        x = model.run_decoder(x, range(sel + 1), hooks)
+        if self.schedule.selection == "attention":  # MARché: the selection layer's queries score positions
+            with capturing_queries(model.decoder_blocks[sel].attn, self._q):
+                x = model.run_decoder(x, range(sel + 1), hooks)
+        else:
+            x = model.run_decoder(x, range(sel + 1), hooks)
         kept = self.select(ctx, self._v)
         if need_v:
             self.previous_v = keep_rows(self.previous_v, self._v, self.rows)
@@ -82,6 +88,8 @@ class DecoderTokenCache:
 
     def _capture_v(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._v = v
+        if self.schedule.selection == "attention":
+            self._q["k"] = k
         return k, v
 
     def _store_hook(self, layer: int) -> KVHook:
@@ -121,6 +129,13 @@ class DecoderTokenCache:
             dot = (v * previous).sum(-1)
             norms = v.norm(dim=-1) * previous.norm(dim=-1)
             score = (dot / norms.clamp_min(1e-12)).mean(dim=1)  # (N, total): high = unchanged
+        elif sch.selection == "attention":  # high attention from the new and to-predict tokens = recompute
+            q, k = self._q.pop("q"), self._q.pop("k")
+            positions = scoring_queries(ctx.doubled(ctx.new) if N == 2 * ctx.batch_size else ctx.new,
+                                        ctx.doubled(ctx.to_predict) if N == 2 * ctx.batch_size else ctx.to_predict,
+                                        self.model.buffer_size)
+            score = -attention_received(q, k, positions)
+            self.ledger.add("decoder", F.attention_score_flops(N, q.shape[1], positions.shape[1], total, q.shape[3]))
         elif sch.selection == "random":
             score = torch.rand(N, total, generator=self.generator, device=v.device)
         else:

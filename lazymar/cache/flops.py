@@ -35,6 +35,11 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
     return 4 * batch * heads * q_len * kv_len * head_dim
 
 
+def attention_score_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> int:
+    """q k^T of ``q_len`` queries, computed beside a fused attention to read its weights (MARché's selection)."""
+    return 2 * batch * heads * q_len * kv_len * head_dim
+
+
 def block_flops(batch: int, q_len: int, kv_len: int, dim: int, heads: int, mlp_hidden: int) -> int:
     """One pre-norm ViT block run on ``q_len`` rows per sample attending over ``kv_len`` keys."""
     rows = batch * q_len
@@ -177,24 +182,26 @@ class StepCounts:
     to_predict: int   # decoded at s
 
 
-def step_counts(seq_len: int, num_iter: int) -> list[StepCounts]:
-    """The token counts of every step of MAR's cosine mask schedule."""
+def step_counts(seq_len: int, num_iter: int, order: str = "mar") -> list[StepCounts]:
+    """The token counts of every step of MAR's cosine mask schedule (or of another generation order)."""
+    from ..orders import generation_order
+    masks = generation_order(order).mask_length if order != "mar" else mask_length
     unknown, new, out = seq_len, 0, []
     for step in range(num_iter):
-        masked = 0 if step == num_iter - 1 else mask_length(step, num_iter, seq_len, unknown)
+        masked = 0 if step == num_iter - 1 else masks(step, num_iter, seq_len, unknown)
         out.append(StepCounts(step, seq_len - unknown - new, new, unknown - masked))
         new, unknown = unknown - masked, masked
     return out
 
 
 def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1,
-                              use_cfg: bool = True) -> FlopsLedger:
+                              use_cfg: bool = True, order: str = "mar") -> FlopsLedger:
     """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps), from the
     token counts alone. Equals the engine's ledger of an actual run (tests check it)."""
     c, ledger = config, FlopsLedger()
     buf, L = c.buffer_size, c.seq_len
     total = buf + L
-    for counts in step_counts(L, schedule.num_iter):
+    for counts in step_counts(L, schedule.num_iter, order):
         s = counts.step
         ledger.begin_step()
         plan = schedule.step_plan(s, use_cfg)
@@ -216,6 +223,9 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
             full_layers = schedule.selection_layer + 1
             dec += full_layers * decoder_block_flops(c, N, total, total)
             dec += (c.decoder_depth - full_layers) * decoder_block_flops(c, N, keep, total)
+            if schedule.selection == "attention" and schedule.selection_layer < c.decoder_depth - 1:
+                dec += attention_score_flops(N, c.decoder_num_heads, counts.new + counts.to_predict, total,
+                                             c.decoder_embed_dim // c.decoder_num_heads)
         else:
             dec += c.decoder_depth * decoder_block_flops(c, N, total, total)
         ledger.add("decoder", dec)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 from ..config import MARConfig
 from ..errors import LazymarError
 
-SELECTION_RULES = ("similarity", "random", "status")
+SELECTION_RULES = ("similarity", "random", "status", "attention")  # attention: MARché (cache/attention_selection)
 ALWAYS_KEEP = ("to_predict", "new", "buffer")
 ENCODER_POLICIES = ("full", "incremental", "new-tokens")
 FORMAT = "lazymar-cache-schedule/1"
@@ -124,6 +124,8 @@ class CacheSchedule:
     encoder: str = "incremental"
     head: HeadCachePolicy = field(default_factory=HeadCachePolicy)
     seed: int = 0  # of the "random" selection rule
+    # provenance of a searched schedule (seeds, samples, objective: lazymar.schedules.quality); not part of the plan
+    search: Optional[dict] = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -162,6 +164,8 @@ class CacheSchedule:
             set_("head", HeadCachePolicy.from_dict(self.head))
         elif not isinstance(self.head, HeadCachePolicy):
             raise ScheduleError(f"head must be an object, got {type(self.head).__name__}")
+        if self.search is not None and not isinstance(self.search, dict):
+            raise ScheduleError(f"search must be an object (seeds, num_samples, objective), got {self.search!r}")
 
     # --- checks against a model --------------------------------------------------------------------------------
     def validate_for(self, config: MARConfig, num_iter: Optional[int] = None) -> None:
@@ -208,6 +212,8 @@ class CacheSchedule:
         d["head"]["reuse_blocks"] = list(self.head.reuse_blocks)
         for k in ("refresh", "keep_fraction", "condition_cache", "head_cache", "always_keep"):
             d[k] = list(d[k])
+        if d["search"] is None:
+            del d["search"]
         return {"format": FORMAT, **d}
 
     @classmethod

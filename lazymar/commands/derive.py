@@ -255,14 +255,20 @@ def _sweep(args: argparse.Namespace) -> int:
     settings = sampling_from_args(model, args)
     if profile is not None and settings.num_iter != profile.num_iter:
         raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
+    from analysis import peers
     extra = []
     for spec in args.schedule or []:
+        if spec in peers.PEER_PRESETS:  # MARché / GtR at the paper's settings (analysis.peers)
+            extra.append(peers.preset_point(spec, settings, model.config))
+            continue
         schedule = load_schedule(spec, settings.num_iter, model.config)
         family = "lazymar" if spec in ("lazymar", "lazymar-released") else "derived"
         extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
     images = image_space_from_args(model, args)
+    for family in args.family or []:
+        points += peers.family_points(family, settings, model.config)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
     reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else DEFAULT)
     df = sweep.run_sweep(reference, points, quality=not args.no_quality,
@@ -352,6 +358,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", type=schedule_spec, nargs="+", default=None, metavar="NAME|PATH.json",
                    help="extra schedules to include (presets or schedule JSON files)")
     p.add_argument("--no-defaults", action="store_true", help="only the --schedule points (and the reference)")
+    peer = p.add_argument_group("peer methods (analysis.peers)")
+    peer.add_argument("--family", nargs="+", choices=("marche", "gtr", "combo"), default=None,
+                      help="add a family's preset and parameter grid: marche (attention-score refresh), gtr "
+                           "(two-stage order, fewer steps), combo (mechanisms combined); --schedule also takes "
+                           "the presets 'marche' and 'gtr'")
     p.add_argument("--num-samples", type=positive_int, default=100)
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--num-iter", type=positive_int, default=None, help="MAR steps (must match the recording)")

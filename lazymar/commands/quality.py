@@ -1,0 +1,86 @@
+"""``lazymar search-quality``: the quality-aware budget search (lazymar.schedules.quality) on calibration seeds."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
+
+
+def cmd_search_quality(args: argparse.Namespace) -> int:
+    from ..cache.schedule import load_schedule
+    from ..runs import DEFAULT, Reference, SamplePlan
+    from ..schedules import quality
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quality.check_calibration_plan(args.seed, args.num_samples)
+    if args.out and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists (use --force to overwrite)")
+    model = load_model_from_args(args)
+    settings = sampling_from_args(model, args)
+    bases = [load_schedule(spec, settings.num_iter, model.config) for spec in args.base]
+    candidates = quality.with_head_policies(bases) + bases
+    floor = load_schedule(args.floor, settings.num_iter, model.config)
+    plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
+    reference = Reference(model, plan, settings, evaluator=DEFAULT, progress=not args.json)
+    objective = quality.QualityObjective(accuracy_tolerance=args.accuracy_tolerance)
+    result = quality.quality_search(reference, floor, candidates, model.config, args.target_flops_ratio, objective,
+                                    max_measured=args.candidates, progress=not args.json)
+    record = result.search_record(args.seed, args.num_samples, objective.describe(args.floor))
+    out = {"search": record, "measured": result.measured,
+           "best": result.best.name if result.best is not None else None}
+    if args.out and result.best is not None:
+        schedule = result.best.with_changes(search=record, name=args.name or result.best.name)
+        path = schedule.save(args.out)
+        path.with_suffix(".md").write_text(_report(schedule, result, args))
+        out["out"] = str(path)
+    if args.json:
+        print_json(out)
+    else:
+        print(json.dumps(out, indent=1, default=float))
+    return 0 if result.best is not None else 1
+
+
+def _report(schedule, result, args) -> str:
+    lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
+             f"Searched by `lazymar search-quality` on calibration seed {args.seed} ({args.num_samples} samples, "
+             f"batch {args.batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
+             "", f"- base schedules: {', '.join(args.base)}; floor: {args.floor}",
+             f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}", "",
+             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | feasible |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {result.floor['name']} (floor) | | {result.floor['flops_ratio']:.2f} | "
+             f"{result.floor['wall_ratio']:.2f} | {result.floor['psnr']:.2f} | {result.floor['accuracy']:.3f} | "
+             f"{result.floor['fid']:.2f} | |"]
+    for r in result.measured:
+        lines.append(f"| {r['name']} | {r['predicted_flops_ratio']:.2f} | {r['flops_ratio']:.2f} | "
+                     f"{r['wall_ratio']:.2f} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fid']:.2f} | "
+                     f"{r['feasible']} |")
+    return "\n".join(lines) + "\n"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search-quality", help="budget search judged by accuracy, digits-FID and PSNR",
+                       description="Combine base schedules with head-cache policies, keep those with predicted "
+                                   "FLOPs ratio >= the target, measure the closest few on a calibration set "
+                                   "(seeds apart from evaluation seeds, >= 200 samples) beside a floor schedule, "
+                                   "and write the fastest one that matches the floor's PSNR, accuracy and FID.")
+    add_model_args(p)
+    p.add_argument("--base", nargs="+", required=True, metavar="NAME|PATH.json", help="base schedules")
+    p.add_argument("--floor", default="lazymar", help="the schedule to match (default: the lazymar preset)")
+    p.add_argument("--target-flops-ratio", type=float, required=True)
+    p.add_argument("--candidates", type=int, default=6, help="candidates measured (default 6)")
+    p.add_argument("--accuracy-tolerance", type=float, default=0.005, help="accuracy below the floor's allowed")
+    p.add_argument("--num-samples", type=int, default=200, help="calibration samples (>= 200)")
+    p.add_argument("--seed", type=int, default=101, help="calibration seed (not an evaluation seed)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-iter", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--name", default=None, help="name of the written schedule")
+    p.add_argument("--out", default=None, help="schedule JSON to write (a markdown report goes beside it)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search_quality, cfg=None, cfg_schedule=None, temperature=None)
