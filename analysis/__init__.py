@@ -1,11 +1,11 @@
 """Notebook-facing analyses built on lazymar recordings and the cache engine. Schedule derivation and search live in
-:mod:`lazymar.schedules` (``analysis.derive`` re-exports it for older imports).
+:mod:`lazymar.schedules`, the trade-off sweep in :mod:`lazymar.sweep` (and the peer families in :mod:`lazymar.peers`).
 
-- phenomena.py: the redundancy phenomena as tables (notebooks).
-- plots.py, schedule_plots.py: the workbook's figures (phenomena; schedules and trade-offs).
-- sweep.py: the speed/quality trade-off sweep, ``load_sweep`` and ``pareto_front``.
-- measure.py: quick measured checks of schedules beside the uncached run.
+- phenomena.py (+ chunked.py): the redundancy phenomena as tables, reduced chunk by chunk (lazy Zarr stores).
+- redundancy_plots.py: the figures of notebooks 01-02; plots.py: saving, tables, schedules, trade-offs, ablations.
+- measure.py: quick measured checks of schedules beside the uncached run, and the ablation schedules.
 - explorer.py: the interactive schedule explorer of notebook 03.
+- workbook.py: what every notebook shares (recording description, figure/table writer).
 
 Modules are imported on demand (``from analysis import plots``) so that each stays light.
 """

@@ -1,5 +1,5 @@
 """The interactive schedule explorer of notebook 03: threshold sliders that re-derive a cache schedule live
-(analysis.derive), its heat map, the predicted FLOPs ratio against the measured trade-off front, and a button
+(lazymar.schedules), its heat map, the predicted FLOPs ratio against the measured trade-off front, and a button
 that runs a quick measured check (uncached vs derived vs the released preset on a few samples).
 
 Slider ranges come from the recording: tau_token spans the lower tail of the selection layer's V similarity, so
@@ -21,7 +21,7 @@ from lazymar.runs import balanced_labels
 from lazymar.sampling import SamplingSettings
 
 from . import plots
-from .derive import DerivationError, DerivedSchedule, RedundancyProfile, derive_schedule, schedule_matrix
+from lazymar.schedules import DerivationError, DerivedSchedule, RedundancyProfile, derive_schedule, schedule_matrix
 from .measure import Measurement, measure_schedules
 from .phenomena import sampling_settings
 
@@ -127,7 +127,7 @@ class ScheduleExplorer:
     def tradeoff_figure(self):
         """The sweep's points and front with the current schedule's predicted FLOPs ratio (dashed line) and,
         after a check, its measured point."""
-        from .sweep import pareto_front
+        from lazymar.sweep import pareto_front
         fig, ax = plt.subplots(figsize=(5.2, 3.4), constrained_layout=True)
         measured = None
         if self.last_check is not None and "derived" in self.last_check.table.index:

@@ -90,7 +90,7 @@ def _content_key(schedule: CacheSchedule) -> str:
 
 
 def speed_quality_from_sweep(sweep: pd.DataFrame) -> pd.DataFrame:
-    """The speed/quality table from a sweep (analysis.sweep.load_sweep): the uncached reference, the "lazymar"
+    """The speed/quality table from a sweep (lazymar.sweep.load_sweep): the uncached reference, the "lazymar"
     preset and the derived schedules on the Pareto front, by FLOPs ratio; indexed by name."""
     missing = [c for c in ("name", "family", "flops_ratio", "psnr", "pareto") if c not in sweep]
     if missing:

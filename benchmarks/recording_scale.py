@@ -8,7 +8,7 @@ analysis pass over that store. Each measurement runs in a fresh subprocess and r
     steps token_cosine, the four cfg_* variables, status, head_change, tokens) for synthetic samples (cosines
     near 1, NaN where a position is not computed, as recorded), batch by batch: peak RSS, MB/s, store size.
 (c) ``analysis``: over that store, the ECDF of one layer by status, the step x layer matrix of the mean cosine,
-    and the schedule-derivation profile (lazymar.schedules if present, else analysis.derive), each a subprocess.
+    and the schedule-derivation profile (lazymar.schedules), each a subprocess.
 
     nice python benchmarks/recording_scale.py --json > data/bench/recording_scale.json
 Big stores go under --workdir (default: a new folder in /tmp), deleted at the end. Check `df -h /tmp` first:
@@ -184,14 +184,9 @@ def analyse(path: str, what: str) -> dict:
         from analysis.phenomena import step_layer_matrix
         m = step_layer_matrix(ds, "mean")
         return {"what": "step_layer_matrix(mean)", "cells": int(m.size)}
-    try:
-        from lazymar.schedules import RedundancyProfile  # where the derivation profile moves
-        source = "lazymar.schedules.RedundancyProfile.from_stats"
-    except ImportError:
-        from analysis.derive import RedundancyProfile
-        source = "analysis.derive.RedundancyProfile.from_stats"
+    from lazymar.schedules import RedundancyProfile
     RedundancyProfile.from_stats(ds)
-    return {"what": source}
+    return {"what": "lazymar.schedules.RedundancyProfile.from_stats"}
 
 
 def main() -> None:

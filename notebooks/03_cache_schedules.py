@@ -31,7 +31,7 @@ from IPython.display import Markdown, display
 
 from lazymar.schedules import RedundancyProfile
 from analysis.explorer import ScheduleExplorer
-from analysis.sweep import load_sweep
+from lazymar.sweep import load_sweep
 from lazymar.checkpoint import load_model
 
 profile = RedundancyProfile.from_stats(STATS)

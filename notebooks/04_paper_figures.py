@@ -115,7 +115,7 @@ display(Markdown("Schedules: " + ", ".join(f"`{name}`" for name in shown) + ".")
 # ## Speed / quality
 
 # %%
-from analysis.sweep import load_sweep, pareto_front
+from lazymar.sweep import load_sweep, pareto_front
 
 if Path(SWEEP).is_file():
     sweep = load_sweep(SWEEP)

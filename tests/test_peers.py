@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from analysis import peers
+from lazymar import peers
 from lazymar.cache.attention_selection import attention_received, scoring_queries
 from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import estimate_generation_flops, step_counts

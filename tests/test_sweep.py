@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.derive import predicted_flops
-from analysis.sweep import (COLUMNS, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
+from lazymar.schedules import predicted_flops
+from lazymar.sweep import (COLUMNS, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
                             load_sweep, mark_pareto, pareto_front, random_point, run_sweep, save_sweep)
 from lazymar import get_config
 from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule

@@ -10,17 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .. import schedules
+from .. import schedules, sweep
 from ..errors import ArgumentError
 from ..validation import (check_outputs, finite_float, float_in, greater_than, non_negative_int, positive_int,
                           schedule_spec, seed)
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
-
-
-def _analysis():
-    """(lazymar.schedules, the sweep of ``analysis/``, installed beside lazymar) for the sweep's callers."""
-    from analysis import sweep
-    return schedules, sweep
 
 
 def derive_outputs(out: str | None) -> list[Path]:
@@ -238,7 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    derive, sweep = _analysis()
+    derive = schedules
     from .. import distributed
     from ..runs import DEFAULT, Reference, SamplePlan
     from ..cache.schedule import load_schedule
@@ -255,10 +249,10 @@ def _sweep(args: argparse.Namespace) -> int:
     settings = sampling_from_args(model, args)
     if profile is not None and settings.num_iter != profile.num_iter:
         raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
-    from analysis import peers
+    from .. import peers
     extra = []
     for spec in args.schedule or []:
-        if spec in peers.PEER_PRESETS:  # MARché / GtR at the paper's settings (analysis.peers)
+        if spec in peers.PEER_PRESETS:  # MARché / GtR at the paper's settings (lazymar.peers)
             extra.append(peers.preset_point(spec, settings, model.config))
             continue
         schedule = load_schedule(spec, settings.num_iter, model.config)
@@ -358,7 +352,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", type=schedule_spec, nargs="+", default=None, metavar="NAME|PATH.json",
                    help="extra schedules to include (presets or schedule JSON files)")
     p.add_argument("--no-defaults", action="store_true", help="only the --schedule points (and the reference)")
-    peer = p.add_argument_group("peer methods (analysis.peers)")
+    peer = p.add_argument_group("peer methods (lazymar.peers)")
     peer.add_argument("--family", nargs="+", choices=("marche", "gtr", "combo"), default=None,
                       help="add a family's preset and parameter grid: marche (attention-score refresh), gtr "
                            "(two-stage order, fewer steps), combo (mechanisms combined); --schedule also takes "

@@ -74,7 +74,7 @@ def search_budget(profile: RedundancyProfile, target_flops_ratio: float,
     """The schedule with predicted FLOPs ratio >= ``target_flops_ratio`` and the best fidelity.
 
     The candidates within ``band`` (relative) above the budget are ranked by the error model; with ``measure``
-    (schedule -> PSNR in dB vs uncached, e.g. ``analysis.sweep.Reference.psnr``) the model is first calibrated
+    (schedule -> PSNR in dB vs uncached, e.g. ``lazymar.runs.Reference.psnr``) the model is first calibrated
     on one probe per component, then the ``num_measured`` best-predicted candidates are measured and the highest
     measured PSNR wins. Without ``measure`` the best-predicted (uncalibrated) candidate wins."""
     if not target_flops_ratio > 0:

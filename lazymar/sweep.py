@@ -9,7 +9,7 @@ points of one sweep, not with other sample sizes). For a VAE model with ``--fid-
 ImageNet ``fid``, ``inception_score`` and ``inception_score_std`` instead (lazymar.imagenet), and PSNR is taken on
 the VAE-decoded images, decoded again chunk by chunk rather than kept.
 
-Families: ``none`` (the reference itself), ``lazymar`` (the preset), ``derived`` (analysis.derive), and the
+Families: ``none`` (the reference itself), ``lazymar`` (the preset), ``derived`` (lazymar.schedules), and the
 baselines ``fewer_steps`` (no cache, fewer MAR steps at about the same FLOPs), ``fixed_interval`` (refresh every k
 steps; the steps between reuse everything except the always-kept positions after decoder block 0, and the
 condition cache), ``random`` (a schedule's keep fractions with random instead of similarity selection).
@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
-from lazymar.runs import Reference
-from lazymar.sampling import SamplingSettings
-from lazymar.errors import LazymarError
+from .cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
+from .errors import LazymarError
+from .runs import Reference
+from .sampling import SamplingSettings
 
 COLUMNS = ("name", "family", "params", "flops_ratio", "wall_ratio", "psnr", "token_mse", "accuracy", "fid",
            "pareto")
@@ -147,7 +147,7 @@ def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
 def fewer_steps_point(reference_settings: SamplingSettings, config, target_ratio: float) -> SweepPoint:
     """No cache, the MAR step count whose FLOPs ratio against the reference is closest to ``target_ratio``. Its
     head hoists the invariants (exact, as every cached schedule here does), so the comparison is fair."""
-    from .derive import predicted_flops
+    from .schedules import predicted_flops
     use_cfg = reference_settings.cfg != 1.0
     full = reference_settings.num_iter
 

@@ -22,10 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, lazymar_schedule, load_schedule, none_schedule
-from lazymar.config import MARConfig
-from lazymar.errors import ArgumentError
-from lazymar.sampling import SamplingSettings
+from .cache.schedule import CacheSchedule, HeadCachePolicy, lazymar_schedule, load_schedule, none_schedule
+from .config import MARConfig
+from .errors import ArgumentError
+from .sampling import SamplingSettings
 
 from .sweep import SweepPoint
 
