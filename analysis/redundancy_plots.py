@@ -70,13 +70,16 @@ def plot_cosine_ecdf(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kin
     return fig
 
 
-def _histogram_violin(log_edges: np.ndarray, counts: np.ndarray) -> dict:
-    """matplotlib violin statistics of a histogram over log10 edges, cut to its nonempty bins."""
+def _histogram_violin(log_edges: np.ndarray, counts: np.ndarray, smooth: float = 1.5) -> dict:
+    """matplotlib violin statistics of a histogram over log10 edges: the counts smoothed by a Gaussian of
+    ``smooth`` bins (a kernel density estimate of the binned values), cut to the nonempty bins."""
     filled = np.flatnonzero(counts)
     first, last = filled[0], filled[-1] + 1
+    offsets = np.arange(-int(3 * smooth) - 1, int(3 * smooth) + 2)
+    density = np.convolve(counts, np.exp(-0.5 * (offsets / smooth) ** 2), mode="same") if smooth else counts
     centres = (log_edges[:-1] + log_edges[1:]) / 2
     cdf = np.cumsum(counts) / counts.sum()
-    return {"coords": centres[first:last], "vals": counts[first:last].astype(float),
+    return {"coords": centres[first:last], "vals": density[first:last].astype(float),
             "mean": float(np.sum(centres * counts) / counts.sum()),
             "median": float(centres[np.searchsorted(cdf, 0.5)]),
             "min": float(log_edges[first]), "max": float(log_edges[last])}
@@ -84,10 +87,10 @@ def _histogram_violin(log_edges: np.ndarray, counts: np.ndarray) -> dict:
 
 def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
                        statuses: Sequence[str] = ("known", "new", "to_predict", "masked"), bins: int = 100,
-                       floor: Optional[float] = None) -> Figure:
+                       floor: Optional[float] = None, smooth: float = 1.5) -> Figure:
     """Violins of log10(1 - cosine) per layer, split by status, drawn from histograms of every value (``bins``
-    log-spaced bins, computed chunk by chunk in one pass, so a recording larger than memory works); the white
-    tick is the median. Floor as in :func:`plot_cosine_ecdf`."""
+    log-spaced bins, computed chunk by chunk in one pass, so a recording larger than memory works; no subsample),
+    smoothed over ``smooth`` bins; the white tick is the median. Floor as in :func:`plot_cosine_ecdf`."""
     floor = floor if floor is not None else resolution(ds) / 2
     layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
     edges, counts = histograms_by_status(ds, layers, kind=kind, edges=np.geomspace(floor, 2.0, bins + 1))
@@ -99,7 +102,7 @@ def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, k
     for j, status in enumerate(order):
         cells = [(i, counts[layer][status]) for i, layer in enumerate(layers) if status in counts[layer]]
         positions = [i - 0.4 + width * (j + 0.5) for i, _ in cells]
-        parts = ax.violin([_histogram_violin(np.log10(edges), hist) for _, hist in cells], positions=positions,
+        parts = ax.violin([_histogram_violin(np.log10(edges), hist, smooth) for _, hist in cells], positions=positions,
                           widths=width * 0.95, showmeans=False, showextrema=False, showmedians=True)
         for body in parts["bodies"]:
             body.set(facecolor=STATUS_COLORS[status], edgecolor="black", linewidth=0.4, alpha=0.9)
@@ -107,10 +110,9 @@ def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, k
     ax.set_xticks(range(len(layers)), layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("log10(1 − cosine to step s−1)")
-    ax.set_title(f"Token feature change per layer and status ({kind}; all values, {bins} histogram bins; floor "
-                 f"{floor:.1e})", fontsize=10)
-    ax.legend(handles=[Patch(facecolor=STATUS_COLORS[s], label=s) for s in order], fontsize=7, ncols=len(order),
-              loc="upper left")
+    ax.set_title(f"Token feature change per layer and status ({kind}; every value; floor {floor:.1e})", fontsize=10)
+    fig.legend(handles=[Patch(facecolor=STATUS_COLORS[s], label=s) for s in order], fontsize=7, ncols=len(order),
+               loc="outside lower center")
     return fig
 
 
