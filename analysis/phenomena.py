@@ -1,14 +1,18 @@
-"""The redundancy phenomena as numbers: tables computed from a recording (lazymar.recording layout), plus a live
-capture of per-step features for what a recording does not keep (the step x step similarity, absolute changes).
+"""The redundancy phenomena as numbers: tables computed from a recording (lazymar.recording layout). A live
+capture of per-step features, for what a recording does not keep, is in :mod:`analysis.live_features` (its
+functions are re-exported here).
 
 Conventions: NaN marks a value that was not computed (a position absent at s or s-1) and is excluded from every
 count; "fraction above t" is (#values > t) / (#finite values); statuses are the recording's (buffer, known, new,
 to_predict, masked).
 
-Recordings larger than memory: ``load_stats`` opens a Zarr store lazily (dask), and every table here reduces it
-chunk by chunk (xarray reductions on dask arrays; only the small results are computed). Medians (and
-:func:`values_by_status`) need the values of one layer (or head part) in memory at a time; :func:`ecdf_by_status`
-is the chunk-wise alternative to plotting every value.
+Recordings larger than memory: ``load_stats`` opens a Zarr store lazily (dask), and the tables here reduce it
+chunk by chunk (xarray reductions on dask arrays, histograms per chunk; only the small results are computed),
+except the median of :func:`step_layer_matrix`, :func:`branch_vs_residual`, :func:`head_change_profile` and
+:func:`values_by_status` (medians need every value), which hold the values of one variable of one layer (or head part) in
+memory at a time: at MAR-H shapes (1,000 samples x 64 steps x 320 positions, float32) about 82 MB, well under the
+4 GB analysis target. :func:`ecdf_by_status`, :func:`histograms_by_status` and :func:`mean_by_status` are the
+chunk-wise alternatives to looking at every value.
 """
 from __future__ import annotations
 
@@ -17,13 +21,12 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 
 from lazymar.recording import STATUS_CODES, STATUS_NAMES
 from lazymar.errors import LazymarError
 
-from .chunked import compute_all, compute_small, histogram, per_layer
+from .chunked import compute_all, compute_small, histograms_by_code, per_layer
 
 COSINE_VARIABLES = ("token_cosine", "cfg_residual_cosine")
 CHANGE_VARIABLES = ("cfg_residual_change", "cfg_cond_change", "cfg_uncond_change")
@@ -143,28 +146,60 @@ def fraction_above(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), l
     return df[df["count"] > 0]
 
 
+def _edges(ds: xr.Dataset, variable: str, edges: Optional[Sequence[float]]) -> np.ndarray:
+    if edges is None:
+        edges = np.geomspace(resolution(ds, variable) / 2, 2.0, 200)
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise AnalysisError("edges must be at least two increasing numbers")
+    return edges
+
+
+def histograms_by_status(ds: xr.Dataset, layers: Sequence[str], variable: str = "token_cosine", kind: str = "output",
+                         edges: Optional[Sequence[float]] = None) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """Histograms of 1 - value per layer and status, computed chunk by chunk in one pass over the variable:
+    (edges, {layer: {status: counts}}), statuses without values left out; distances outside the edges count in
+    the first or last bin. Default edges: 200 log-spaced from half the recording's resolution to 2."""
+    layers = _check_layers(ds, layers)
+    edges = _edges(ds, variable, edges)
+    distance = (1.0 - statistic_values(ds, variable, kind).sel(layer=layers)).clip(edges[0], edges[-1])
+    counts = compute_all([histograms_by_code(distance, ds["status"], list(STATUS_CODES.values()), edges, "layer")])[0]
+    return edges, {layer: {name: counts[i, j] for j, name in enumerate(STATUS_CODES) if counts[i, j].sum()}
+                   for i, layer in enumerate(layers)}
+
+
+def ecdfs_by_status(ds: xr.Dataset, layers: Sequence[str], variable: str = "token_cosine", kind: str = "output",
+                    edges: Optional[Sequence[float]] = None) -> dict[str, pd.DataFrame]:
+    """:func:`ecdf_by_status` of several layers in one pass over the recording: {layer: table}."""
+    edges, counts = histograms_by_status(ds, layers, variable, kind, edges)
+    tables = {}
+    for layer, by_status in counts.items():
+        df = pd.DataFrame({name: np.cumsum(hist) / hist.sum() for name, hist in by_status.items()},
+                          index=pd.Index(edges[1:], name="distance"))
+        df.attrs["count"] = {name: int(hist.sum()) for name, hist in by_status.items()}
+        tables[layer] = df
+    return tables
+
+
 def ecdf_by_status(ds: xr.Dataset, layer: str, variable: str = "token_cosine", kind: str = "output",
                    edges: Optional[Sequence[float]] = None) -> pd.DataFrame:
     """The ECDF of 1 - value of one layer per status, from histograms computed chunk by chunk: rows are the
     bin edges (``distance``; distances below the first edge count at it), columns the statuses with values, each
     the fraction of that status's finite values with 1 - value <= distance. ``count`` per status is in
     ``df.attrs["count"]``. Default edges: 200 log-spaced from half the recording's resolution to 2."""
+    return ecdfs_by_status(ds, [layer], variable, kind, edges)[layer]
+
+
+def mean_by_status(ds: xr.Dataset, layer: str, variable: str = "token_cosine", kind: str = "output") -> pd.DataFrame:
+    """Per status with values (rows): the number of finite values of one layer (``count``) and their ``mean``,
+    over samples, steps and positions (chunk by chunk)."""
     _check_layers(ds, [layer])
-    if edges is None:
-        edges = np.geomspace(resolution(ds, variable) / 2, 2.0, 200)
-    edges = np.asarray(edges, dtype=np.float64)
-    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
-        raise AnalysisError("edges must be at least two increasing numbers")
-    distance = (1.0 - statistic_values(ds, variable, kind).sel(layer=layer)).clip(edges[0], edges[-1])
-    counts = {name: histogram(distance.where(ds["status"] == code), edges) for name, code in STATUS_CODES.items()}
-    columns, total = {}, {}
-    for name, hist in zip(counts, compute_all(list(counts.values()))):
-        if hist.sum():
-            columns[name] = np.cumsum(hist) / hist.sum()
-            total[name] = int(hist.sum())
-    df = pd.DataFrame(columns, index=pd.Index(edges[1:], name="distance"))
-    df.attrs["count"] = total
-    return df
+    da = statistic_values(ds, variable, kind).sel(layer=layer)
+    masked = {name: da.where(ds["status"] == code) for name, code in STATUS_CODES.items()}
+    totals = compute_all([(v.count(), v.sum(skipna=True)) for v in masked.values()])
+    rows = {name: {"count": int(count), "mean": float(total) / int(count)}
+            for name, (count, total) in zip(masked, totals) if int(count)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("status")
 
 
 def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "token_cosine", kind: str = "output",
@@ -263,18 +298,16 @@ def branch_vs_residual(ds: xr.Dataset, statistic: str = "median", by: str = "lay
     if by not in ("layer", "step"):
         raise AnalysisError(f"by must be 'layer' or 'step', got {by!r}")
     layers = _check_layers(ds, layers)
-    rows = []
-    steps = ds["step"].values
-    for layer in layers:  # one layer in memory at a time
-        arrays = {name: ds[name].sel(layer=layer).transpose("step", "sample", "position").values
-                  for name in CHANGE_VARIABLES}
-        cells = [(None, slice(None))] if by == "layer" else [(int(s), j) for j, s in enumerate(steps)]
-        for step, j in cells:
-            row = {"layer": layer} if by == "layer" else {"layer": layer, "step": step}
-            for name, arr in arrays.items():
-                row[name.removeprefix("cfg_")] = _reduce(arr[j], statistic)
-            rows.append(row)
-    df = pd.DataFrame(rows)
+    steps = [int(s) for s in ds["step"].values]
+    rows = {}
+    for layer in layers:
+        for name in CHANGE_VARIABLES:  # one variable of one layer in memory at a time
+            arr = ds[name].sel(layer=layer).transpose("step", "sample", "position").values
+            cells = [((layer,), slice(None))] if by == "layer" else [((layer, s), j) for j, s in enumerate(steps)]
+            for key, j in cells:
+                rows.setdefault(key, {})[name.removeprefix("cfg_")] = _reduce(arr[j], statistic)
+    names = ["layer"] if by == "layer" else ["layer", "step"]
+    df = pd.DataFrame([{**dict(zip(names, key)), **row} for key, row in rows.items()])
     with np.errstate(divide="ignore", invalid="ignore"):
         df["cond_over_residual"] = df["cond_change"] / df["residual_change"]
         df["uncond_over_residual"] = df["uncond_change"] / df["residual_change"]
@@ -297,89 +330,6 @@ def head_change_profile(ds: xr.Dataset, statistic: str = "mean") -> pd.DataFrame
     return df.dropna(how="all")
 
 
-# --- live capture (what a recording does not keep) --------------------------------------------------------
-def capture_step_features(model, labels: Sequence[int], settings, layers: Sequence[str] = ("decoder.3",),
-                          seed: int = 0, runner=None) -> dict[str, torch.Tensor]:
-    """Generate ``labels`` once and keep every step's output of the given decoder blocks ("decoder.i") and of
-    z, all rows: {layer: (steps, rows, positions, dim)} with rows [cond; uncond] under CFG (B rows without).
-    Decoder blocks cover buffer + sequence positions, z the sequence positions. Memory grows with the steps:
-    meant for a few samples."""
-    from lazymar.sampling import StepObserver, generate, observe_steps
-
-    captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    handles = []
-    depth = len(model.decoder_blocks)
-    for layer in layers:
-        group = layer_group(layer)
-        if group == "decoder":
-            index = int(layer.split(".")[1])
-            if not 0 <= index < depth:
-                raise AnalysisError(f"layer {layer!r} out of range: the decoder has {depth} blocks")
-            handles.append(model.decoder_blocks[index].register_forward_hook(
-                lambda module, args, out, layer=layer: captured[layer].append(out.detach().clone())))
-        elif group != "z":
-            raise AnalysisError(f"capture_step_features supports decoder.i and z (the encoder sees a different "
-                                f"set of tokens at each step), got {layer!r}")
-
-    class _ZObserver(StepObserver):
-        def on_step_end(self, ctx) -> None:
-            if "z" in captured:
-                captured["z"].append(ctx.z.detach().clone())
-
-    try:
-        with observe_steps(_ZObserver()):
-            generate(model, list(labels), settings, seed=seed, runner=runner)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = {}
-    for layer, steps in captured.items():
-        if len(steps) != settings.num_iter:
-            raise AnalysisError(f"captured {len(steps)} calls of {layer} for {settings.num_iter} steps: the runner "
-                                "skips or repeats blocks; capture with the plain runner")
-        out[layer] = torch.stack(steps)
-    return out
-
-
-def step_similarity_matrix(features: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(S, S) mean cosine similarity between the features of steps i and j, over rows and positions, from
-    features of shape (S, rows, positions, dim). The diagonal is 1 (for nonzero features)."""
-    f = torch.as_tensor(features, dtype=torch.float64)
-    if f.ndim != 4:
-        raise AnalysisError(f"features must be (steps, rows, positions, dim), got shape {tuple(f.shape)}")
-    unit = torch.nn.functional.normalize(f, dim=-1)
-    S = unit.shape[0]
-    flat = unit.reshape(S, -1, unit.shape[-1])
-    sim = torch.einsum("ind,jnd->ij", flat, flat) / flat.shape[1]
-    return sim.numpy()
-
-
-def absolute_change(features: torch.Tensor | np.ndarray, use_cfg: bool = True) -> pd.DataFrame:
-    """From features (S, rows, positions, dim) with rows [cond; uncond]: per step s >= 1, the mean over samples
-    and positions of ||c_s - c_{s-1}||, ||u_s - u_{s-1}|| and ||r_s - r_{s-1}|| with r = c - u, and the
-    ratios of the branch changes to the residual change (absolute, not relative, changes)."""
-    f = torch.as_tensor(features, dtype=torch.float64)
-    if f.ndim != 4 or f.shape[0] < 2:
-        raise AnalysisError(f"features must be (steps >= 2, rows, positions, dim), got shape {tuple(f.shape)}")
-    if not use_cfg or f.shape[1] % 2:
-        raise AnalysisError("absolute_change needs CFG features: rows [cond; uncond]")
-    B = f.shape[1] // 2
-    cond, uncond = f[:, :B], f[:, B:]
-    residual = cond - uncond
-    rows = {}
-    for name, x in (("cond", cond), ("uncond", uncond), ("residual", residual)):
-        rows[f"{name}_change"] = torch.linalg.vector_norm(x[1:] - x[:-1], dim=-1).mean(dim=(1, 2)).numpy()
-    df = pd.DataFrame(rows, index=pd.Index(np.arange(1, f.shape[0]), name="step"))
-    df["cond_over_residual"] = df["cond_change"] / df["residual_change"]
-    df["uncond_over_residual"] = df["uncond_change"] / df["residual_change"]
-    return df
-
-
-def overall_change_ratio(change: pd.DataFrame) -> dict[str, float]:
-    """Branch change over residual change summed over all steps (a total-variation ratio) from
-    :func:`absolute_change` or :func:`branch_vs_residual` columns."""
-    residual = float(change["residual_change"].sum())
-    if residual <= 0:
-        raise AnalysisError("the residual never changes: the ratio is undefined")
-    return {"cond_over_residual": float(change["cond_change"].sum()) / residual,
-            "uncond_over_residual": float(change["uncond_change"].sum()) / residual}
+# live capture (what a recording does not keep): analysis.live_features, re-exported for the notebooks
+from .live_features import (absolute_change, capture_step_features, overall_change_ratio,  # noqa: E402,F401
+                            step_similarity_matrix)

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from lazymar.recording import STATUS_NAMES
 
-from .phenomena import AnalysisError, resolution, values_by_status
+from .phenomena import AnalysisError, ecdfs_by_status, histograms_by_status, resolution
 from .plots import STEP_LABEL
 
 STATUS_COLORS = {"buffer": "#7f7f7f", "known": "#1f77b4", "new": "#d62728", "to_predict": "#ff7f0e",
@@ -35,30 +36,27 @@ def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (3.4, 2.6)) -> tup
     return fig, axes.ravel()[:n]
 
 
-def _distance(values: np.ndarray, floor: float) -> np.ndarray:
-    return np.maximum(1.0 - values, floor)
-
-
 # --- token redundancy -------------------------------------------------------------------------------------
 def plot_cosine_ecdf(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
-                     statuses: Optional[Sequence[str]] = None, floor: Optional[float] = None, ncols: int = 3) -> Figure:
+                     statuses: Optional[Sequence[str]] = None, floor: Optional[float] = None, ncols: int = 3,
+                     bins: int = 200) -> Figure:
     """One panel per layer: the ECDF of 1 - cos(h_s, h_{s-1}) over all samples, steps and positions, one curve
-    per position status. Values identical at the recording's precision are drawn at ``floor`` (default: half
-    the recording's resolution)."""
+    per position status, from ``bins`` log-spaced histogram bins computed chunk by chunk (one pass over a lazy
+    recording, see phenomena.ecdfs_by_status). Values identical at the recording's precision are drawn at
+    ``floor`` (default: half the recording's resolution)."""
     floor = floor if floor is not None else resolution(ds) / 2
     layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
     statuses = list(statuses) if statuses is not None else list(STATUS_NAMES)
+    ecdfs = ecdfs_by_status(ds, layers, kind=kind, edges=np.geomspace(floor, 2.0, bins + 1))
     fig, axes = _grid(len(layers), ncols)
     for ax, layer in zip(axes, layers):
-        groups = values_by_status(ds, layer, kind=kind)
-        if not any(status in groups for status in statuses):
+        ecdf = ecdfs[layer]
+        if not any(status in ecdf for status in statuses):
             ax.text(0.5, 0.5, f"no {kind} values recorded", ha="center", va="center", transform=ax.transAxes)
         for status in statuses:
-            if status not in groups:
-                continue
-            x = np.sort(_distance(groups[status], floor))
-            ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", color=STATUS_COLORS[status],
-                    label=f"{status} (n={x.size})")
+            if status in ecdf:
+                ax.plot(ecdf.index, ecdf[status], color=STATUS_COLORS[status],
+                        label=f"{status} (n={ecdf.attrs['count'][status]})")
         ax.set_xscale("log")
         ax.set_xlim(floor / 2, 2.0)
         ax.set_ylim(0, 1.01)
@@ -72,36 +70,49 @@ def plot_cosine_ecdf(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kin
     return fig
 
 
-def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
-                       statuses: Sequence[str] = ("known", "new", "to_predict", "masked"), max_points: int = 3000,
-                       floor: Optional[float] = None, seed: int = 0) -> Figure:
-    """Violins of log10(1 - cosine) per layer, split by status; at most ``max_points`` values per violin
-    (a fixed random subsample, for speed). Floor as in :func:`plot_cosine_ecdf`."""
-    import seaborn as sns
+def _histogram_violin(log_edges: np.ndarray, counts: np.ndarray, smooth: float = 1.5) -> dict:
+    """matplotlib violin statistics of a histogram over log10 edges: the counts smoothed by a Gaussian of
+    ``smooth`` bins (a kernel density estimate of the binned values), cut to the nonempty bins."""
+    filled = np.flatnonzero(counts)
+    first, last = filled[0], filled[-1] + 1
+    offsets = np.arange(-int(3 * smooth) - 1, int(3 * smooth) + 2)
+    density = np.convolve(counts, np.exp(-0.5 * (offsets / smooth) ** 2), mode="same") if smooth else counts
+    centres = (log_edges[:-1] + log_edges[1:]) / 2
+    cdf = np.cumsum(counts) / counts.sum()
+    return {"coords": centres[first:last], "vals": density[first:last].astype(float),
+            "mean": float(np.sum(centres * counts) / counts.sum()),
+            "median": float(centres[np.searchsorted(cdf, 0.5)]),
+            "min": float(log_edges[first]), "max": float(log_edges[last])}
 
+
+def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, kind: str = "output",
+                       statuses: Sequence[str] = ("known", "new", "to_predict", "masked"), bins: int = 100,
+                       floor: Optional[float] = None, smooth: float = 1.5) -> Figure:
+    """Violins of log10(1 - cosine) per layer, split by status, drawn from histograms of every value (``bins``
+    log-spaced bins, computed chunk by chunk in one pass, so a recording larger than memory works; no subsample),
+    smoothed over ``smooth`` bins; the white tick is the median. Floor as in :func:`plot_cosine_ecdf`."""
     floor = floor if floor is not None else resolution(ds) / 2
     layers = list(layers) if layers is not None else [str(x) for x in ds["layer"].values]
-    rng = np.random.default_rng(seed)
-    frames = []
-    for layer in layers:
-        for status, values in values_by_status(ds, layer, kind=kind).items():
-            if status not in statuses:
-                continue
-            if values.size > max_points:
-                values = rng.choice(values, max_points, replace=False)
-            frames.append(pd.DataFrame({"layer": layer, "status": status,
-                                        "log10_distance": np.log10(_distance(values, floor))}))
-    if not frames:
+    edges, counts = histograms_by_status(ds, layers, kind=kind, edges=np.geomspace(floor, 2.0, bins + 1))
+    order = [s for s in statuses if any(s in counts[layer] for layer in layers)]
+    if not order:
         raise AnalysisError("no values to draw for these layers and statuses")
-    df = pd.concat(frames, ignore_index=True)
-    order = [s for s in statuses if s in set(df["status"])]
+    width = 0.8 / len(order)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(layers) + 2), 3.6), constrained_layout=True)
-    sns.violinplot(data=df, x="layer", y="log10_distance", hue="status", hue_order=order, order=layers,
-                   palette=STATUS_COLORS, density_norm="width", cut=0, linewidth=0.6, inner=None, ax=ax)
+    for j, status in enumerate(order):
+        cells = [(i, counts[layer][status]) for i, layer in enumerate(layers) if status in counts[layer]]
+        positions = [i - 0.4 + width * (j + 0.5) for i, _ in cells]
+        parts = ax.violin([_histogram_violin(np.log10(edges), hist, smooth) for _, hist in cells], positions=positions,
+                          widths=width * 0.95, showmeans=False, showextrema=False, showmedians=True)
+        for body in parts["bodies"]:
+            body.set(facecolor=STATUS_COLORS[status], edgecolor="black", linewidth=0.4, alpha=0.9)
+        parts["cmedians"].set(color="white", linewidth=1.0)
+    ax.set_xticks(range(len(layers)), layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("log10(1 − cosine to step s−1)")
-    ax.set_title(f"Token feature change per layer and status ({kind}; floor {floor:.1e})", fontsize=10)
-    ax.legend(fontsize=7, ncols=len(order), loc="upper left")
+    ax.set_title(f"Token feature change per layer and status ({kind}; every value; floor {floor:.1e})", fontsize=10)
+    fig.legend(handles=[Patch(facecolor=STATUS_COLORS[s], label=s) for s in order], fontsize=7, ncols=len(order),
+               loc="outside lower center")
     return fig
 
 

@@ -10,7 +10,8 @@
 # step x step similarity (which a recording does not keep). Paths are relative to `notebooks/`.
 
 # %% tags=["parameters"]
-STATS = "../data/stats/digits.nc"   # a recording made with `lazymar record`
+STATS = "../data/stats/digits.nc"   # a recording made with `lazymar record`: a .nc file or a .zarr store (read
+                                    # lazily, chunk by chunk: a store larger than memory works)
 MODEL = "digits"                    # "digits" or a path to an official MAR checkpoint (live step x step matrix)
 KIND = "output"                     # feature kind for the distributions: "output", "k" or "v"
 FOCUS_LAYER = "decoder.3"           # the layer quoted in the prose
@@ -44,8 +45,7 @@ display(Markdown(workbook.describe_recording(ds, STATS)))
 
 # %%
 save(redundancy_plots.plot_cosine_ecdf(ds, kind=KIND), "nb_token_cosine_ecdf");
-groups = phenomena.values_by_status(ds, FOCUS_LAYER, kind=KIND)
-change = {status: float(np.mean(1 - v)) for status, v in groups.items()}
+change = (1 - phenomena.mean_by_status(ds, FOCUS_LAYER, kind=KIND)["mean"]).to_dict()
 display(Markdown(
     f"Mean 1 − cosine at `{FOCUS_LAYER}` ({KIND}) by status: "
     + ", ".join(f"{s} {c:.2e}" for s, c in change.items())
@@ -54,7 +54,7 @@ display(Markdown(
 
 # %% [markdown]
 # LazyMAR ranks positions by the similarity of their attention **values V**; the same distributions for V in the
-# decoder (violins of log10(1 − cosine), a fixed random subsample per violin):
+# decoder (violins of log10(1 − cosine), drawn from histograms of every value):
 
 # %%
 decoder_layers = [layer for layer in map(str, ds.layer.values) if layer.startswith("decoder.")]

@@ -8,7 +8,8 @@
 # sampling steps, the relative change of the eps CFG difference and of each res-block's residual update.
 
 # %% tags=["parameters"]
-STATS = "../data/stats/digits.nc"   # a recording made with `lazymar record` (with CFG)
+STATS = "../data/stats/digits.nc"   # a recording made with `lazymar record` (with CFG): a .nc file or a .zarr
+                                    # store (read lazily, chunk by chunk: a store larger than memory works)
 MODEL = "digits"                    # model for the live absolute-change measurement
 LIVE_SAMPLES = 4
 LIVE_LAYERS = ("decoder.0", "decoder.3", "z")

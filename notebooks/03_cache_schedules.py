@@ -17,7 +17,8 @@
 # released LazyMAR preset on a few samples and shows fidelity and the samples side by side.
 
 # %% tags=["parameters"]
-STATS = "../data/stats/digits.nc"      # the recording to derive from
+STATS = "../data/stats/digits.nc"      # the recording to derive from: a .nc file or a .zarr store (read chunk
+                                       # by chunk: a store larger than memory works)
 SWEEP = "../data/sweeps/digits.csv"    # trade-off sweep (`lazymar sweep`), optional
 MODEL = "digits"                       # model for the measured check
 CHECK_SAMPLES = 8                      # samples of the measured check (button)
