@@ -33,9 +33,10 @@ class Capture(StepObserver):
             new=ctx.new, to_predict=ctx.to_predict, unknown=ctx.unknown, use_cfg=ctx.use_cfg))
 
 
-def run(model, schedule=None, cfg=3.0, num_iter=NUM_ITER, labels=LABELS, seed=0):
+def run(model, schedule=None, cfg=3.0, num_iter=NUM_ITER, labels=LABELS, seed=0, cache_dtype=torch.float32):
+    """Tokens, captured steps and engine; float32 caches by default (the reference computations are float32)."""
     settings = SamplingSettings(num_iter=num_iter, cfg=cfg)
-    runner = CacheEngine(schedule) if schedule is not None else None
+    runner = CacheEngine(schedule, cache_dtype) if schedule is not None else None
     with observe_steps(Capture()) as capture:
         tokens = generate(model, labels, settings, seed=seed, runner=runner)
     return tokens, capture.steps, runner
@@ -92,6 +93,32 @@ def test_caching_changes_the_result_and_stays_finite(model):
     cached, _, engine = run(model, load_schedule("lazymar", NUM_ITER, model.config))
     assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
     assert engine.cache_rows == len(LABELS)  # every cached step runs the cond half only: only it is cached
+
+
+def test_half_precision_caches_round_only_the_reused_values(model):
+    """The default float16 caches hold half the bytes and change z only by rounding the reused values."""
+    schedule = cached_steps(refresh_at=(0, 3), encoder="new-tokens", keep_fraction=[0.5] * NUM_ITER,
+                            selection="random", selection_layer=0,  # (similarity: near-ties may flip)
+                            condition_cache=[s not in (0, 3) for s in range(NUM_ITER)])
+    _, exact_steps, _ = run(model, schedule)
+    engine = CacheEngine(schedule)
+    assert engine.cache_dtype == torch.float16
+    seen = []
+
+    class CacheDtypes(StepObserver):
+        def on_step_end(self, ctx: StepContext) -> None:
+            enc, dec = engine.encoder, engine.decoder
+            held = enc.keys + enc.values + dec.keys + dec.values + [enc.embedded, dec.output]
+            seen.extend(t.dtype for t in held + [engine.condition.difference] if t is not None)
+    with observe_steps(Capture()) as capture, observe_steps(CacheDtypes()):
+        generate(model, LABELS, SamplingSettings(num_iter=NUM_ITER, cfg=3.0), seed=0, runner=engine)
+    assert seen and set(seen) == {torch.float16}
+    first_cached = next(s for s in range(NUM_ITER) if not schedule.step_plan(s, True).refresh)
+    for half, exact in zip(capture.steps, exact_steps):
+        if half.step < first_cached:  # refresh steps before any reuse: bit for bit
+            assert torch.equal(half.z, exact.z)
+        elif half.step == first_cached:  # same inputs, rounded caches
+            assert 0 < (half.z - exact.z).abs().max() < 1e-2 * exact.z.abs().max()
 
 
 # --- the mechanisms against independent reference computations ------------------------------------------------

@@ -53,7 +53,7 @@ def test_encoder_cache(model, contexts):
     visible token (nothing older is cached yet), so it reuses nothing and equals the full encoder."""
     first, second = contexts[0], contexts[1]
     B, buf = len(LABELS), model.buffer_size
-    cache = EncoderCache(model, 2 * B, ledger())
+    cache = EncoderCache(model, 2 * B, ledger(), torch.float32)
     assert cache.empty
     tokens, mask, emb = first.network_inputs()
     assert torch.equal(cache.full(first, tokens, mask, emb, store=True), plain_decoder_input(model, first))
@@ -74,7 +74,7 @@ def test_decoder_token_cache(model, contexts):
     """Keeping every position after the selection layer reuses nothing: the plain decoder."""
     schedule = none_schedule(NUM_ITER).with_changes(refresh=[s == 0 for s in range(NUM_ITER)], selection_layer=0)
     B, total = len(LABELS), model.buffer_size + model.seq_len
-    cache = DecoderTokenCache(model, schedule, 2 * B, ledger())
+    cache = DecoderTokenCache(model, schedule, 2 * B, ledger(), torch.float32)
     assert cache.empty
     for step in (0, 1, 2):
         ctx, plan = contexts[step], schedule.step_plan(step)
@@ -92,7 +92,7 @@ def test_decoder_token_cache(model, contexts):
 
 def test_condition_cache(contexts):
     """The difference cached at a step completes that step's cond half into both branches."""
-    cache = ConditionCache()
+    cache = ConditionCache(torch.float32)
     both = torch.randn(4, 7, 5)
     with pytest.raises(RuntimeError, match="before any step ran both branches"):
         cache.complete(both[:2])
@@ -137,7 +137,7 @@ def test_every_mechanism_runs_when_each_step_decodes_one_token():
         head_cache=[True] * steps, head=HeadCachePolicy(hoist_invariants=True), selection_layer=0,
         refresh=[s == 0 for s in range(steps)], encoder="full")
     for schedule in (load_schedule("lazymar", steps, model.config), reuse_nothing):
-        engine = CacheEngine(schedule)
+        engine = CacheEngine(schedule, torch.float32)
         tokens = generate(model, LABELS, settings, seed=0, runner=engine)
         assert torch.isfinite(tokens).all()
         assert engine.flops.steps == estimate_generation_flops(model.config, schedule, len(LABELS)).steps

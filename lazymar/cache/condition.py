@@ -9,12 +9,14 @@ import torch
 from torch import Tensor
 
 from ..sampling import StepContext
+from .store import CACHE_DTYPE
 
 
 class ConditionCache:
     """State: the uncond - cond difference (B, buffer + seq, dec) at the last decoder block."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = CACHE_DTYPE) -> None:
+        self.dtype = dtype
         self.reset()
 
     def reset(self) -> None:
@@ -32,10 +34,10 @@ class ConditionCache:
     def store(self, both: Tensor) -> None:
         """Keep uncond - cond of a [cond; uncond] last-block output."""
         cond, uncond = both.chunk(2)
-        self.difference = uncond - cond
+        self.difference = (uncond - cond).to(self.dtype)
 
     def complete(self, cond: Tensor) -> Tensor:
         """[cond; cond + cached difference]: the network batch of both branches from the cond half."""
         if self.difference is None:
             raise RuntimeError("condition cache used before any step ran both branches")  # a bug, not a user error
-        return torch.cat([cond, cond + self.difference])
+        return torch.cat([cond, cond + self.difference.to(cond.dtype)])

@@ -18,15 +18,17 @@ from ..sampling import StepContext
 from . import flops as F
 from .schedule import CacheSchedule, StepPlan
 from .attention_selection import attention_received, capturing_queries, scoring_queries
-from .store import keep_rows
+from .store import CACHE_DTYPE, keep_rows, scatter_rows
 
 
 class DecoderTokenCache:
     """State: per-layer K/V after the selection layer, the last block's output, V at the selection layer (for
-    the similarity rule) and the random rule's generator; ``rows`` network rows are kept."""
+    the similarity rule) and the random rule's generator; ``rows`` network rows are kept, in ``dtype`` except V
+    (in the model's dtype: the ranking, near-ties included, does not depend on the storage)."""
 
-    def __init__(self, model: MAR, schedule: CacheSchedule, rows: int, ledger: F.FlopsLedger):
-        self.model, self.schedule, self.rows, self.ledger = model, schedule, rows, ledger
+    def __init__(self, model: MAR, schedule: CacheSchedule, rows: int, ledger: F.FlopsLedger,
+                 dtype: torch.dtype = CACHE_DTYPE):
+        self.model, self.schedule, self.rows, self.ledger, self.dtype = model, schedule, rows, ledger, dtype
         self.device = next(model.parameters()).device
         self.reset()
 
@@ -55,18 +57,17 @@ class DecoderTokenCache:
         ctx.decoder_rows = None
 
         def hooks(layer: int) -> Optional[KVHook]:
-            if layer == sel and (need_v or select):
+            if layer == sel and select:
                 return self._capture_v
+            if layer == sel and need_v:  # kept at once: holding v would keep the layer's whole qkv alive
+                return self._store_v
             return self._store_hook(layer) if layer > sel and store else None
 
         if not select:
             x = model.run_decoder(x, kv_hooks=hooks)
             self.ledger.add("decoder", depth * F.decoder_block_flops(c, N, total, total))
-            if need_v:
-                self.previous_v = keep_rows(self.previous_v, self._v, self.rows)
             if store:
-                self.output = keep_rows(self.output, x, self.rows)
-            self._v = None
+                self.output = keep_rows(self.output, x, self.rows, dtype=self.dtype)
             return x
         if self.schedule.selection == "attention":  # MARché: the selection layer's queries score positions
             with capturing_queries(model.decoder_blocks[sel].attn, self._q):
@@ -82,9 +83,8 @@ class DecoderTokenCache:
         x = model.run_decoder(x, range(sel + 1, depth), lambda layer: self._scatter_hook(layer, N, kept))
         self.ledger.add("decoder", (sel + 1) * F.decoder_block_flops(c, N, total, total)
                         + (depth - sel - 1) * F.decoder_block_flops(c, N, kept.shape[1], total))
-        output = self.output[:N]
-        output.scatter_(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
-        return output.clone()
+        output = scatter_rows(self.output[:N], 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        return output.clone() if output.dtype == self.output.dtype else output  # never the cache itself
 
     def _capture_v(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._v = v
@@ -92,20 +92,22 @@ class DecoderTokenCache:
             self._q["k"] = k
         return k, v
 
+    def _store_v(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.previous_v = keep_rows(self.previous_v, v, self.rows)
+        return k, v
+
     def _store_hook(self, layer: int) -> KVHook:
         def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            self.keys[layer] = keep_rows(self.keys[layer], k, self.rows)
-            self.values[layer] = keep_rows(self.values[layer], v, self.rows)
+            self.keys[layer] = keep_rows(self.keys[layer], k, self.rows, dtype=self.dtype)
+            self.values[layer] = keep_rows(self.values[layer], v, self.rows, dtype=self.dtype)
             return k, v
         return hook
 
     def _scatter_hook(self, layer: int, n_rows: int, kept: Tensor) -> KVHook:
         def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            kc, vc = self.keys[layer][:n_rows], self.values[layer][:n_rows]
             index = kept[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            kc.scatter_(2, index, k)
-            vc.scatter_(2, index, v)
-            return kc, vc
+            return (scatter_rows(self.keys[layer][:n_rows], 2, index, k),
+                    scatter_rows(self.values[layer][:n_rows], 2, index, v))
         return hook
 
     def select(self, ctx: StepContext, v: Tensor) -> Tensor:

@@ -18,15 +18,15 @@ from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
 from .schedule import StepPlan
-from .store import keep_rows
+from .store import CACHE_DTYPE, keep_rows, scatter_rows, write_slices
 
 
 class EncoderCache:
     """State: per-layer K/V of the buffer and the known tokens, the number of known tokens they hold, and the
     decoder embeddings of the last encoder outputs; ``rows`` network rows are kept."""
 
-    def __init__(self, model: MAR, rows: int, ledger: F.FlopsLedger):
-        self.model, self.rows, self.ledger = model, rows, ledger
+    def __init__(self, model: MAR, rows: int, ledger: F.FlopsLedger, dtype: torch.dtype = CACHE_DTYPE):
+        self.model, self.rows, self.ledger, self.dtype = model, rows, ledger, dtype
         self.reset()
 
     def reset(self) -> None:
@@ -54,15 +54,15 @@ class EncoderCache:
         embedded = model.decoder_embeddings(x, mask)
         self.ledger.add("decoder", F.decoder_embed_flops(c, N * n))
         if store:
-            self.embedded = keep_rows(self.embedded, embedded, self.rows)
+            self.embedded = keep_rows(self.embedded, embedded, self.rows, dtype=self.dtype)
         return model.with_decoder_positions(embedded)
 
     def _store_hook(self, layer: int) -> KVHook:
         """Keep the K/V of the buffer and the known tokens (a full pass: in position order)."""
         def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             shape = (k.shape[1], self.model.buffer_size + self.model.seq_len, k.shape[3])
-            self.keys[layer] = keep_rows(self.keys[layer], k, self.rows, shape)
-            self.values[layer] = keep_rows(self.values[layer], v, self.rows, shape)
+            self.keys[layer] = keep_rows(self.keys[layer], k, self.rows, shape, self.dtype)
+            self.values[layer] = keep_rows(self.values[layer], v, self.rows, shape, self.dtype)
             return k, v
         return hook
 
@@ -86,16 +86,14 @@ class EncoderCache:
         y = model.decoder_embed(x)
         self.ledger.add("decoder", F.decoder_embed_flops(c, N * (n_buf + n_new)))
         # the other positions hold the embeddings of earlier steps, or mask tokens where still unknown
-        embedded = self.embedded[:N]
-        embedded.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
+        embedded = scatter_rows(self.embedded[:N], 1, rows.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
         return model.with_decoder_positions(embedded)
 
     def _append_hook(self, layer: int, n_rows: int, n_buf: int, start: int, end: int) -> KVHook:
         """Write the fresh K/V (buffer rows, if they ran, then the new tokens at start:end); attend over the cache
         up to ``end``."""
         def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            kc, vc = self.keys[layer][:n_rows], self.values[layer][:n_rows]
-            kc[:, :, :n_buf], vc[:, :, :n_buf] = k[:, :, :n_buf], v[:, :, :n_buf]
-            kc[:, :, start:end], vc[:, :, start:end] = k[:, :, n_buf:], v[:, :, n_buf:]
-            return kc[:, :, :end], vc[:, :, :end]
+            slots = [(slice(0, n_buf), slice(0, n_buf)), (slice(start, end), slice(n_buf, None))]
+            return (write_slices(self.keys[layer][:n_rows], k, slots, end),
+                    write_slices(self.values[layer][:n_rows], v, slots, end))
         return hook

@@ -33,18 +33,19 @@ from .decoder import DecoderTokenCache
 from .encoder import EncoderCache
 from .head import HeadCache
 from .schedule import CacheSchedule
+from .store import CACHE_DTYPE
 
 
 class CacheEngine(StepRunner):
     """Run MAR under ``schedule``. One engine can run many generations (``start`` resets it)."""
 
-    def __init__(self, schedule: CacheSchedule):
-        self.schedule = schedule
+    def __init__(self, schedule: CacheSchedule, cache_dtype: torch.dtype = CACHE_DTYPE):
+        self.schedule, self.cache_dtype = schedule, cache_dtype
         self.flops = F.FlopsLedger()
         self.model: Optional[MAR] = None
         self.encoder: Optional[EncoderCache] = None
         self.decoder: Optional[DecoderTokenCache] = None
-        self.condition = ConditionCache()
+        self.condition = ConditionCache(cache_dtype)
         self.head_cache: Optional[HeadCache] = None
 
     def start(self, model: MAR, settings: SamplingSettings, batch_size: int) -> None:
@@ -61,8 +62,8 @@ class CacheEngine(StepRunner):
         self.later_incremental = later(lambda p: p.incremental_encoder)
         self.later_condition = later(lambda p: p.condition_cache)
         self.flops = F.FlopsLedger()
-        self.encoder = EncoderCache(model, self.cache_rows, self.flops)
-        self.decoder = DecoderTokenCache(model, sch, self.cache_rows, self.flops)
+        self.encoder = EncoderCache(model, self.cache_rows, self.flops, self.cache_dtype)
+        self.decoder = DecoderTokenCache(model, sch, self.cache_rows, self.flops, self.cache_dtype)
         self.condition.reset()
         self.head_cache = HeadCache(model, sch.head, self.flops)
 
