@@ -186,6 +186,12 @@ def schedule_spec(text: str) -> str:
     return text
 
 
+def sweep_schedule_spec(text: str) -> str:
+    """--schedule of ``sweep``: a schedule (see :func:`schedule_spec`) or a peer preset (``lazymar.peers``)."""
+    from .peers import PEER_PRESETS
+    return text if text in PEER_PRESETS else schedule_spec(text)
+
+
 def greater_than(low: float) -> Callable[[str], float]:
     """A finite number > low (e.g. a FLOPs ratio target above 1, which is no caching)."""
     def check(text: str) -> float:

@@ -2,6 +2,7 @@
 import types
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -161,3 +162,13 @@ def test_peer_families_at_the_paper_settings():
     with pytest.raises(ValueError, match="unknown peer preset"):
         peers.preset_point("fora", settings, config)
     assert replace(settings, order="mar") == settings
+
+
+def test_sweep_command_takes_the_peer_presets(tmp_path, capsys):
+    """`lazymar sweep --schedule marche gtr` runs the presets by name (the argument check knows them)."""
+    from lazymar.cli import main
+    out = tmp_path / "peers.csv"
+    code = main(["sweep", "--model", "digits", "--no-defaults", "--schedule", "marche", "gtr", "--num-samples", "2",
+                 "--batch-size", "2", "--num-iter", "4", "--no-quality", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert {"marche", "gtr"} <= set(pd.read_csv(out)["name"])

@@ -13,7 +13,7 @@ import torch
 from .. import schedules, sweep
 from ..errors import ArgumentError
 from ..validation import (check_outputs, finite_float, float_in, greater_than, non_negative_int, positive_int,
-                          schedule_spec, seed)
+                          schedule_spec, seed, sweep_schedule_spec)
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 
@@ -349,7 +349,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", default=None,
                    help="recording for the derived points (default: the repository's data/stats/digits.nc; not "
                         "needed with --no-defaults)")
-    p.add_argument("--schedule", type=schedule_spec, nargs="+", default=None, metavar="NAME|PATH.json",
+    p.add_argument("--schedule", type=sweep_schedule_spec, nargs="+", default=None, metavar="NAME|PATH.json",
                    help="extra schedules to include (presets or schedule JSON files)")
     p.add_argument("--no-defaults", action="store_true", help="only the --schedule points (and the reference)")
     peer = p.add_argument_group("peer methods (lazymar.peers)")
