@@ -63,3 +63,13 @@ def test_eval_and_the_bench_baseline_see_the_same_samples(capsys):
     assert main(["bench", "--schedule", "lazymar", "--repeats", "1", *common]) == 0
     baseline = json.loads(capsys.readouterr().out)["baseline"]
     assert (baseline["accuracy"], baseline["fid"]) == (evaluated["accuracy"], evaluated["fid"])
+
+
+def test_bench_of_a_latent_model_without_vae_compares_tokens(capsys):
+    """Random latent-space weights (as --compute-bound) have no image space: bench still runs and reports token MSE,
+    with PSNR left out, instead of asking for a VAE."""
+    code = main(["bench", "--random-init", "--arch", "mar_tiny", "--num-iter", "2", "--num-samples", "2",
+                 "--batch-size", "2", "--repeats", "1", "--json"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["psnr"] is None and result["token_mse"] >= 0 and result["flops_ratio"] > 1

@@ -64,7 +64,7 @@ def _bench(args: argparse.Namespace) -> int:
         settings = sampling_from_args(model, args)
     num_samples = 200 if args.num_samples is None else args.num_samples
     batch_size = 100 if args.batch_size is None else args.batch_size
-    images = image_space_from_args(model, args)
+    images = image_space_from_args(model, args, need_images=False)
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
     plan = SamplePlan.balanced(num_samples, model.config.class_num, args.seed, batch_size)
     result = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,

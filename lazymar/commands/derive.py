@@ -260,7 +260,7 @@ def _sweep(args: argparse.Namespace) -> int:
         extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
-    images = image_space_from_args(model, args)
+    images = image_space_from_args(model, args, need_images=False)
     for family in args.family or []:
         points += peers.family_points(family, settings, model.config)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)

@@ -24,12 +24,14 @@ def add_imagenet_args(parser: argparse.ArgumentParser, vae: bool = True) -> None
                         help="local Inception weights file for --fid-stats (default: torch-fidelity's download)")
 
 
-def image_space_from_args(model: MAR, args: argparse.Namespace) -> ImageSpace:
+def image_space_from_args(model: MAR, args: argparse.Namespace, need_images: bool = True) -> ImageSpace:
     """Tokens to images with the --vae decoder, and with --fid-stats the ImageNet quality evaluator made the VAE
-    models' one (lazymar.imagenet); everything loaded and checked now, before any sampling."""
+    models' one (lazymar.imagenet); everything loaded and checked now, before any sampling. ``need_images``
+    False (comparisons): a latent model without --vae has no image space, and only token MSE is compared."""
     from ..vae import check_vae_fits, load_vae
     vae = load_vae(args.vae, device=args.device) if getattr(args, "vae", None) else None
-    check_vae_fits(model, vae)
+    if need_images or vae is not None:
+        check_vae_fits(model, vae)
     from .. import imagenet
     quality = None
     if getattr(args, "fid_stats", None):
