@@ -9,62 +9,84 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
-def unit(x: Tensor) -> Tensor:
-    """x over its norm along the last dim (clamped at 1e-8), as ``F.cosine_similarity`` normalises: a step's unit
-    vectors serve its cosines with the previous step and with the next, so each is computed once."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
+def unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x over its norm along the last dim clamped at 1e-8, as ``F.cosine_similarity`` normalises; the norm): a
+    step's unit vectors and norms serve its statistics against the previous step and the next's against it, so
+    each is computed once."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.clamp_min(1e-8), norm.squeeze(-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Sum of products over the last dim: the cosine of unit vectors."""
+    return (a * b).sum(-1)
+
+
+class LayerFeatures:
+    """Same-shaped layers at one step, scattered to all positions and stacked along L, with what the statistics
+    against the neighbouring steps need: ``units`` (L, B, P, K, G, d) the cond rows' unit vectors (token cosines);
+    for outputs with both branches also ``features`` (L, 2B, P, C) the raw [cond; uncond], the unit CFG residual
+    cond - uncond and the norms of cond, uncond and the residual (L, B, P) (CFG statistics). ``valid`` (L, R, P).
+    Memory per layer: B (K/V: 2 kinds x B) rows of units, plus 4B rows for outputs with CFG."""
+
+    __slots__ = ("step", "layers", "units", "features", "valid", "residual_units", "norms")
+
+    def __init__(self, step: int, layers: tuple[int, ...], full: Optional[Tensor], valid: Tensor, B: int,
+                 with_cfg: bool):
+        self.step, self.layers, self.valid = step, layers, valid
+        self.features = self.residual_units = self.norms = None
+        if full is None:  # filled by rows()
+            return
+        self.units, cond_norm = unit(full[:, :B])
+        if with_cfg:
+            self.features = h = full.flatten(3)                                         # (L, 2B, P, C)
+            residual_units, residual_norm = unit(h[:, :B] - h[:, B:])
+            self.residual_units = residual_units
+            self.norms = torch.stack([residual_norm, cond_norm.flatten(2),
+                                      torch.linalg.vector_norm(h[:, B:], dim=-1)])        # (3, L, B, P)
+
+    def rows(self, index: list[int]) -> "LayerFeatures":
+        """The layers at ``index``."""
+        part = LayerFeatures(self.step, tuple(self.layers[i] for i in index), None, self.valid[index], 0, False)
+        part.units = self.units[index]
+        if self.features is not None:
+            part.features, part.residual_units = self.features[index], self.residual_units[index]
+            part.norms = self.norms[:, index]
+        return part
+
+
+def token_cosines(now: LayerFeatures, before: LayerFeatures, B: int) -> Tensor:
+    """Cosines of layers' cond rows with the previous step's, averaged over groups (heads), NaN where a position
+    is missing at either step -> (B, L, K, P). Equals ``F.cosine_similarity(h, h_previous, dim=-1).mean(-1)``
+    bit for bit."""
+    both = now.valid[:, :B] & before.valid[:, :B]
+    cos = _dot(now.units, before.units)                                                # (L, B, P, K, G)
+    cos = cos.squeeze(-1) if cos.shape[-1] == 1 else cos.mean(-1)                       # a mean of one is exact
+    return torch.where(both.unsqueeze(-1), cos, float("nan")).permute(1, 0, 3, 2)
+
+
+def cfg_statistics(now: LayerFeatures, before: LayerFeatures, B: int) -> Tensor:
+    """The CFG statistics (CFG_STATS order) of layers' outputs [cond; uncond] against the previous step's ->
+    (B, L, 4, P), NaN where a row is missing. ||before|| comes from the previous step's norms."""
+    h, ph = now.features, before.features
+    residual_change = torch.linalg.vector_norm((h[:, :B] - h[:, B:]) - (ph[:, :B] - ph[:, B:]), dim=-1)
+    stats = torch.stack([
+        _dot(now.residual_units, before.residual_units),
+        residual_change / before.norms[0],
+        torch.linalg.vector_norm(h[:, :B] - ph[:, :B], dim=-1) / before.norms[1],
+        torch.linalg.vector_norm(h[:, B:] - ph[:, B:], dim=-1) / before.norms[2],
+    ], dim=2)                                                                          # (L, B, 4, P)
+    v, pv = now.valid, before.valid
+    ok = v[:, :B] & pv[:, :B] & v[:, B:] & pv[:, B:]
+    return torch.where(ok.unsqueeze(2), stats, float("nan")).transpose(0, 1)
 
 
 def relative_change(now: Tensor, before: Tensor) -> Tensor:
     """||now - before|| / ||before|| per row (over the last dim)."""
     return torch.linalg.vector_norm(now - before, dim=-1) / torch.linalg.vector_norm(before, dim=-1)
-
-
-def token_cosines(units: Tensor, valid: Tensor, previous_units: Tensor, previous_valid: Tensor, B: int) -> Tensor:
-    """Cosines of layers' cond rows with the previous step's, averaged over groups (heads), NaN where a position
-    is missing at either step: units (L, B, P, K, G, d), valid (L, R, P) -> (B, L, K, P). Equals
-    ``F.cosine_similarity(h, h_previous, dim=-1).mean(-1)`` bit for bit."""
-    both = valid[:, :B] & previous_valid[:, :B]
-    cos = (units * previous_units).sum(-1).mean(-1)                                  # (L, B, P, K)
-    return torch.where(both.unsqueeze(-1), cos, float("nan")).permute(1, 0, 3, 2)
-
-
-def cfg_statistics(features: Tensor, valid: Tensor, previous: Tensor, previous_valid: Tensor, B: int) -> Tensor:
-    """The CFG statistics (CFG_STATS order) of layers' outputs [cond; uncond] against the previous step's:
-    features (L, 2B, P, ...), valid (L, 2B, P) -> (B, L, 4, P), NaN where a row is missing."""
-    h, ph = features.flatten(3), previous.flatten(3)                                  # (L, 2B, P, C)
-    cond, uncond, pcond, puncond = h[:, :B], h[:, B:], ph[:, :B], ph[:, B:]
-    residual, previous_residual = cond - uncond, pcond - puncond
-    stats = torch.stack([
-        F.cosine_similarity(residual, previous_residual, dim=-1),
-        relative_change(residual, previous_residual),
-        relative_change(cond, pcond),
-        relative_change(uncond, puncond),
-    ], dim=2)                                                                         # (L, B, 4, P)
-    ok = valid[:, :B] & previous_valid[:, :B] & valid[:, B:] & previous_valid[:, B:]
-    return torch.where(ok.unsqueeze(2), stats, float("nan")).transpose(0, 1)
-
-
-class LayerFeatures:
-    """Same-shaped layers at one step, scattered to all positions and stacked along L: ``units`` (L, B, P, K, G, d)
-    the cond rows' unit vectors (for the token cosines), ``features`` (L, 2B, P, K, G, d) the raw [cond; uncond]
-    outputs (for the CFG statistics; None for K/V or without an uncond branch), ``valid`` (L, R, P)."""
-
-    __slots__ = ("step", "layers", "units", "features", "valid")
-
-    def __init__(self, step: int, layers: tuple[int, ...], units: Tensor, features: Optional[Tensor],
-                 valid: Tensor):
-        self.step, self.layers, self.units, self.features, self.valid = step, layers, units, features, valid
-
-    def rows(self, index: list[int]) -> "LayerFeatures":
-        """The layers at ``index`` (their cond rows only unless all keep both branches)."""
-        features = self.features[index] if self.features is not None else None
-        return LayerFeatures(self.step, tuple(self.layers[i] for i in index), self.units[index], features,
-                         self.valid[index])
 
 
 class HeadStep:

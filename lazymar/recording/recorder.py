@@ -34,11 +34,12 @@ from torch import Tensor
 
 from ..model import MAR
 from ..sampling import BRANCHES, SamplingSettings, StepContext, StepObserver, current_step, observe_steps
-from .batched import HeadChanges, HeadStep, LayerFeatures, cfg_statistics, token_cosines, unit
+from .batched import HeadChanges, HeadStep, LayerFeatures, cfg_statistics, token_cosines
 from .dataset import CFG_STATS, FEATURE_KINDS, RecordingError, STATUS_CODES, concat_batches, make_dataset
 
 # head steps stashed (references to res-block inputs/outputs) before their statistics are computed: bounds memory
 HEAD_CHUNK = 25
+LAYER_CHUNK = 8  # same-shaped layers stashed before their statistics are computed (see the memory note above)
 OUTPUT, KEYS_VALUES = slice(0, 1), slice(1, 3)  # the FEATURE_KINDS a hook call delivers: (output,) or (k, v)
 # (step, rows in the block call) -> the positions of those rows (None: all positions), for the encoder or decoder
 RowsOf = Callable[[StepContext, int], Optional[Tensor]]
@@ -73,8 +74,9 @@ class _StepBuffers:
         self.head_changes = HeadChanges(self.head, self.num_tokens, token_dim, head_parts - 1)
         self.head_stash: list[HeadStep] = []               # head steps not yet turned into statistics
         self.current_head: Optional[HeadStep] = None
-        # (layer, kinds, features, row positions, branches) of each hooked block call of this step: references
-        self.features: list[tuple[int, slice, Tensor, Optional[Tensor], tuple[str, ...]]] = []
+        # (kinds, shape, dtype, rows, branches) -> (layer, features, row positions) of hooked block calls of this
+        # step not yet turned into statistics: references to the model's tensors, no copies
+        self.features: dict[tuple, list[tuple[int, Tensor, Optional[Tensor]]]] = {}
         self.encoder_positions: Optional[Tensor] = None
         self.encoder_rows: Optional[Tensor] = None
 
@@ -180,6 +182,7 @@ class RedundancyRecorder(StepObserver):
         self._cfg_scale = np.zeros(S, dtype=np.float32)
         # (layer, kinds) -> (the stacked features of its group at the last step, its index there)
         self._previous: dict[tuple[int, int], tuple[LayerFeatures, int]] = {}
+        self._earlier: dict[tuple[int, int], tuple[LayerFeatures, int]] = {}
         self._step: Optional[_StepBuffers] = None
 
     def on_step_start(self, ctx: StepContext) -> None:
@@ -187,6 +190,7 @@ class RedundancyRecorder(StepObserver):
             return
         self._step = _StepBuffers(ctx, len(self.layers), self.num_positions, self.head_steps, len(self.head_parts),
                                   self.model.token_dim)
+        self._earlier, self._previous = self._previous, {}  # the last step's features, released as they are used
         status = self._device_arrays["status"][:, ctx.step]
         status[:, :self.buffer_size] = STATUS_CODES["buffer"]
         tokens = status[:, self.buffer_size:]
@@ -202,8 +206,12 @@ class RedundancyRecorder(StepObserver):
         branches = BRANCHES if (ctx.use_cfg and z.shape[0] == 2 * ctx.batch_size) else BRANCHES[:1]
         positions = torch.arange(self.buffer_size, self.num_positions, device=z.device).expand(z.shape[0], -1)
         buf, s = self._step, ctx.step
-        buf.features.append((len(self.layers) - 1, OUTPUT, z[:, :, None, None], positions, branches))
-        self._token_statistics(buf, ctx)
+        z_key = (OUTPUT.start, tuple(z[:, :, None, None].shape), z.dtype, id(positions), branches)
+        buf.features[z_key] = [(len(self.layers) - 1, z[:, :, None, None], positions)]
+        for key, members in buf.features.items():
+            self._token_statistics(members, key, ctx)
+        buf.features = {}
+        self._earlier = {}
         buf.head_changes.add(buf.head_stash)
         buf.head_stash = []
         arrays = self._device_arrays
@@ -220,7 +228,7 @@ class RedundancyRecorder(StepObserver):
         if not self._active:
             return
         self._active = False
-        self._previous = {}
+        self._previous, self._earlier = {}, {}
         for name, array in self._arrays.items():
             if self._device_arrays[name].device.type != "cpu":
                 array[...] = self._device_arrays[name].cpu().numpy()  # the batch's one copy to the host
@@ -270,7 +278,11 @@ class RedundancyRecorder(StepObserver):
         if feats.shape[0] != len(branches) * ctx.batch_size:
             raise RecordingError(f"network batch of {feats.shape[0]} rows does not match branches {branches} "
                                  f"x {ctx.batch_size} samples")
-        self._step.features.append((layer, kinds, feats, rows, branches))
+        key = (kinds.start, tuple(feats.shape), feats.dtype, None if rows is None else id(rows), branches)
+        group = self._step.features.setdefault(key, [])
+        group.append((layer, feats, rows))
+        if len(group) == LAYER_CHUNK:  # bound the stash: compute the chunk now
+            self._token_statistics(self._step.features.pop(key), key, ctx)
 
     def _decoder_rows(self, ctx: StepContext, n: int) -> Optional[Tensor]:
         if ctx.decoder_rows is None and n != self.num_positions:
@@ -292,37 +304,33 @@ class RedundancyRecorder(StepObserver):
             buf.encoder_rows = buf.encoder_positions.repeat(len(ctx.branches), 1)
         return buf.encoder_rows
 
-    def _token_statistics(self, buf: _StepBuffers, ctx: StepContext) -> None:
-        """This step's stashed features -> token cosines and CFG statistics, one batched computation per group of
-        layers run on the same rows (the encoder blocks, the decoder blocks, z; outputs and K/V apart)."""
-        B, P, step = ctx.batch_size, self.num_positions, ctx.step
-        groups: dict[tuple, list[tuple[int, Tensor]]] = {}
-        for layer, kinds, feats, rows, branches in buf.features:
-            key = (kinds.start, tuple(feats.shape), feats.dtype, None if rows is None else id(rows), branches)
-            groups.setdefault(key, []).append((layer, feats, rows))
-        buf.features = []
-        previous, self._previous = self._previous, {}
-        for (start, _, _, _, branches), members in groups.items():
-            kinds = OUTPUT if start == OUTPUT.start else KEYS_VALUES
-            keep = BRANCHES if (kinds == OUTPUT and "uncond" in branches) else ("cond",)
-            stacked = torch.stack([feats for _, feats, _ in members])               # (L, NB, n, K, G, d)
-            full, valid = self._scatter(stacked, members[0][2], branches, keep, B, P)
-            valid = valid.expand(len(members), -1, -1)
-            layers = tuple(layer for layer, _, _ in members)
-            current = LayerFeatures(step, layers, unit(full[:, :B]), full if len(keep) == 2 else None, valid)
-            for i, layer in enumerate(layers):
-                self._previous[(layer, kinds.start)] = (current, i)
-            earlier = [previous.get((layer, kinds.start), (None, 0)) for layer in layers]
-            if earlier[0][0] is not None and earlier[0][0].layers == layers:  # the same group ran at step - 1
-                if earlier[0][0].step == step - 1:
-                    self._compare(buf, kinds, current, earlier[0][0], B)
-                continue
-            by_group: dict[int, list[int]] = {}  # the layers that ran at both steps, by their group at step - 1
-            for i, (p, _) in enumerate(earlier):
-                if p is not None and p.step == step - 1:
-                    by_group.setdefault(id(p), []).append(i)
-            for both in by_group.values():
-                self._compare(buf, kinds, current.rows(both), earlier[both[0]][0].rows([earlier[i][1] for i in both]), B)
+    def _token_statistics(self, members: list[tuple[int, Tensor, Optional[Tensor]]], key: tuple,
+                          ctx: StepContext) -> None:
+        """Stashed features of layers run on the same rows -> their token cosines and CFG statistics, in one
+        batched computation (the encoder blocks, the decoder blocks, z; outputs and K/V apart)."""
+        B, P, step, buf, previous = ctx.batch_size, self.num_positions, ctx.step, self._step, self._earlier
+        start, branches = key[0], key[4]
+        kinds = OUTPUT if start == OUTPUT.start else KEYS_VALUES
+        keep = BRANCHES if (kinds == OUTPUT and "uncond" in branches) else ("cond",)
+        stacked = torch.stack([feats for _, feats, _ in members])               # (L, NB, n, K, G, d)
+        full, valid = self._scatter(stacked, members[0][2], branches, keep, B, P)
+        valid = valid.expand(len(members), -1, -1)
+        layers = tuple(layer for layer, _, _ in members)
+        current = LayerFeatures(step, layers, full, valid, B, with_cfg=len(keep) == 2)
+        for i, layer in enumerate(layers):
+            self._previous[(layer, kinds.start)] = (current, i)
+        earlier = [previous.pop((layer, kinds.start), (None, 0)) for layer in layers]
+        if earlier[0][0] is not None and earlier[0][0].layers == layers:  # the same group ran at step - 1
+            if earlier[0][0].step == step - 1:
+                self._compare(buf, kinds, current, earlier[0][0], B)
+            return
+        by_group: dict[int, list[int]] = {}  # the layers that ran at both steps, by their group at step - 1
+        for i, (p, _) in enumerate(earlier):
+            if p is not None and p.step == step - 1:
+                by_group.setdefault(id(p), []).append(i)
+        for both in by_group.values():
+            before = earlier[both[0]][0].rows([earlier[i][1] for i in both])
+            self._compare(buf, kinds, current.rows(both), before, B)
 
     @staticmethod
     def _compare(buf: _StepBuffers, kinds: slice, now: LayerFeatures, before: LayerFeatures, B: int) -> None:
@@ -330,9 +338,9 @@ class RedundancyRecorder(StepObserver):
         layers = now.layers
         where = (slice(layers[0], layers[-1] + 1) if layers == tuple(range(layers[0], layers[-1] + 1))
                  else torch.tensor(layers, device=now.units.device))
-        buf.token_cosine[:, where, kinds] = token_cosines(now.units, now.valid, before.units, before.valid, B)
+        buf.token_cosine[:, where, kinds] = token_cosines(now, before, B)
         if now.features is not None and before.features is not None:
-            buf.cfg[:, where] = cfg_statistics(now.features, now.valid, before.features, before.valid, B)
+            buf.cfg[:, where] = cfg_statistics(now, before, B)
 
     @staticmethod
     def _scatter(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...], keep: tuple[str, ...],
@@ -377,15 +385,16 @@ class RedundancyRecorder(StepObserver):
 
     def _res_block_hook(self, k: int):
         def hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-            buf = self._head_step()
-            if buf is not None and buf.current_head is not None:
-                buf.current_head.blocks[k] = (args[0], out)
+            head = self._step.current_head if self._step is not None else None  # set only in the head phase
+            if head is not None:
+                head.blocks[k] = (args[0], out)
         return hook
 
     def _on_head_output(self, module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-        buf = self._head_step()
-        if buf is None or buf.current_head is None or not 0 <= buf.head_index < self.head_steps:
+        buf = self._step
+        if buf is None or buf.current_head is None:
             return
-        buf.current_head.output = out
-        buf.head_stash.append(buf.current_head)
+        if 0 <= buf.head_index < self.head_steps:
+            buf.current_head.output = out
+            buf.head_stash.append(buf.current_head)
         buf.current_head = None
