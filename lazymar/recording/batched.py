@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .dataset import RecordingError
+
 
 def unit(x: Tensor) -> tuple[Tensor, Tensor]:
     """(x over its norm along the last dim clamped at 1e-8, as ``F.cosine_similarity`` normalises; the norm): a
@@ -23,6 +25,31 @@ def unit(x: Tensor) -> tuple[Tensor, Tensor]:
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Sum of products over the last dim: the cosine of unit vectors."""
     return (a * b).sum(-1)
+
+
+def scatter_rows(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...], keep: tuple[str, ...],
+             B: int, P: int) -> tuple[Tensor, Tensor]:
+    """Layers' network rows (L, NB, n, ...) -> (L, len(keep) * B, P, ...) features at their positions,
+    [cond; uncond], and validity (len(keep) * B, P)."""
+    if rows is None and branches[: len(keep)] == keep:
+        full = feats[:, : len(keep) * B]
+        return full, torch.ones(full.shape[1:3], dtype=torch.bool, device=feats.device)
+    if rows is not None and rows.shape != feats.shape[1:3]:
+        raise RecordingError(f"row positions of shape {tuple(rows.shape)} do not match features "
+                             f"{tuple(feats.shape[1:3])}")
+    full = feats.new_zeros((feats.shape[0], len(keep) * B, P) + feats.shape[3:])
+    valid = torch.zeros(len(keep) * B, P, dtype=torch.bool, device=feats.device)
+    samples = torch.arange(B, device=feats.device).unsqueeze(1)
+    for j, branch in enumerate(branches):
+        if branch not in keep:
+            continue
+        src, dst = slice(j * B, (j + 1) * B), slice(keep.index(branch) * B, (keep.index(branch) + 1) * B)
+        if rows is None:
+            full[:, dst], valid[dst] = feats[:, src], True
+        else:
+            full[:, dst][:, samples, rows[src]] = feats[:, src]
+            valid[dst][samples, rows[src]] = True
+    return full, valid
 
 
 class LayerFeatures:

@@ -13,7 +13,14 @@ it compares each position's features with the same position's features at step s
   averaged over the tokens each sample decodes at that MAR step.
 
 A position that is not computed at s or at s-1 (the encoder only sees known tokens; a cache engine may skip rows)
-is missing (NaN), never 0. Only one previous step's features per layer are kept.
+is missing (NaN), never 0.
+
+Cost and memory: hooks only stash references to the features; the statistics are computed in batched ops over
+groups of layers run on the same rows (when LAYER_CHUNK of them are stashed, else at step end) and over head steps
+(every HEAD_CHUNK head steps, and at step end), so a step costs a few ops per group, not per layer and head step.
+Held at most: the previous step's features per layer (unit vectors of the cond rows; for outputs with CFG also
+the raw [cond; uncond] rows and the unit residual: 4B rows instead of 2B), up to LAYER_CHUNK stashed layers per
+group and HEAD_CHUNK stashed head steps. The statistics equal the per-layer computation bit for bit.
 
 Row-to-position contract with step runners (e.g. the cache engine), through the step context: a runner that
 passes other rows through the blocks than the plain model sets ``ctx.encoder_rows`` / ``ctx.decoder_rows`` to a
@@ -34,12 +41,12 @@ from torch import Tensor
 
 from ..model import MAR
 from ..sampling import BRANCHES, SamplingSettings, StepContext, StepObserver, current_step, observe_steps
-from .batched import HeadChanges, HeadStep, LayerFeatures, cfg_statistics, token_cosines
+from .batched import HeadChanges, HeadStep, LayerFeatures, cfg_statistics, scatter_rows, token_cosines
 from .dataset import CFG_STATS, FEATURE_KINDS, RecordingError, STATUS_CODES, concat_batches, make_dataset
 
 # head steps stashed (references to res-block inputs/outputs) before their statistics are computed: bounds memory
 HEAD_CHUNK = 25
-LAYER_CHUNK = 8  # same-shaped layers stashed before their statistics are computed (see the memory note above)
+LAYER_CHUNK = 8  # layers of one group stashed before their statistics are computed (memory: module doc)
 OUTPUT, KEYS_VALUES = slice(0, 1), slice(1, 3)  # the FEATURE_KINDS a hook call delivers: (output,) or (k, v)
 # (step, rows in the block call) -> the positions of those rows (None: all positions), for the encoder or decoder
 RowsOf = Callable[[StepContext, int], Optional[Tensor]]
@@ -313,7 +320,7 @@ class RedundancyRecorder(StepObserver):
         kinds = OUTPUT if start == OUTPUT.start else KEYS_VALUES
         keep = BRANCHES if (kinds == OUTPUT and "uncond" in branches) else ("cond",)
         stacked = torch.stack([feats for _, feats, _ in members])               # (L, NB, n, K, G, d)
-        full, valid = self._scatter(stacked, members[0][2], branches, keep, B, P)
+        full, valid = scatter_rows(stacked, members[0][2], branches, keep, B, P)
         valid = valid.expand(len(members), -1, -1)
         layers = tuple(layer for layer, _, _ in members)
         current = LayerFeatures(step, layers, full, valid, B, with_cfg=len(keep) == 2)
@@ -341,31 +348,6 @@ class RedundancyRecorder(StepObserver):
         buf.token_cosine[:, where, kinds] = token_cosines(now, before, B)
         if now.features is not None and before.features is not None:
             buf.cfg[:, where] = cfg_statistics(now, before, B)
-
-    @staticmethod
-    def _scatter(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...], keep: tuple[str, ...],
-                 B: int, P: int) -> tuple[Tensor, Tensor]:
-        """Layers' network rows (L, NB, n, ...) -> (L, len(keep) * B, P, ...) features at their positions,
-        [cond; uncond], and validity (len(keep) * B, P)."""
-        if rows is None and branches[: len(keep)] == keep:
-            full = feats[:, : len(keep) * B]
-            return full, torch.ones(full.shape[1:3], dtype=torch.bool, device=feats.device)
-        if rows is not None and rows.shape != feats.shape[1:3]:
-            raise RecordingError(f"row positions of shape {tuple(rows.shape)} do not match features "
-                                 f"{tuple(feats.shape[1:3])}")
-        full = feats.new_zeros((feats.shape[0], len(keep) * B, P) + feats.shape[3:])
-        valid = torch.zeros(len(keep) * B, P, dtype=torch.bool, device=feats.device)
-        samples = torch.arange(B, device=feats.device).unsqueeze(1)
-        for j, branch in enumerate(branches):
-            if branch not in keep:
-                continue
-            src, dst = slice(j * B, (j + 1) * B), slice(keep.index(branch) * B, (keep.index(branch) + 1) * B)
-            if rows is None:
-                full[:, dst], valid[dst] = feats[:, src], True
-            else:
-                full[:, dst][:, samples, rows[src]] = feats[:, src]
-                valid[dst][samples, rows[src]] = True
-        return full, valid
 
     # --- diffusion-head hooks -----------------------------------------------------------------------------
     def _head_step(self) -> Optional[_StepBuffers]:
