@@ -2,8 +2,9 @@
 
 Same process, interleaved repetitions (plain, recorded, plain, ...), medians. Peak memory added is measured
 in fresh child processes (growth of the resident set during one plain and one recorded generation,
-sampled every ms; CUDA: peak allocated) and compared
-with the bound "one step's features plus the output arrays". Prints one JSON object.
+sampled every ms; CUDA: peak allocated) and compared with the bound: the previous step's features as the recorder
+keeps them, this step's stashed features (at most LAYER_CHUNK layers, HEAD_CHUNK head steps) and the output arrays
+(see ``bound_bytes``). Prints one JSON object.
 
     python benchmarks/recording_overhead.py [--batch-size 16] [--repeats 3] [--threads 1] [--device cpu]
 """
@@ -55,15 +56,31 @@ def run_once(model: MAR, labels: list[int], settings: SamplingSettings, recorded
 
 
 def bound_bytes(model: MAR, batch: int, settings: SamplingSettings) -> dict[str, int]:
-    """One step's features the recorder keeps, and the output arrays of one batch (float32)."""
+    """What the recorder holds at most (float32): the previous step's features, the stash of this step's features
+    not yet turned into statistics, the head stash, and the output arrays of one batch."""
+    from lazymar.orders import generation_order  # noqa: PLC0415
+    from lazymar.recording.recorder import HEAD_CHUNK, LAYER_CHUNK  # noqa: PLC0415
     c = model.config
-    P, S, branches = model.buffer_size + model.seq_len, settings.num_iter, 2 if settings.cfg != 1.0 else 1
+    P, S, cfg = model.buffer_size + model.seq_len, settings.num_iter, settings.cfg != 1.0
+    branches = 2 if cfg else 1
     blocks = [c.encoder_embed_dim] * c.encoder_depth + [c.decoder_embed_dim] * c.decoder_depth
-    # block outputs of both branches, K and V of the cond branch, z of both branches
-    features = sum(branches * batch * P * w + 2 * batch * P * w for w in blocks) + branches * batch * P * c.decoder_embed_dim
+    # previous step, per layer: unit vectors of the cond rows (B), with CFG also the raw [cond; uncond] (2B) and
+    # the unit residual (B); K and V: unit vectors of the cond rows (2 x B)
+    output_rows = 4 * batch if cfg else batch
+    previous = sum(output_rows * P * w + 2 * batch * P * w for w in blocks) + output_rows * P * c.decoder_embed_dim
+    # stash: references keeping up to LAYER_CHUNK block outputs (w) and qkv outputs (3w) alive, all branches
+    stash = min(LAYER_CHUNK, max(c.encoder_depth, c.decoder_depth)) * branches * batch * P * 4 * max(blocks)
+    # head: up to HEAD_CHUNK head steps of K + 2 tensors (input, K res-block outputs, final output) of 2n rows,
+    # n the most tokens decoded at one MAR step
+    order, unknown, most = generation_order(settings.order), model.seq_len, 0
+    for step in range(S):
+        masked = order.mask_length(step, S, model.seq_len, unknown) if step < S - 1 else 0
+        most, unknown = max(most, unknown - masked), masked
+    head = min(HEAD_CHUNK, model.diffloss.gen_diffusion.num_timesteps) * (c.diffloss_d + 2) * branches * batch \
+        * most * c.diffloss_w
     L, T, H = len(blocks) + 1, model.diffloss.gen_diffusion.num_timesteps, c.diffloss_d + 1
     floats = batch * S * (L * 3 * P + L * 4 * P + T * H)  # token_cosine, the 4 CFG statistics, head_change
-    return {"features": 4 * features, "outputs": 4 * floats + batch * S * P}  # + int8 status
+    return {"features": 4 * (previous + stash + head), "outputs": 4 * floats + batch * S * P}  # + int8 status
 
 
 def resident_bytes() -> int:

@@ -198,6 +198,27 @@ def test_statistics_equal_a_direct_computation(tiny):
     assert bool(enc.where(new).isnull().all())  # the encoder did not see a position decoded at s-1 at step s-1
 
 
+def test_chunking_the_batched_statistics_changes_no_value(tiny, monkeypatch):
+    """Statistics computed layer by layer and every 2 head steps (smallest chunks) equal those computed in one
+    batch per step, bit for bit, also under a runner with varying rows and branches."""
+    import lazymar.recording.recorder as recorder_module
+
+    def record(runner):
+        with RedundancyRecorder(tiny) as rec:
+            generate(tiny, [2, 8], SETTINGS, seed=5, runner=runner)
+        return rec.to_dataset()
+
+    batched = [record(None), record(SubsetRunner())]
+    monkeypatch.setattr(recorder_module, "LAYER_CHUNK", 1)
+    monkeypatch.setattr(recorder_module, "HEAD_CHUNK", 2)
+    chunked = [record(None), record(SubsetRunner())]
+    for a, b in zip(batched, chunked):
+        for name in ("token_cosine", "cfg_residual_cosine", "cfg_uncond_change", "head_change"):
+            assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
+    assert np.isfinite(batched[0]["head_change"].values[:, :, 1:]).all()  # not vacuous: all head steps compared
+    assert np.isfinite(batched[1]["token_cosine"].sel(layer="decoder.0", kind="output").values[:, 1]).any()
+
+
 def test_statuses_partition_positions_at_every_step(tiny):
     _, ds, cap = record_with_capture(tiny, [0, 9], SamplingSettings(num_iter=4, cfg=1.0))
     status = ds["status"].values

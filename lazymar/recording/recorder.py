@@ -13,7 +13,14 @@ it compares each position's features with the same position's features at step s
   averaged over the tokens each sample decodes at that MAR step.
 
 A position that is not computed at s or at s-1 (the encoder only sees known tokens; a cache engine may skip rows)
-is missing (NaN), never 0. Only one previous step's features per layer are kept.
+is missing (NaN), never 0.
+
+Cost and memory: hooks only stash references to the features; the statistics are computed in batched ops over
+groups of layers run on the same rows (when LAYER_CHUNK of them are stashed, else at step end) and over head steps
+(every HEAD_CHUNK head steps, and at step end), so a step costs a few ops per group, not per layer and head step.
+Held at most: the previous step's features per layer (unit vectors of the cond rows; for outputs with CFG also
+the raw [cond; uncond] rows and the unit residual: 4B rows instead of 2B), up to LAYER_CHUNK stashed layers per
+group and HEAD_CHUNK stashed head steps. The statistics equal the per-layer computation bit for bit.
 
 Row-to-position contract with step runners (e.g. the cache engine), through the step context: a runner that
 passes other rows through the blocks than the plain model sets ``ctx.encoder_rows`` / ``ctx.decoder_rows`` to a
@@ -29,14 +36,17 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xarray as xr
 from torch import Tensor
 
 from ..model import MAR
 from ..sampling import BRANCHES, SamplingSettings, StepContext, StepObserver, current_step, observe_steps
+from .batched import HeadChanges, HeadStep, LayerFeatures, cfg_statistics, scatter_rows, token_cosines
 from .dataset import CFG_STATS, FEATURE_KINDS, RecordingError, STATUS_CODES, concat_batches, make_dataset
 
+# head steps stashed (references to res-block inputs/outputs) before their statistics are computed: bounds memory
+HEAD_CHUNK = 25
+LAYER_CHUNK = 8  # layers of one group stashed before their statistics are computed (memory: module doc)
 OUTPUT, KEYS_VALUES = slice(0, 1), slice(1, 3)  # the FEATURE_KINDS a hook call delivers: (output,) or (k, v)
 # (step, rows in the block call) -> the positions of those rows (None: all positions), for the encoder or decoder
 RowsOf = Callable[[StepContext, int], Optional[Tensor]]
@@ -53,30 +63,11 @@ def head_part_names(model: MAR) -> list[str]:
     return ["eps_cfg"] + [f"res_block.{i}" for i in range(len(model.diffloss.net.res_blocks))]
 
 
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity over the last dim, then mean over the group (head) dim: (..., G, d) -> (...)."""
-    return F.cosine_similarity(a, b, dim=-1).mean(-1)
-
-
-def _relative_change(now: Tensor, before: Tensor) -> Tensor:
-    """||now - before|| / ||before|| per row (over the last dim)."""
-    return torch.linalg.vector_norm(now - before, dim=-1) / torch.linalg.vector_norm(before, dim=-1)
-
-
-class _Previous:
-    """A layer's features at one step, scattered to all positions: (R, P, K, G, d) with R = B or 2B rows
-    ([cond; uncond]), K feature kinds, G heads."""
-
-    __slots__ = ("step", "features", "valid")
-
-    def __init__(self, step: int, features: Tensor, valid: Tensor):
-        self.step, self.features, self.valid = step, features, valid
-
-
 class _StepBuffers:
     """The statistics of the step being computed, on the model's device (flushed to numpy at step end)."""
 
-    def __init__(self, ctx: StepContext, num_layers: int, num_positions: int, head_steps: int, head_parts: int):
+    def __init__(self, ctx: StepContext, num_layers: int, num_positions: int, head_steps: int, head_parts: int,
+                 token_dim: int):
         B, device = ctx.batch_size, ctx.tokens.device
         nan = float("nan")
         self.step = ctx.step
@@ -87,9 +78,14 @@ class _StepBuffers:
         self.num_tokens = B * n
         self.head = torch.full((head_steps, head_parts, self.num_tokens), nan, device=device)
         self.head_index = -1                               # head network evaluations so far in this step
-        self.head_deltas: dict[int, Tensor] = {}           # res-block residual updates of this head step
-        self.head_previous: Optional[tuple] = None         # (head index, eps_cfg, deltas, stacked) of the last
+        self.head_changes = HeadChanges(self.head, self.num_tokens, token_dim, head_parts - 1)
+        self.head_stash: list[HeadStep] = []               # head steps not yet turned into statistics
+        self.current_head: Optional[HeadStep] = None
+        # (kinds, shape, dtype, rows, branches) -> (layer, features, row positions) of hooked block calls of this
+        # step not yet turned into statistics: references to the model's tensors, no copies
+        self.features: dict[tuple, list[tuple[int, Tensor, Optional[Tensor]]]] = {}
         self.encoder_positions: Optional[Tensor] = None
+        self.encoder_rows: Optional[Tensor] = None
 
 
 class RedundancyRecorder(StepObserver):
@@ -191,13 +187,17 @@ class RedundancyRecorder(StepObserver):
                                torch.from_numpy(array).to(device) for name, array in self._arrays.items()}
         self._mask_ratio = np.zeros(S, dtype=np.float32)
         self._cfg_scale = np.zeros(S, dtype=np.float32)
-        self._previous: dict[tuple[int, int], _Previous] = {}
+        # (layer, kinds) -> (the stacked features of its group at the last step, its index there)
+        self._previous: dict[tuple[int, int], tuple[LayerFeatures, int]] = {}
+        self._earlier: dict[tuple[int, int], tuple[LayerFeatures, int]] = {}
         self._step: Optional[_StepBuffers] = None
 
     def on_step_start(self, ctx: StepContext) -> None:
         if not self._active:
             return
-        self._step = _StepBuffers(ctx, len(self.layers), self.num_positions, self.head_steps, len(self.head_parts))
+        self._step = _StepBuffers(ctx, len(self.layers), self.num_positions, self.head_steps, len(self.head_parts),
+                                  self.model.token_dim)
+        self._earlier, self._previous = self._previous, {}  # the last step's features, released as they are used
         status = self._device_arrays["status"][:, ctx.step]
         status[:, :self.buffer_size] = STATUS_CODES["buffer"]
         tokens = status[:, self.buffer_size:]
@@ -212,8 +212,15 @@ class RedundancyRecorder(StepObserver):
         z = ctx.z
         branches = BRANCHES if (ctx.use_cfg and z.shape[0] == 2 * ctx.batch_size) else BRANCHES[:1]
         positions = torch.arange(self.buffer_size, self.num_positions, device=z.device).expand(z.shape[0], -1)
-        self._record(len(self.layers) - 1, OUTPUT, z[:, :, None, None], positions, branches, ctx)
         buf, s = self._step, ctx.step
+        z_key = (OUTPUT.start, tuple(z[:, :, None, None].shape), z.dtype, id(positions), branches)
+        buf.features[z_key] = [(len(self.layers) - 1, z[:, :, None, None], positions)]
+        for key, members in buf.features.items():
+            self._token_statistics(members, key, ctx)
+        buf.features = {}
+        self._earlier = {}
+        buf.head_changes.add(buf.head_stash)
+        buf.head_stash = []
         arrays = self._device_arrays
         arrays["token_cosine"][:, s] = buf.token_cosine
         arrays["cfg"][:, s] = buf.cfg
@@ -228,7 +235,7 @@ class RedundancyRecorder(StepObserver):
         if not self._active:
             return
         self._active = False
-        self._previous = {}
+        self._previous, self._earlier = {}, {}
         for name, array in self._arrays.items():
             if self._device_arrays[name].device.type != "cpu":
                 array[...] = self._device_arrays[name].cpu().numpy()  # the batch's one copy to the host
@@ -274,8 +281,15 @@ class RedundancyRecorder(StepObserver):
         ctx = current_step()
         if ctx is None or not self._active or self._step is None or ctx.phase != "transformer":
             return
-        rows = rows_of(ctx, feats.shape[1])
-        self._record(layer, kinds, feats, rows, tuple(ctx.branches), ctx)
+        rows, branches = rows_of(ctx, feats.shape[1]), tuple(ctx.branches)
+        if feats.shape[0] != len(branches) * ctx.batch_size:
+            raise RecordingError(f"network batch of {feats.shape[0]} rows does not match branches {branches} "
+                                 f"x {ctx.batch_size} samples")
+        key = (kinds.start, tuple(feats.shape), feats.dtype, None if rows is None else id(rows), branches)
+        group = self._step.features.setdefault(key, [])
+        group.append((layer, feats, rows))
+        if len(group) == LAYER_CHUNK:  # bound the stash: compute the chunk now
+            self._token_statistics(self._step.features.pop(key), key, ctx)
 
     def _decoder_rows(self, ctx: StepContext, n: int) -> Optional[Tensor]:
         if ctx.decoder_rows is None and n != self.num_positions:
@@ -293,64 +307,47 @@ class RedundancyRecorder(StepObserver):
         if buf.encoder_positions.shape[1] != n:
             raise RecordingError(f"an encoder block ran {n} rows, not the buffer and known positions "
                                  f"({buf.encoder_positions.shape[1]}), and ctx.encoder_rows is not set")
-        return buf.encoder_positions.repeat(len(ctx.branches), 1)
+        if buf.encoder_rows is None or buf.encoder_rows.shape[0] != len(ctx.branches) * ctx.batch_size:
+            buf.encoder_rows = buf.encoder_positions.repeat(len(ctx.branches), 1)
+        return buf.encoder_rows
 
-    def _record(self, layer: int, kinds: slice, feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...],
-                ctx: StepContext) -> None:
-        """feats (NB, n, K, G, d) of the network batch: K feature kinds (``kinds``) of G groups (heads) each;
-        rows (NB, n) positions or None (all positions)."""
-        B, P, step = ctx.batch_size, self.num_positions, ctx.step
-        if feats.shape[0] != len(branches) * B:
-            raise RecordingError(f"network batch of {feats.shape[0]} rows does not match branches {branches} "
-                                 f"x {B} samples")
-        is_output = kinds == OUTPUT
-        keep = BRANCHES if (is_output and "uncond" in branches) else ("cond",)
-        full, valid = self._scatter(feats, rows, branches, keep, B, P)
-        prev = self._previous.get((layer, kinds.start))
-        self._previous[(layer, kinds.start)] = _Previous(step, full, valid)
-        if prev is None or prev.step != step - 1:
+    def _token_statistics(self, members: list[tuple[int, Tensor, Optional[Tensor]]], key: tuple,
+                          ctx: StepContext) -> None:
+        """Stashed features of layers run on the same rows -> their token cosines and CFG statistics, in one
+        batched computation (the encoder blocks, the decoder blocks, z; outputs and K/V apart)."""
+        B, P, step, buf, previous = ctx.batch_size, self.num_positions, ctx.step, self._step, self._earlier
+        start, branches = key[0], key[4]
+        kinds = OUTPUT if start == OUTPUT.start else KEYS_VALUES
+        keep = BRANCHES if (kinds == OUTPUT and "uncond" in branches) else ("cond",)
+        stacked = torch.stack([feats for _, feats, _ in members])               # (L, NB, n, K, G, d)
+        full, valid = scatter_rows(stacked, members[0][2], branches, keep, B, P)
+        valid = valid.expand(len(members), -1, -1)
+        layers = tuple(layer for layer, _, _ in members)
+        current = LayerFeatures(step, layers, full, valid, B, with_cfg=len(keep) == 2)
+        for i, layer in enumerate(layers):
+            self._previous[(layer, kinds.start)] = (current, i)
+        earlier = [previous.pop((layer, kinds.start), (None, 0)) for layer in layers]
+        if earlier[0][0] is not None and earlier[0][0].layers == layers:  # the same group ran at step - 1
+            if earlier[0][0].step == step - 1:
+                self._compare(buf, kinds, current, earlier[0][0], B)
             return
-        buf = self._step
-        both = valid[:B] & prev.valid[:B]
-        cos = _cosine(full[:B], prev.features[:B])                               # (B, P, K)
-        buf.token_cosine[:, layer, kinds] = torch.where(both.unsqueeze(-1), cos, float("nan")).transpose(1, 2)
-        if not is_output or full.shape[0] != 2 * B or prev.features.shape[0] != 2 * B:
-            return
-        h, ph = full.flatten(2), prev.features.flatten(2)                        # (2B, P, C)
-        cond, uncond, pcond, puncond = h[:B], h[B:], ph[:B], ph[B:]
-        residual, previous_residual = cond - uncond, pcond - puncond
-        stats = torch.stack([
-            F.cosine_similarity(residual, previous_residual, dim=-1),
-            _relative_change(residual, previous_residual),
-            _relative_change(cond, pcond),
-            _relative_change(uncond, puncond),
-        ], dim=1)
-        ok = (both & valid[B:] & prev.valid[B:]).unsqueeze(1)
-        buf.cfg[:, layer] = torch.where(ok, stats, float("nan"))
+        by_group: dict[int, list[int]] = {}  # the layers that ran at both steps, by their group at step - 1
+        for i, (p, _) in enumerate(earlier):
+            if p is not None and p.step == step - 1:
+                by_group.setdefault(id(p), []).append(i)
+        for both in by_group.values():
+            before = earlier[both[0]][0].rows([earlier[i][1] for i in both])
+            self._compare(buf, kinds, current.rows(both), before, B)
 
     @staticmethod
-    def _scatter(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...], keep: tuple[str, ...],
-                 B: int, P: int) -> tuple[Tensor, Tensor]:
-        """Network rows -> (len(keep) * B, P, ...) features at their positions, [cond; uncond], and validity."""
-        if rows is None and branches[: len(keep)] == keep:
-            full = feats[: len(keep) * B].clone()
-            return full, torch.ones(full.shape[:2], dtype=torch.bool, device=feats.device)
-        if rows is not None and rows.shape != feats.shape[:2]:
-            raise RecordingError(f"row positions of shape {tuple(rows.shape)} do not match features "
-                                 f"{tuple(feats.shape[:2])}")
-        full = feats.new_zeros((len(keep) * B, P) + feats.shape[2:])
-        valid = torch.zeros(len(keep) * B, P, dtype=torch.bool, device=feats.device)
-        samples = torch.arange(B, device=feats.device).unsqueeze(1)
-        for j, branch in enumerate(branches):
-            if branch not in keep:
-                continue
-            src, dst = slice(j * B, (j + 1) * B), slice(keep.index(branch) * B, (keep.index(branch) + 1) * B)
-            if rows is None:
-                full[dst], valid[dst] = feats[src], True
-            else:
-                full[dst][samples, rows[src]] = feats[src]
-                valid[dst][samples, rows[src]] = True
-        return full, valid
+    def _compare(buf: _StepBuffers, kinds: slice, now: LayerFeatures, before: LayerFeatures, B: int) -> None:
+        """Layers' stacked features against their previous step's -> this step's statistics of those layers."""
+        layers = now.layers
+        where = (slice(layers[0], layers[-1] + 1) if layers == tuple(range(layers[0], layers[-1] + 1))
+                 else torch.tensor(layers, device=now.units.device))
+        buf.token_cosine[:, where, kinds] = token_cosines(now, before, B)
+        if now.features is not None and before.features is not None:
+            buf.cfg[:, where] = cfg_statistics(now, before, B)
 
     # --- diffusion-head hooks -----------------------------------------------------------------------------
     def _head_step(self) -> Optional[_StepBuffers]:
@@ -363,33 +360,23 @@ class RedundancyRecorder(StepObserver):
         buf = self._head_step()
         if buf is not None:
             buf.head_index += 1
-            buf.head_deltas = {}
+            buf.current_head = HeadStep(buf.head_index)
+            if len(buf.head_stash) >= HEAD_CHUNK:  # bound the stash: compute what is there
+                buf.head_changes.add(buf.head_stash)
+                buf.head_stash = []
 
     def _res_block_hook(self, k: int):
         def hook(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-            buf = self._head_step()
-            if buf is not None:
-                n = buf.num_tokens
-                buf.head_deltas[k] = out[:n] - args[0][:n]
+            head = self._step.current_head if self._step is not None else None  # set only in the head phase
+            if head is not None:
+                head.blocks[k] = (args[0], out)
         return hook
 
     def _on_head_output(self, module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-        buf = self._head_step()
-        if buf is None or not 0 <= buf.head_index < self.head_steps:
+        buf = self._step
+        if buf is None or buf.current_head is None:
             return
-        n, D, K = buf.num_tokens, self.model.token_dim, len(self.head_parts) - 1
-        eps_cfg = out[:n, :D] - out[n:2 * n, :D] if out.shape[0] == 2 * n else None
-        deltas = buf.head_deltas
-        stacked = torch.stack([deltas[k] for k in range(K)]) if len(deltas) == K else None
-        previous, h = buf.head_previous, buf.head_index
-        buf.head_previous = (h, eps_cfg, deltas, stacked)
-        if previous is None or previous[0] != h - 1:
-            return
-        _, prev_eps, prev_deltas, prev_stacked = previous
-        if eps_cfg is not None and prev_eps is not None:
-            buf.head[h, 0] = _relative_change(eps_cfg, prev_eps)
-        if stacked is not None and prev_stacked is not None:
-            buf.head[h, 1:] = _relative_change(stacked, prev_stacked)
-        else:  # some res blocks did not run (a head cache): record those that ran at both head steps
-            for k in deltas.keys() & prev_deltas.keys():
-                buf.head[h, 1 + k] = _relative_change(deltas[k], prev_deltas[k])
+        if 0 <= buf.head_index < self.head_steps:
+            buf.current_head.output = out
+            buf.head_stash.append(buf.current_head)
+        buf.current_head = None
