@@ -69,25 +69,25 @@ def layer_group(layer: str) -> str:
     return group
 
 
+def _names(given: Optional[str | Iterable[str]], known: Sequence[str], what: str) -> Optional[list[str]]:
+    """``given`` (one name or several) as a list, each checked against ``known``; None stays None."""
+    if given is None:
+        return None
+    names = [given] if isinstance(given, str) else list(given)
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        raise AnalysisError(f"unknown {what} {unknown[0]!r}, not in the recording; it has {', '.join(known)}")
+    return names
+
+
 def _check_layers(ds: xr.Dataset, layers: Optional[Sequence[str]]) -> list[str]:
     known = [str(x) for x in ds["layer"].values]
-    if layers is None:
-        return known
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    missing = [x for x in layers if x not in known]
-    if missing:
-        raise AnalysisError(f"layer {missing[0]!r} is not in the recording; it has {', '.join(known)}")
-    return layers
+    return known if layers is None else _names(layers, known, "layer")
 
 
 def _status_codes(statuses: Optional[Iterable[str]]) -> Optional[list[int]]:
-    if statuses is None:
-        return None
-    statuses = [statuses] if isinstance(statuses, str) else list(statuses)
-    unknown = [s for s in statuses if s not in STATUS_CODES]
-    if unknown:
-        raise AnalysisError(f"unknown status {unknown[0]!r}; known: {', '.join(STATUS_NAMES)}")
-    return [STATUS_CODES[s] for s in statuses]
+    names = _names(statuses, list(STATUS_NAMES), "status")
+    return None if names is None else [STATUS_CODES[s] for s in names]
 
 
 def statistic_values(ds: xr.Dataset, variable: str = "token_cosine", kind: str = "output",
