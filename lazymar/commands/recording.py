@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
-from typing import Callable
 
+from .. import distributed
 from ..recording import load_stats, merge_stats, save_stats
 from ..recording.dataset import RecordingError
 from ..recording.driver import record
@@ -16,20 +15,7 @@ from ..recording.summary import overview
 from ..validation import check_outputs, keep_bits, positive_int
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      runner_from_args, sampling_from_args)
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
-def process_group_barrier() -> Callable[[], None]:
-    """torch.distributed.barrier of the torchrun job (a gloo process group is started if none is)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return dist.barrier
+from .measuring import launched
 
 
 def path_bytes(path: Path) -> int:
@@ -38,11 +24,14 @@ def path_bytes(path: Path) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    rank, world = distributed_rank()
     out = Path(args.out)
     check_outputs([out], args.force, resume=args.resume)
-    if world > 1 and str(args.device).startswith("cuda") and ":" not in str(args.device):
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    with launched(args):  # under torchrun: this rank's device and the job's process group
+        return _record(args, out)
+
+
+def _record(args: argparse.Namespace, out: Path) -> int:
+    rank, world = distributed.rank(), distributed.world_size()
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     schedule = getattr(args, "schedule", None) or "none"
@@ -50,7 +39,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if schedule != "none":
         runner_from_args(model, args, settings)  # a bad schedule fails now, not after the first batch
         runner_factory = lambda: runner_from_args(model, args, settings)  # noqa: E731
-    barrier = process_group_barrier() if world > 1 else None
+    barrier = distributed.barrier if world > 1 else None
     start = time.perf_counter()
     ds = record(model, out, args.num_samples, settings, seed=args.seed, batch_size=args.batch_size,
                 model_name=str(args.model), runner_factory=runner_factory, schedule=str(schedule), rank=rank,
