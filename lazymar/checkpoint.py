@@ -25,7 +25,7 @@ from .errors import LazymarError
 from .guards import first_non_finite
 
 DATA_DIR = Path(os.environ.get("LAZYMAR_DATA", Path(__file__).resolve().parents[1] / "data"))
-EMBEDDED = {"digits": DATA_DIR / "checkpoints" / "digits.pth"}
+EMBEDDED = {name: DATA_DIR / "checkpoints" / f"{name}.pth" for name in ("digits", "digits16")}
 
 # Sampling defaults of the released models (MAR README: linear CFG, temperature 1.0), at LazyMAR's 64 steps.
 OFFICIAL_SAMPLING = {

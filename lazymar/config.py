@@ -113,6 +113,15 @@ CONFIGS: dict[str, MARConfig] = {
         buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
         clip_denoised=True,
     ),
+    # the same digits laid out like MAR-B/L/H: 8x8 images upsampled to 32x32 (lazymar.digits.upsample), 2x2 pixel
+    # patches as tokens -> a 16x16 grid of 4-channel tokens, plus the official 64-position buffer = 320 positions
+    "digits16": MARConfig(
+        img_size=32, vae_stride=1, patch_size=2, vae_embed_dim=1,
+        encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
+        decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=4,
+        buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
+        clip_denoised=True,
+    ),
 }
 
 

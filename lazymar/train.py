@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,16 +47,27 @@ def mar_loss(model: MAR, images: Tensor, labels: Tensor, generator: torch.Genera
 
 def train(config: MARConfig, images: Tensor, labels: Tensor, steps: int = 500, batch_size: int = 128,
           lr: float = 5e-4, ema_decay: float = 0.995, grad_clip: float = 3.0, warmup: int = 50, seed: int = 0,
-          log_every: int = 10, progress: bool = True) -> tuple[MAR, MAR, list[dict]]:
-    """Train from scratch; returns (model, EMA model, log). Deterministic for a seed on one machine."""
+          log_every: int = 10, progress: bool = True, state_path: Optional[Path] = None,
+          save_every: int = 50) -> tuple[MAR, MAR, list[dict]]:
+    """Train from scratch; returns (model, EMA model, log). Deterministic for a seed on one machine.
+
+    With ``state_path`` the run saves its whole state (weights, EMA, optimiser, random streams, log) there every
+    ``save_every`` steps and, if the file exists, resumes from it: a killed run restarted with the same settings
+    continues where it stopped and ends with the weights an uninterrupted run would have.
+    """
     check_training(config, steps=steps, batch_size=batch_size, lr=lr)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = MAR(config).train()
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.02)
-    log, start = [], time.time()
-    bar = tqdm(range(steps), desc="train", disable=not progress)
+    log, first_step, seconds_before = [], 0, 0.0
+    settings = {"config": config.to_dict(), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    if state_path is not None and Path(state_path).is_file():
+        first_step, log = _load_state(Path(state_path), settings, model, ema, opt, generator)
+        seconds_before = log[-1]["seconds"] if log else 0.0
+    start = time.time()
+    bar = tqdm(range(first_step, steps), desc="train", disable=not progress, initial=first_step, total=steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
@@ -70,9 +82,36 @@ def train(config: MARConfig, images: Tensor, labels: Tensor, steps: int = 500, b
                 p_ema.lerp_(p, 1 - ema_decay)
         if step % log_every == 0 or step == steps - 1:
             log.append({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                        "lr": opt.param_groups[0]["lr"], "seconds": time.time() - start})
+                        "lr": opt.param_groups[0]["lr"], "seconds": seconds_before + time.time() - start})
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if state_path is not None and ((step + 1) % save_every == 0 or step == steps - 1):
+            _save_state(Path(state_path), settings, step + 1, model, ema, opt, generator, log)
     return model, ema, log
+
+
+def _save_state(path: Path, settings: dict, next_step: int, model: MAR, ema: MAR, opt: torch.optim.Optimizer,
+                generator: torch.Generator, log: list[dict]) -> None:
+    """Written to a temporary file and renamed, so a kill mid-write leaves the previous state intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"settings": settings, "next_step": next_step, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "log": log}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, settings: dict, model: MAR, ema: MAR, opt: torch.optim.Optimizer,
+                generator: torch.Generator) -> tuple[int, list[dict]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        raise SettingsError(f"{path} is the state of a run with other settings ({state.get('settings')}); "
+                            "delete it or train with those settings")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["next_step"], state["log"]
 
 
 def save_checkpoint(path: Path, model: MAR, ema: MAR, sampling: SamplingSettings, log: Optional[list[dict]] = None,
@@ -85,7 +124,7 @@ def save_checkpoint(path: Path, model: MAR, ema: MAR, sampling: SamplingSettings
                 "sampling": sampling.__dict__.copy(), "train_log": log or []}, path)
 
 
-def plot_loss(log: list[dict], path: Path) -> None:
+def plot_loss(log: list[dict], path: Path, title: str = "MAR digits training") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,7 +133,7 @@ def plot_loss(log: list[dict], path: Path) -> None:
     ax.plot([r["step"] for r in log], [r["loss"] for r in log])
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("diffusion loss (masked tokens)")
-    ax.set_title("MAR digits training")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -127,25 +166,39 @@ def training_outputs(out: Path) -> list[Path]:
 
 
 DIGITS_SAMPLING = SamplingSettings(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=1.0)
+EMBEDDED_MODELS = ("digits", "digits16")  # the configurations train_digits can train (lazymar.config)
+
+
+def training_state(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its resumable state (deleted when the run ends)."""
+    out = Path(out)
+    return out.with_name(out.stem + "_train_state.pth")
 
 
 def train_digits(out: Path, steps: int = 600, seed: int = 0, batch_size: int = 128, lr: float = 5e-4,
-                 sampling: SamplingSettings = DIGITS_SAMPLING, progress: bool = True, **config_overrides) -> Path:
-    """Train the embedded digits MAR on the fixed train split; writes the checkpoint, its log and loss curve."""
+                 sampling: SamplingSettings = DIGITS_SAMPLING, progress: bool = True, model: str = "digits",
+                 **config_overrides) -> Path:
+    """Train an embedded digits MAR (``digits``: 8x8 pixels as tokens; ``digits16``: the images upsampled to 32x32,
+    2x2 patches as tokens) on the fixed train split; writes the checkpoint, its log and loss curve. Resumes from
+    :func:`training_state` if a killed run left one."""
     from .config import get_config
     from .digits import digits_split
 
-    config = get_config("digits", **config_overrides)
+    if model not in EMBEDDED_MODELS:
+        raise SettingsError(f"unknown embedded model {model!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    config = get_config(model, **config_overrides)
     check_training(config, steps=steps, batch_size=batch_size, lr=lr)
     if not 1 <= sampling.num_iter <= config.seq_len:
         raise SettingsError(f"stored sampling steps must lie in [1, {config.seq_len}] (the model's tokens), "
                             f"got {sampling.num_iter}")
-    images, labels = digits_split("train")
-    model, ema, log = train(config, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                            progress=progress)
+    images, labels = digits_split("train", size=config.img_size)
+    state = training_state(out)
+    trained, ema, log = train(config, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              progress=progress, state_path=state)
     out, log_path, loss_path = training_outputs(out)
-    save_checkpoint(out, model, ema, sampling, log,
+    save_checkpoint(out, trained, ema, sampling, log,
                     extra_args={"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr})
     write_log(log, log_path)
-    plot_loss(log, loss_path)
+    plot_loss(log, loss_path, title=f"MAR {model} training")
+    state.unlink(missing_ok=True)
     return out

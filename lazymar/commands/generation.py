@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_outputs(training_outputs(out), args.force)
     train_digits(out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, sampling=sampling,
-                 **overrides)
+                 model=args.model, **overrides)
     print(f"wrote {out}")
     return 0
 
@@ -120,7 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the embedded digits MAR",
                        description="Train a MAR on scikit-learn's digits (train split); writes the checkpoint, "
                                    "its training log (JSON) and a loss-curve PNG beside it.")
-    p.add_argument("--out", required=True, help="checkpoint path, e.g. data/checkpoints/digits.pth")
+    p.add_argument("--model", choices=("digits", "digits16"), default="digits",
+                   help="which embedded model: digits (8x8 pixels as tokens) or digits16 (32x32, 2x2-pixel tokens: "
+                        "256 tokens + 64 buffer, the official layout)")
+    p.add_argument("--out", required=True, help="checkpoint path, e.g. data/checkpoints/digits.pth; a killed run "
+                                                "resumes from <out stem>_train_state.pth when restarted")
     p.add_argument("--steps", type=positive_int, default=600, help="optimiser steps (default 600)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=128)
@@ -129,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encoder/decoder width, a multiple of the 4 attention heads (default 96)")
     p.add_argument("--depth", type=positive_int, default=None, help="encoder/decoder depth (default 4)")
     p.add_argument("--num-iter", type=positive_int, default=64,
-                   help="stored default sampling steps (at most the 64 tokens)")
+                   help="stored default sampling steps (at most the model's tokens: 64 or 256)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="stored default CFG scale")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     p.set_defaults(func=cmd_train)

@@ -28,8 +28,10 @@ IMAGE_DATA_RANGE = 2.0  # images are in [-1, 1] for pixel and VAE models alike
 
 
 def is_digits_model(config: MARConfig) -> bool:
-    """Tokens are the pixels of 8x8 digit images (the embedded model): images and the digits classifier apply."""
-    return config.vae_stride == 1 and config.img_size == 8 and config.class_num == 10
+    """Tokens are pixels of digit images, 8x8 (``digits``) or upsampled from 8x8 (``digits16``: 32x32): images and
+    the digits classifier apply (after :func:`lazymar.digits.to_8x8`)."""
+    return (config.vae_stride == 1 and config.vae_embed_dim == 1 and config.class_num == 10
+            and config.img_size % 8 == 0 and config.img_size >= 8)
 
 
 class ImageSpace:
@@ -104,13 +106,17 @@ def decode_and_score(image_space: ImageSpace, tokens: Tensor, labels: Sequence[i
 
 
 class DigitsQuality:
-    """Class accuracy, digits-FID and its floor (lazymar.metrics); FID is NaN for fewer than 2 images."""
+    """Class accuracy, digits-FID and its floor (lazymar.metrics); FID is NaN for fewer than 2 images. Images
+    larger than 8x8 (the digits16 model) are brought back to 8x8 first by the exact inverse of their upsampling
+    (:func:`lazymar.digits.to_8x8`), so both models are scored by the same classifier and statistics."""
 
     name = "digits"
     keys = ("accuracy", "fid", "fid_floor")
 
     def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]:
+        from ..digits import to_8x8
         from ..metrics import class_accuracy, evaluate_digits
+        images = to_8x8(images)
         labels = torch.tensor([int(x) for x in labels])
         if len(images) < 2:
             return {"accuracy": class_accuracy(images, labels), "fid": math.nan, "fid_floor": math.nan}
