@@ -72,6 +72,8 @@ class SamplingSettings:
     cfg_schedule: str = "linear"
     temperature: float = 1.0
     order: str = "mar"  # generation order (lazymar.orders): "mar", or GtR's two-stage "gtr:<detail steps>"
+    # the head's steps per token (lazymar.head_steps): "uniform", or GtR's FTS "fts:<fraction>:<reduced steps>"
+    head_steps: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
@@ -85,6 +87,9 @@ class SamplingSettings:
         if self.order != "mar":
             from .orders import generation_order
             generation_order(self.order)  # raises SettingsError on a bad spec
+        if self.head_steps != "uniform":
+            from .head_steps import head_step_allocation
+            head_step_allocation(self.head_steps)  # raises SettingsError on a bad spec
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:

@@ -255,6 +255,7 @@ class DiffLoss(nn.Module):
         self.net = SimpleMLPAdaLN(token_dim, width, z_channels, depth)
         self.train_diffusion = GaussianDiffusion.create("")
         self.gen_diffusion = GaussianDiffusion.create(str(num_sampling_steps))
+        self._respaced: dict[int, GaussianDiffusion] = {}
 
     def forward(self, target: Tensor, z: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Training loss for targets (N, token_dim) conditioned on z (N, z_channels), averaged over ``mask``."""
@@ -263,9 +264,21 @@ class DiffLoss(nn.Module):
             return loss.mean()
         return (loss * mask).sum() / mask.sum()
 
-    def denoiser(self, cfg: Optional[float]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """eps_theta(x, respaced index, z), with CFG when ``cfg`` is given (z is then [cond; uncond])."""
-        timestep_map = self.gen_diffusion.timestep_map
+    def sampling_diffusion(self, steps: Optional[int] = None) -> GaussianDiffusion:
+        """The diffusion sampling runs: the model's (``num_sampling_steps``), or the same cosine schedule respaced to
+        ``steps`` steps, as the official code respaces ``num_sampling_steps`` (fewer head steps for some tokens:
+        lazymar.head_steps)."""
+        if steps is None:
+            return self.gen_diffusion
+        if steps not in self._respaced:
+            self._respaced[steps] = GaussianDiffusion.create(str(steps))
+        return self._respaced[steps]
+
+    def denoiser(self, cfg: Optional[float], diffusion: Optional[GaussianDiffusion] = None
+                 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """eps_theta(x, respaced index, z), with CFG when ``cfg`` is given (z is then [cond; uncond]); the index is
+        one of ``diffusion``'s steps (default: the model's sampling diffusion)."""
+        timestep_map = (diffusion or self.gen_diffusion).timestep_map
 
         def run(x: Tensor, i: Tensor, z: Tensor) -> Tensor:
             t = timestep_map.to(i.device)[i]
@@ -277,13 +290,15 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, cfg: Optional[float] = None,
                generator: Optional[torch.Generator] = None,
-               denoise: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None) -> Tensor:
+               denoise: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+               steps: Optional[int] = None) -> Tensor:
         """Sample one token per row of z by the reverse process; with CFG, z = [cond; uncond] and the noise is
         shared by the two halves, so both halves of the result are equal (callers keep the first).
 
-        ``denoise`` replaces the network call (the head cache uses it); it receives (x, respaced index, z)."""
-        diffusion = self.gen_diffusion
-        denoise = denoise or self.denoiser(cfg)
+        ``denoise`` replaces the network call (the head cache uses it); it receives (x, respaced index, z).
+        ``steps`` runs that many reverse steps (``sampling_diffusion``) instead of the model's."""
+        diffusion = self.sampling_diffusion(steps)
+        denoise = denoise or self.denoiser(cfg, diffusion)
         n = z.shape[0] // 2 if cfg is not None else z.shape[0]
         if n == 0:  # nothing to predict at this MAR step (draws no noise, as the loop would not)
             return z.new_empty(z.shape[0], self.in_channels)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .config import SamplingSettings
 from .errors import SettingsError
 from .guards import FiniteGuard
+from .head_steps import FrequencyWeightedSteps, head_step_allocation, sample_head
 from .model import MAR
 
 __all__ = ["SamplingSettings", "StepContext", "StepRunner", "StepObserver", "generate", "observe_steps",
@@ -68,6 +69,7 @@ class StepContext:
     new_positions: Optional[Tensor] = None
     to_predict_positions: Optional[Tensor] = None
     num_masked: Optional[int] = None
+    head_steps: Optional[FrequencyWeightedSteps] = None  # the head's steps per token (None: uniform; head_steps)
 
     def __post_init__(self) -> None:
         if not self.branches:
@@ -136,7 +138,8 @@ class StepRunner:
     def head(self, ctx: StepContext, z: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
         """Sample the tokens of the rows of z (the to-predict positions, [cond; uncond] with CFG)."""
         cfg = ctx.cfg_scale if ctx.use_cfg else None
-        sampled = ctx.model.diffloss.sample(z, temperature, cfg, generator)
+        sampled = sample_head(ctx, z, lambda rows, steps: ctx.model.diffloss.sample(
+            rows, temperature, cfg, generator, steps=steps))
         return sampled[: z.shape[0] // 2] if ctx.use_cfg else sampled
 
 
@@ -216,6 +219,9 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     tokens = torch.zeros(B, L, D, device=device)
     from .orders import generation_order  # noqa: PLC0415 (orders imports this module)
     order = generation_order(settings.order)
+    head_steps = head_step_allocation(settings.head_steps)
+    if head_steps is not None:
+        head_steps.check_for(model.diffloss.gen_diffusion.num_timesteps)
     orders = order.orders(B, L, generator, device)
     unknown = torch.ones(B, L, dtype=torch.bool, device=device)
     new = torch.zeros_like(unknown)
@@ -237,6 +243,7 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
             mask_ratio=mask_len / L if step < settings.num_iter - 1 else 0.0,
             cfg_scale=step_cfg_scale(settings.cfg, settings.cfg_schedule, mask_len, L), use_cfg=use_cfg,
             new_positions=new_positions, to_predict_positions=to_predict_positions, num_masked=still_masked,
+            head_steps=head_steps,
         )
         reset = _current_step.set(ctx)
         try:

@@ -186,6 +186,16 @@ def schedule_spec(text: str) -> str:
     return text
 
 
+def head_steps_spec(text: str) -> str:
+    """--head-steps: "uniform" or GtR's frequency-weighted "fts:<fraction>:<reduced steps>" (lazymar.head_steps)."""
+    from .head_steps import head_step_allocation
+    try:
+        head_step_allocation(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def sweep_schedule_spec(text: str) -> str:
     """--schedule of ``sweep``: a schedule (see :func:`schedule_spec`) or a peer preset (``lazymar.peers``)."""
     from .peers import PEER_PRESETS

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..head_steps import sample_head
 from ..model import MAR
 from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner
 from . import flops as F
@@ -95,20 +96,21 @@ class CacheEngine(StepRunner):
 
     def head(self, ctx: StepContext, z: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
         if self.plans[ctx.step].head_cache:
-            sampled = self.head_cache.sample(ctx, z, temperature, generator)
+            sample = lambda rows, steps: self.head_cache.sample(ctx, rows, temperature, generator, steps)  # noqa: E731
         else:
-            sampled = self._sample_uncached(ctx, z, temperature, generator)
+            sample = lambda rows, steps: self._sample_uncached(ctx, rows, temperature, generator, steps)  # noqa: E731
+        sampled = sample_head(ctx, z, sample)
         if ctx.step == ctx.num_iter - 1:
             self.reset()
         return sampled[: z.shape[0] // 2] if ctx.use_cfg else sampled
 
     def _sample_uncached(self, ctx: StepContext, z: Tensor, temperature: float,
-                         generator: Optional[torch.Generator]) -> Tensor:
+                         generator: Optional[torch.Generator], steps: Optional[int] = None) -> Tensor:
         diffloss, config = self.model.diffloss, self.model.config
         cfg = ctx.cfg_scale if ctx.use_cfg else None
-        plain = diffloss.denoiser(cfg)
+        plain = diffloss.denoiser(cfg, diffloss.sampling_diffusion(steps))
 
         def denoise(x: Tensor, i: Tensor, zz: Tensor) -> Tensor:
             self.flops.add("head", F.head_net_flops(config, x.shape[0]))
             return plain(x, i, zz)
-        return diffloss.sample(z, temperature, cfg, generator, denoise=denoise)
+        return diffloss.sample(z, temperature, cfg, generator, denoise=denoise, steps=steps)

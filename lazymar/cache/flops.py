@@ -16,6 +16,7 @@ from typing import Optional
 
 from ..config import MARConfig
 from ..diffusion import space_timesteps
+from ..head_steps import head_step_allocation
 from ..sampling import mask_length
 from .schedule import CacheSchedule, HeadCachePolicy
 
@@ -109,14 +110,17 @@ def head_net_flops(config: MARConfig, rows: int, skipped_blocks: int = 0, mlp_sk
 
 
 def head_sampling_flops(config: MARConfig, tokens: int, use_cfg: bool = True,
-                        policy: Optional[HeadCachePolicy] = None, shared: bool = True) -> int:
-    """The head's FLOPs at one MAR step decoding ``tokens`` tokens (all its reverse steps), uncached or under the
-    head cache ``policy``; none when there is nothing to decode. ``shared=False`` leaves out what a hoisting
-    policy computes once for all the step's rows (cond embedding once per MAR step, the time embedding once
-    per head step): the per-token part, as a derivation prices policies."""
+                        policy: Optional[HeadCachePolicy] = None, shared: bool = True,
+                        head_steps: Optional[int] = None) -> int:
+    """The head's FLOPs at one MAR step decoding ``tokens`` tokens (all its reverse steps: the model's
+    ``num_sampling_steps``, or ``head_steps``), uncached or under the head cache ``policy``; none when there is
+    nothing to decode. ``shared=False`` leaves out what a hoisting policy computes once for all the step's rows
+    (cond embedding once per MAR step, the time embedding once per head step): the per-token part, as a
+    derivation prices policies."""
     if tokens == 0:
         return 0
-    c, steps = config, len(_respaced_steps(config.num_sampling_steps))
+    c = config
+    steps = head_steps if head_steps is not None else len(_respaced_steps(config.num_sampling_steps))
     rows = 2 * tokens if use_cfg else tokens
     if policy is None:
         return steps * head_net_flops(c, rows)
@@ -195,9 +199,11 @@ def step_counts(seq_len: int, num_iter: int, order: str = "mar") -> list[StepCou
 
 
 def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1,
-                              use_cfg: bool = True, order: str = "mar") -> FlopsLedger:
-    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps), from the
-    token counts alone. Equals the engine's ledger of an actual run (tests check it)."""
+                              use_cfg: bool = True, order: str = "mar", head_steps: str = "uniform") -> FlopsLedger:
+    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps) with the
+    generation ``order`` and the head's step allocation ``head_steps`` (SamplingSettings' fields), from the token
+    counts alone. Equals the engine's ledger of an actual run (tests check it)."""
+    allocation = head_step_allocation(head_steps)
     c, ledger = config, FlopsLedger()
     buf, L = c.buffer_size, c.seq_len
     total = buf + L
@@ -231,7 +237,11 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
         ledger.add("decoder", dec)
         # head
         policy = schedule.head if plan.head_cache else None
-        ledger.add("head", head_sampling_flops(c, batch_size * counts.to_predict, use_cfg, policy))
+        full = counts.to_predict if allocation is None else allocation.full_count(counts.to_predict)
+        ledger.add("head", head_sampling_flops(c, batch_size * full, use_cfg, policy))
+        if allocation is not None:  # FTS: the other tokens run the reduced steps, sampled as their own group
+            ledger.add("head", head_sampling_flops(c, batch_size * (counts.to_predict - full), use_cfg, policy,
+                                                   head_steps=allocation.reduced_steps))
     return ledger
 
 

@@ -32,8 +32,7 @@ class HeadCache:
         self.model, self.policy, self.ledger = model, policy, ledger
         self.config = model.config
         self.net = model.diffloss.net
-        self.num_steps = model.diffloss.gen_diffusion.num_timesteps
-        self.timestep_map = model.diffloss.gen_diffusion.timestep_map
+        self.use_diffusion(None)
         self.use_cfg, self.cfg_scale, self.n, self.cached_rows = False, 1.0, 0, 0
         self.head_step: Optional[int] = None
         self.reset()
@@ -49,17 +48,25 @@ class HeadCache:
     def empty(self) -> bool:
         return self.cond is None and self.eps_difference is None and not self.deltas and not self.mlps
 
+    def use_diffusion(self, steps: Optional[int]) -> None:
+        """Run the head's reverse steps of ``DiffLoss.sampling_diffusion(steps)`` (None: the model's)."""
+        diffusion = self.model.diffloss.sampling_diffusion(steps)
+        self.num_steps, self.timestep_map = diffusion.num_timesteps, diffusion.timestep_map
+
     def sample(self, ctx: StepContext, z: Tensor, temperature: float,
-               generator: Optional[torch.Generator]) -> Tensor:
-        """``DiffLoss.sample`` of the rows of z with this cache as the denoiser (both CFG halves returned)."""
+               generator: Optional[torch.Generator], steps: Optional[int] = None) -> Tensor:
+        """``DiffLoss.sample`` of the rows of z with this cache as the denoiser (both CFG halves returned), over
+        ``steps`` head steps (None: the model's; the policy's refresh steps count within them)."""
+        self.use_diffusion(steps)
         self.begin(ctx.use_cfg, ctx.cfg_scale, z)
         self.head_step = self.num_steps - 1  # DiffLoss.sample's reverse loop runs num_steps - 1 down to 0
         try:
             with self.capturing_mlps():
                 cfg = ctx.cfg_scale if ctx.use_cfg else None
-                return self.model.diffloss.sample(z, temperature, cfg, generator, denoise=self.denoise)
+                return self.model.diffloss.sample(z, temperature, cfg, generator, denoise=self.denoise, steps=steps)
         finally:
             self.reset()
+            self.use_diffusion(None)
 
     def begin(self, use_cfg: bool, cfg_scale: float, z: Tensor) -> None:
         """Start a MAR step whose head conditions on z ([cond; uncond] with CFG)."""

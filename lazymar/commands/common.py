@@ -10,7 +10,9 @@ from typing import Any
 from ..checkpoint import load_model
 from ..model import MAR
 from ..sampling import SamplingSettings
-from ..validation import check_num_iter, device, finite_float, model_arch, positive_float, positive_int, schedule_spec
+from ..head_steps import head_step_allocation
+from ..validation import check_num_iter, device, finite_float, head_steps_spec, model_arch, positive_float
+from ..validation import positive_int, schedule_spec
 from ..validation import seed as seed_type
 
 
@@ -28,6 +30,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=finite_float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None)
     parser.add_argument("--temperature", type=positive_float, default=None)
+    parser.add_argument("--head-steps", type=head_steps_spec, default=None, metavar="uniform|fts:FRACTION:STEPS",
+                        help="diffusion-head steps per token: 'uniform' (the checkpoint's steps for every token), or "
+                             "GtR's frequency-weighted selection: the FRACTION of tokens with the most high-frequency "
+                             "energy get the full steps, the rest STEPS (default: the checkpoint's)")
     parser.add_argument("--seed", type=seed_type, default=0, help="fixes generation orders and noise, in [0, 2**63)")
 
 
@@ -37,10 +43,13 @@ def load_model_from_args(args: argparse.Namespace) -> MAR:
 
 def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings:
     base = model.sampling_defaults
-    overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")
+    overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "head_steps")
                  if getattr(args, k, None) is not None}
     settings = replace(base, **overrides)
     check_num_iter(settings.num_iter, model.seq_len)
+    allocation = head_step_allocation(settings.head_steps)
+    if allocation is not None:
+        allocation.check_for(model.diffloss.gen_diffusion.num_timesteps)
     return settings
 
 
