@@ -10,8 +10,8 @@ the token grid (the structure) is generated first, over all but the last ``k`` s
 over those steps; the other half (the reconstruction of details between structure tokens, whose neighbours are
 all known by then) follows in the last ``k`` steps, also on a cosine schedule. Within each stage the order is
 random. Which checkerboard colour is the structure is drawn per sample (on even token counts, where both have the
-same size). GtR's Frequency-Weighted Token Selection (more head steps for high-frequency tokens) is not
-implemented: the head runs the same steps for every token.
+same size). GtR's Frequency-Weighted Token Selection (more head steps for high-frequency tokens) is the separate
+sampler option ``SamplingSettings.head_steps`` (lazymar.head_steps), which combines with any order.
 """
 from __future__ import annotations
 

@@ -158,6 +158,14 @@ def test_reduced_steps_must_be_fewer_than_the_model_s(model):
         sample(model, "fts:0.5:10")
 
 
+def test_recording_refuses_fts(model):
+    from lazymar.errors import LazymarError
+    from lazymar.recording.recorder import RedundancyRecorder
+    with pytest.raises(LazymarError, match="recording needs uniform head steps"):
+        with RedundancyRecorder(model):
+            sample(model, "fts:0.5:3")
+
+
 def test_cli_rejects_a_bad_head_steps_spec(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from lazymar.cli import main
