@@ -94,3 +94,14 @@ def test_a_state_from_other_settings_is_refused(tmp_path):
     with pytest.raises(SettingsError, match="other settings"):
         train(config, images[:64], labels[:64], steps=6, batch_size=8, progress=False,
               state_path=tmp_path / "state.pth")
+
+
+def test_the_new_tokens_preset_is_the_committed_official_schedule():
+    from pathlib import Path
+    from lazymar.cache.schedule import load_schedule, read_schedule_file
+    official = read_schedule_file(Path(__file__).parents[1] / "data/schedules/official/lazymar_new_tokens.json")
+    preset = load_schedule("lazymar-new-tokens", 64, get_config("mar_base"))
+    assert preset.to_dict() == official.to_dict()
+    fitted = load_schedule("lazymar-new-tokens", 64, get_config("digits16"))  # 3 head blocks, 4 decoder blocks
+    assert fitted.encoder == "new-tokens" and fitted.head.reuse_blocks == (1, 2)
+    assert fitted.keep_fraction == load_schedule("lazymar", 64, get_config("digits16")).keep_fraction

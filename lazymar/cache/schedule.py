@@ -341,7 +341,7 @@ def lazymar_schedule(num_iter: int = LAZYMAR_STEPS, config: Optional[MARConfig] 
         always_keep=("to_predict", "new"), encoder="incremental", head=head)
 
 
-PRESETS = ("none", "lazymar", "lazymar-released")
+PRESETS = ("none", "lazymar", "lazymar-released", "lazymar-new-tokens")
 
 
 def read_schedule_file(path: str | Path) -> CacheSchedule:
@@ -372,6 +372,8 @@ def load_schedule(name_or_path: str | Path, num_iter: int, config: Optional[MARC
         schedule = none_schedule(num_iter)
     elif key in ("lazymar", "lazymar-released"):
         schedule = lazymar_schedule(num_iter, config, hoist_invariants=key == "lazymar")
+    elif key == "lazymar-new-tokens":  # the encoder policy the released code's cache sizing suggests (REFERENCE.md)
+        schedule = lazymar_schedule(num_iter, config).with_changes(encoder="new-tokens", name=key)
     else:
         path = Path(name_or_path)
         schedule = read_schedule_file(path)

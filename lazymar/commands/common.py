@@ -17,7 +17,8 @@ from ..validation import seed as seed_type
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits", help="'digits' (embedded) or a path to an official MAR checkpoint")
+    parser.add_argument("--model", default="digits", help="'digits' or 'digits16' (embedded: 8x8 pixels, or the official 16x16 token layout) or a path to an "
+                                                         "official MAR checkpoint")
     parser.add_argument("--arch", type=model_arch, default=None,
                         help="architecture name (mar_base, ...) when it cannot be inferred")
     parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
@@ -61,7 +62,8 @@ def print_json(obj: Any) -> None:
 # --- cache schedules (lazymar.cache) ------------------------------------------------------------------------
 def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", type=schedule_spec, default="none", metavar="NAME|PATH.json",
-                        help="cache schedule: 'none' (exact), 'lazymar', 'lazymar-released', or a schedule JSON file")
+                        help="cache schedule: 'none' (exact), 'lazymar', 'lazymar-released', 'lazymar-new-tokens' "
+                             "(lazymar with the buffer's encoder rows cached too), or a schedule JSON file")
 
 
 def runner_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):

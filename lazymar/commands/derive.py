@@ -22,10 +22,15 @@ def derive_outputs(out: str | None) -> list[Path]:
     return [] if out is None else [Path(out), Path(out).with_suffix(".md")]
 
 
-def default_stats() -> Path:
-    """The committed recording of the embedded model (found from the package, not the working directory)."""
-    from ..checkpoint import DATA_DIR
-    return DATA_DIR / "stats" / "digits.nc"
+def default_stats(model: str = "digits") -> Path:
+    """The committed recording of an embedded model (found from the package, not the working directory):
+    data/stats/<model>.nc or <model>.zarr. Other models have none: their sweeps need --stats or --no-defaults."""
+    from ..checkpoint import DATA_DIR, EMBEDDED
+    if model not in EMBEDDED:
+        raise ArgumentError(f"no committed recording for {model!r}; pass --stats (a `lazymar record` output) "
+                            "or --no-defaults with --schedule")
+    nc = DATA_DIR / "stats" / f"{model}.nc"
+    return nc if nc.exists() else DATA_DIR / "stats" / f"{model}.zarr"
 
 
 def load_profile(derive, stats: str | Path):
@@ -239,7 +244,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from .measuring import image_space_from_args
     check_outputs([args.out], args.force)
     if args.stats is None and not args.no_defaults:
-        args.stats = default_stats()
+        args.stats = default_stats(args.model)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     profile = None if args.stats is None else load_profile(derive, args.stats)
@@ -256,7 +261,7 @@ def _sweep(args: argparse.Namespace) -> int:
             extra.append(peers.preset_point(spec, settings, model.config))
             continue
         schedule = load_schedule(spec, settings.num_iter, model.config)
-        family = "lazymar" if spec in ("lazymar", "lazymar-released") else "derived"
+        family = "lazymar" if spec.startswith("lazymar") and not spec.endswith(".json") else "derived"
         extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
@@ -347,7 +352,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "FID and the Pareto front (flops_ratio vs psnr) to a CSV.")
     add_model_args(p)
     p.add_argument("--stats", default=None,
-                   help="recording for the derived points (default: the repository's data/stats/digits.nc; not "
+                   help="recording for the derived points (default: the repository's data/stats/<model>.nc or .zarr; not "
                         "needed with --no-defaults)")
     p.add_argument("--schedule", type=sweep_schedule_spec, nargs="+", default=None, metavar="NAME|PATH.json",
                    help="extra schedules to include (presets or schedule JSON files)")
