@@ -1,7 +1,8 @@
 """The workbook's notebooks: the percent-format ``notebooks/*.py`` files are the source, paired by jupytext
 (``notebooks/jupytext.toml``) with ``.ipynb`` twins stored clean (no outputs, no execution counts, a parameters
 cell first). Each notebook is executed top to bottom with nbmake, one subprocess per notebook, from a copy whose
-``FIGURES`` parameter points at a temporary folder, so running the tests leaves the checkout as it was.
+``FIGURES`` parameter points at a temporary folder (injected by analysis.run_notebook, the one place that sets
+notebook parameters), so running the tests leaves the checkout as it was.
 
 Executing them takes minutes on a CPU; set LAZYMAR_SKIP_NOTEBOOKS=1 to run only the storage checks. Outside CI a
 missing nbmake skips the execution tests; under CI=true it fails.
@@ -18,6 +19,10 @@ from pathlib import Path
 import jupytext
 import nbformat
 import pytest
+
+from analysis.run_notebook import (NotebookParameterError, inject_parameters, parameter_names, parse_assignment,
+                                   read_notebook)
+from analysis.run_notebook import main as run_notebook_main
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -71,17 +76,63 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 def _parametrised_copy(path: Path, folder: Path, figures: Path) -> Path:
-    """``path`` with FIGURES set to ``figures`` (a cell injected after the parameters, as papermill does), run from
-    notebooks/ so that its relative default paths resolve as they do by hand."""
-    nb = jupytext.read(path.with_suffix(".py"))
-    first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    nb.cells.insert(first + 1, nbformat.v4.new_code_cell(
-        f"import os\nos.chdir({str(NOTEBOOK_DIR)!r})\nFIGURES = {str(figures)!r}",
-        metadata={"tags": ["injected-parameters"]}))
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    """``path`` with FIGURES set to ``figures`` by analysis.run_notebook's injection (run from notebooks/)."""
     out = folder / path.name
-    nbformat.write(nb, out)
+    nbformat.write(inject_parameters(read_notebook(path.with_suffix(".py")), {"FIGURES": str(figures)}), out)
     return out
+
+
+# --- the runner's parameter checks (analysis.run_notebook) --------------------------------------------------
+def _tiny_notebook(folder: Path) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("OUT = 'unset'\nVALUE = 1\nNAMES: tuple = ()", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import os, pathlib\npathlib.Path(OUT).write_text(repr((VALUE, NAMES, os.getcwd())))")])
+    path = folder / "tiny.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_parameter_names_and_injection(tmp_path):
+    nb = read_notebook(_tiny_notebook(tmp_path))
+    assert parameter_names(nb) == ["OUT", "VALUE", "NAMES"]
+    inject_parameters(nb, {"VALUE": {"a": (1, 2.5)}, "NAMES": ("x",)})
+    injected = nb.cells[1]
+    assert injected.metadata["tags"] == ["injected-parameters"]
+    assert "VALUE = {'a': (1, 2.5)}" in injected.source and "NAMES = ('x',)" in injected.source
+    assert f"os.chdir({str(NOTEBOOK_DIR)!r})" in injected.source
+    four = read_notebook(NOTEBOOK_DIR / "04_paper_figures.py")
+    assert {"STATS", "MODEL", "FIGURES"} <= set(parameter_names(four))
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("MODLE='digits16'", "no parameter 'MODLE'"),            # a name the parameters cell does not set
+    ("MODEL=digits16", "not a Python literal"),              # an unquoted string
+    ("MODEL=__import__('os')", "not a Python literal"),      # code, not a literal
+    ("MODEL", "expected NAME=VALUE"),
+])
+def test_runner_rejects_bad_parameters_in_one_line(assignment, message, capsys):
+    assert run_notebook_main([str(NOTEBOOK_DIR / "04_paper_figures.py"), "--set", assignment]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("python -m analysis.run_notebook: error:")
+
+
+def test_parse_assignment_reads_literals():
+    assert parse_assignment("X='a=b'") == ("X", "a=b")
+    assert parse_assignment(" N = (1, 2) ") == ("N", (1, 2))
+    with pytest.raises(NotebookParameterError, match="not a Python literal"):
+        parse_assignment("X=1 +")
+
+
+def test_runner_executes_with_the_values_from_notebooks(tmp_path):
+    if importlib.util.find_spec("ipykernel") is None:
+        pytest.skip("ipykernel is not installed")
+    result = tmp_path / "result.txt"
+    executed = tmp_path / "executed.ipynb"
+    code = run_notebook_main([str(_tiny_notebook(tmp_path)), "--set", f"OUT={str(result)!r}", "--set", "VALUE=7",
+                              "--set", "NAMES=('a', 'b')", "--out", str(executed), "--no-progress"])
+    assert code == 0
+    assert result.read_text() == repr((7, ("a", "b"), str(NOTEBOOK_DIR)))
+    assert len(nbformat.read(executed, as_version=4).cells) == 3
 
 
 def _git_status() -> str | None:
