@@ -6,6 +6,8 @@
 - measure.py: quick measured checks of schedules beside the uncached run, and the ablation schedules.
 - explorer.py: the interactive schedule explorer of notebook 03.
 - workbook.py: what every notebook shares (recording description, figure/table writer).
+- model_comparison.py: several models side by side (notebook 04's last section).
+- run_notebook.py: run a notebook with parameters (``python -m analysis.run_notebook --help``).
 
 Modules are imported on demand (``from analysis import plots``) so that each stays light.
 """

@@ -94,10 +94,12 @@ def execute(nb, cwd: str | Path = NOTEBOOK_DIR, timeout: Optional[int] = None, p
     from tqdm.auto import tqdm
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.source.strip()]
     bar = tqdm(total=len(code), unit="cell", disable=not progress, file=sys.stderr)
 
-    def started(cell, cell_index, **_):
+    def started(cell, cell_index, **_):  # nbclient calls it for every cell, but runs only non-empty code cells
+        if cell_index not in code:
+            return
         first_line = (cell.source.strip().splitlines() or [""])[0]
         bar.set_postfix_str(f"cell {cell_index}: {first_line[:40]}")
 

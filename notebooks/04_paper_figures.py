@@ -5,7 +5,8 @@
 # token redundancy, condition redundancy, the schedules, the speed/quality table (none / lazymar / derived), and
 # the ablations (each cache mechanism alone; similarity vs random selection; refresh interval). The ablations are
 # measured here on `ABLATION_SAMPLES` samples at the recording's settings; FID needs more samples than that, so
-# they report FLOPs ratio, PSNR against the uncached run and class accuracy.
+# they report FLOPs ratio, PSNR against the uncached run and class accuracy. The last section puts the models of
+# `COMPARE` side by side (their recordings and sweeps; a missing file is skipped and named).
 
 # %% tags=["parameters"]
 STATS = "../data/stats/digits.nc"
@@ -17,6 +18,10 @@ LIVE_SAMPLES = 4                           # live captures (step x step matrix, 
 ABLATION_SAMPLES = 10                      # measured runs of the ablations (one per class for digits)
 REFRESH_INTERVALS = (3, 5, 9, 16)          # refresh every k steps after the warm-up (9 = released at 64 steps)
 SEED = 0
+COMPARE = {                                # models side by side: name -> (recording, sweep); missing files skipped
+    "digits": ("../data/stats/digits.nc", "../data/sweeps/digits_heldout_seed7.csv"),
+    "digits16": ("../data/stats/digits16.zarr", "../data/sweeps/digits16_heldout_seed7.csv"),
+}
 
 # %%
 import json
@@ -27,7 +32,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import measure, phenomena, plots, redundancy_plots, workbook
+from analysis import measure, model_comparison, phenomena, plots, redundancy_plots, workbook
 from lazymar.cache.schedule import CacheSchedule, lazymar_schedule
 from lazymar.checkpoint import load_model
 from lazymar.recording import load_stats
@@ -164,6 +169,45 @@ display(Markdown(
     f"{table.loc['all (lazymar)', 'psnr']:.1f} dB. At equal FLOPs, similarity selection reaches {sim['psnr']:.1f} dB "
     f"and random selection {rnd['psnr']:.1f} dB. Class accuracy over all runs: {table['accuracy'].min():.0%} to "
     f"{table['accuracy'].max():.0%}."))
+
+# %% [markdown]
+# ## Models side by side: the token grid
+#
+# The models of `COMPARE` (e.g. `digits`, 8x8 tokens of one channel, and `digits16`, 16x16 tokens of 4 channels:
+# the official layout of 256 tokens + a 64-position buffer) from their own recordings and sweeps: token redundancy
+# (V of the first and last decoder block, positions a token cache may reuse), condition redundancy (the CFG
+# residual at z), the selection-layer study, and the best schedules of each sweep.
+
+# %%
+models = model_comparison.open_models(COMPARE)
+if models.missing:
+    display(Markdown("Left out of the comparison:\n\n" + models.missing_markdown()))
+if models.recordings:
+    tokens = model_comparison.token_redundancy(models.recordings)
+    save(model_comparison.plot_token_redundancy(tokens), "models_token_redundancy");
+    condition = model_comparison.condition_redundancy(models.recordings)
+    save(model_comparison.plot_condition_redundancy(condition), "models_condition_redundancy");
+    selection = model_comparison.selection_layers(models.recordings)
+    save(model_comparison.plot_selection_layers(selection), "models_selection_layer");
+    save_table(selection.set_index(["model", "layer"]), "models_selection_layer")
+    best = model_comparison.best_schedules(models.sweeps)
+    save(model_comparison.plot_tradeoffs(models.sweeps, best), "models_tradeoff");
+    if len(best):
+        save_table(best, "models_summary")
+        display(best.round(3))
+    finest = max(tokens["threshold"])
+    lines = []
+    for name in models.recordings:
+        reusable = tokens[(tokens["model"] == name) & (tokens["threshold"] == finest)].groupby("block")["fraction"]
+        chosen = selection[(selection["model"] == name) & selection["recommended"]]["layer"].item()
+        residual = condition.loc[condition["model"] == name, "residual_cosine"].mean()
+        lines.append(f"- **{name}** ({selection.loc[selection['model'] == name, 'grid'].iloc[0]}): V cosine > "
+                     f"{finest:g} on {reusable.mean()['first decoder block']:.0%} (first decoder block) and "
+                     f"{reusable.mean()['last decoder block']:.0%} (last) of the reusable positions, mean over steps; "
+                     f"CFG residual cosine at z {residual:.5f}; selection layer {chosen}.")
+    display(Markdown("\n".join(lines)))
+else:
+    display(Markdown("No recording of `COMPARE` exists: no comparison."))
 
 # %%
 display(Markdown(writer.summary()))

@@ -101,7 +101,7 @@ def test_parameter_names_and_injection(tmp_path):
     assert "VALUE = {'a': (1, 2.5)}" in injected.source and "NAMES = ('x',)" in injected.source
     assert f"os.chdir({str(NOTEBOOK_DIR)!r})" in injected.source
     four = read_notebook(NOTEBOOK_DIR / "04_paper_figures.py")
-    assert {"STATS", "MODEL", "FIGURES"} <= set(parameter_names(four))
+    assert {"STATS", "MODEL", "FIGURES", "COMPARE"} <= set(parameter_names(four))
 
 
 @pytest.mark.parametrize("assignment, message", [
@@ -164,3 +164,6 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     if path.name == "04_paper_figures.ipynb":
         written = {p.name for p in figures.iterdir()}
         assert {"ablations.csv", "ablations.md", "schedules.png", "token_ecdf_v.pdf"} <= written
+        # the model comparison: digits is committed (digits16 is skipped until its recording is)
+        assert {"models_token_redundancy.png", "models_selection_layer.csv", "models_summary.md",
+                "models_tradeoff.pdf", "models_condition_redundancy.png"} <= written
