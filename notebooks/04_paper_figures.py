@@ -11,7 +11,7 @@
 # %% tags=["parameters"]
 STATS = "../data/stats/digits.nc"
 SWEEP = "../data/sweeps/digits.csv"        # speed/quality from the sweep when present, else measured here
-SCHEDULES = "../data/schedules"            # derived schedules (JSON) to include; none: derive with defaults
+SCHEDULES = "../data/schedules"            # derived schedules <MODEL>_*.json to include; none: derive with defaults
 MODEL = "digits"
 FIGURES = "../data/figures"
 LIVE_SAMPLES = 4                           # live captures (step x step matrix, absolute changes)
@@ -101,7 +101,7 @@ display(Markdown(
 # %%
 profile = RedundancyProfile.from_stats(ds)
 derived = {}
-for path in sorted(Path(SCHEDULES).glob("*.json")) if Path(SCHEDULES).is_dir() else []:
+for path in sorted(Path(SCHEDULES).glob(f"{MODEL}_*.json")) if Path(SCHEDULES).is_dir() else []:
     schedule = CacheSchedule.from_dict(json.loads(path.read_text()))
     if schedule.num_iter == settings.num_iter:
         derived[f"derived ({path.stem})"] = schedule
