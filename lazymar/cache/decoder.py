@@ -76,7 +76,7 @@ class DecoderTokenCache:
             x = model.run_decoder(x, range(sel + 1), hooks)
         kept = self.select(ctx, self._v)
         if need_v:
-            self.previous_v = keep_rows(self.previous_v, self._v, self.rows)
+            self.previous_v = keep_rows(self.previous_v, self._v, self.rows, dtype=self.dtype)
         self._v = None
         x = x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         ctx.decoder_rows = kept
@@ -93,7 +93,7 @@ class DecoderTokenCache:
         return k, v
 
     def _store_v(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.previous_v = keep_rows(self.previous_v, v, self.rows)
+        self.previous_v = keep_rows(self.previous_v, v, self.rows, dtype=self.dtype)
         return k, v
 
     def _store_hook(self, layer: int) -> KVHook:
@@ -127,7 +127,7 @@ class DecoderTokenCache:
         counts = {"to_predict": ctx.num_to_predict, "new": ctx.num_new, "buffer": buf}
         n_keep = sch.kept_count(ctx.step, total, sum(counts[status] for status in set(sch.always_keep)))
         if sch.selection == "similarity":
-            previous = self.previous_v[:N]
+            previous = self.previous_v[:N].to(v.dtype)
             dot = (v * previous).sum(-1)
             norms = v.norm(dim=-1) * previous.norm(dim=-1)
             score = (dot / norms.clamp_min(1e-12)).mean(dim=1)  # (N, total): high = unchanged
