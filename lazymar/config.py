@@ -100,6 +100,15 @@ def _official(width: int, depth: int, heads: int, head_depth: int, head_width: i
     )
 
 
+# the embedded model: 8x8 digits, one pixel value per token, MAR's buffer of 64
+_DIGITS = MARConfig(
+    img_size=8, vae_stride=1, patch_size=1, vae_embed_dim=1,
+    encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
+    decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=4,
+    buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
+    clip_denoised=True,
+)
+
 CONFIGS: dict[str, MARConfig] = {
     "mar_base": _official(768, 12, 12, 6, 1024),
     "mar_large": _official(1024, 16, 16, 8, 1280),
@@ -110,23 +119,10 @@ CONFIGS: dict[str, MARConfig] = {
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, buffer_size=16,
         diffloss_d=2, diffloss_w=96, class_num=10, num_sampling_steps="10",
     ),
-    # the embedded model: 8x8 digits, one pixel value per token, MAR's buffer of 64
-    "digits": MARConfig(
-        img_size=8, vae_stride=1, patch_size=1, vae_embed_dim=1,
-        encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
-        decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=4,
-        buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
-        clip_denoised=True,
-    ),
-    # the same digits laid out like MAR-B/L/H: 8x8 images upsampled to 32x32 (lazymar.digits.upsample), 2x2 pixel
-    # patches as tokens -> a 16x16 grid of 4-channel tokens, plus the official 64-position buffer = 320 positions
-    "digits16": MARConfig(
-        img_size=32, vae_stride=1, patch_size=2, vae_embed_dim=1,
-        encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4,
-        decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=4,
-        buffer_size=64, diffloss_d=3, diffloss_w=128, class_num=10, num_sampling_steps="100",
-        clip_denoised=True,
-    ),
+    "digits": _DIGITS,
+    # the same network on the digits laid out like MAR-B/L/H: 8x8 images upsampled to 32x32 (lazymar.digits), 2x2
+    # pixel patches as tokens -> a 16x16 grid of 4-channel tokens, plus the official 64-position buffer: 320 positions
+    "digits16": replace(_DIGITS, img_size=32, patch_size=2),
 }
 
 
