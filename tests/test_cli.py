@@ -1,5 +1,6 @@
 """The sample / eval / train commands on the embedded model, and their one-line errors."""
 import json
+import sys
 
 import pytest
 
@@ -61,8 +62,14 @@ def test_eval_and_the_bench_baseline_see_the_same_samples(capsys):
     assert main(["eval", *common]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert main(["bench", "--schedule", "lazymar", "--repeats", "1", *common]) == 0
-    baseline = json.loads(capsys.readouterr().out)["baseline"]
+    result = json.loads(capsys.readouterr().out)
+    baseline = result["baseline"]
     assert (baseline["accuracy"], baseline["fid"]) == (evaluated["accuracy"], evaluated["fid"])
+    # CPU memory comes from one more, untimed repetition per run: one timing each, tokens still identical
+    for run in (baseline, result["cached"]):
+        assert len(run["seconds_all"]) == 1 and run["repeats_identical"]
+        if sys.platform == "linux":
+            assert run["peak_memory_mb"] is not None and run["peak_memory_mb"] > 0
 
 
 def test_bench_of_a_latent_model_without_vae_compares_tokens(capsys):

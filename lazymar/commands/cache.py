@@ -42,14 +42,13 @@ def _bench(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..cache.bench import benchmark
     from ..cache.schedule import load_schedule
-    from ..runs import SamplePlan, prepare_cpu_memory_measurement, resident_mb
+    from ..runs import SamplePlan, resident_mb
     if args.compute_bound and args.num_iter is not None:  # the random model's token count, before building it
         check_num_iter(args.num_iter, get_config(args.arch or COMPUTE_BOUND["arch"]).seq_len)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cpu_baseline = None
-    if torch.device(args.device).type == "cpu" and prepare_cpu_memory_measurement():
-        cpu_baseline = resident_mb()
+    # the process's size before the model: CPU peaks count weights + activations + caches (lazymar.runs.memory)
+    cpu_baseline = resident_mb() if torch.device(args.device).type == "cpu" else None
     if args.compute_bound:
         args.arch = args.arch or COMPUTE_BOUND["arch"]
         args.batch_size = COMPUTE_BOUND["batch_size"] if args.batch_size is None else args.batch_size

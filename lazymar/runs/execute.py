@@ -65,14 +65,16 @@ class Run:
     cpu_seconds: list[float] = field(default_factory=list)
     peak_memory_mb: list[float] = field(default_factory=list)
     repeats_identical: bool = True
+    repetitions: int = 0  # timed or not
     images: Optional[Tensor] = None
     quality: dict = field(default_factory=dict)
     image_space: Optional[ImageSpace] = None
     world_size: int = 1
 
-    def repeat(self, model: MAR, cpu_baseline_mb: Optional[float] = None, progress: bool = False) -> "Run":
+    def repeat(self, model: MAR, cpu_baseline_mb: Optional[float] = None, progress: bool = False,
+               timed: bool = True) -> "Run":
         """Sample the plan once more (this rank's share under torchrun), timed (CUDA synchronised) and gathered;
-        notes whether the tokens repeat exactly."""
+        notes whether the tokens repeat exactly. ``timed=False``: a repetition for its peak memory only."""
         from .. import distributed
         device = next(model.parameters()).device
         rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -88,14 +90,16 @@ class Run:
         tokens = distributed.gather_samples(tokens.detach(), index)  # None on ranks other than 0
         parts = distributed.gather_objects((ledger, seconds, cpu_seconds, memory.peak_mb), dst=None)
         tokens = None if tokens is None else tokens.cpu()
-        if not self.seconds:
+        if self.repetitions == 0:
             self.tokens, self.flops = tokens, FlopsLedger()
             for part in parts:
                 self.flops = self.flops.merge(part[0])
         elif tokens is not None and not torch.equal(self.tokens, tokens):
             self.repeats_identical = False
-        self.seconds.append(max(part[1] for part in parts))
-        self.cpu_seconds.append(sum(part[2] for part in parts))
+        self.repetitions += 1
+        if timed:
+            self.seconds.append(max(part[1] for part in parts))
+            self.cpu_seconds.append(sum(part[2] for part in parts))
         peaks = [part[3] for part in parts if part[3] is not None]
         if peaks:
             self.peak_memory_mb.append(max(peaks))
@@ -104,7 +108,7 @@ class Run:
     def finish(self, images: ImageSpace, evaluator: Optional[QualityEvaluator] = None) -> "Run":
         """Decode the images and score them with ``evaluator`` (if any), streamed (runs.images.decode_and_score);
         the images are kept when ``images.keep``. Nothing to do on ranks other than 0 under torchrun."""
-        if not self.seconds:
+        if not self.repetitions:
             raise RuntimeError(f"run {self.name!r} has not been sampled yet")
         self.image_space = images
         if self.tokens is not None:

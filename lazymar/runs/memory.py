@@ -1,12 +1,15 @@
 """Peak memory of a run. On CUDA ``torch.cuda.max_memory_allocated`` during the run (weights included; the device
 is synchronised before and after). On CPU the peak resident set size during the run (VmHWM, reset before each run)
-minus the process's size before the model was built, so again weights + activations + caches. glibc is told to
-serve allocations of 128 KiB and more by mmap (:func:`prepare_cpu_memory_measurement`), so that freed tensors leave
-the resident set and each run's peak is its own. With the 1 MiB used before, the many small row gathers of cached
-steps fragmented glibc's heap: on digits at batch 100 the resident set of the lazymar run grew from 61 to 176 MiB
-over 64 steps while its caches held 45 MiB (malloc_trim gave the rest back), so the CPU peak measured the allocator,
-not the caches. At 128 KiB the cached run's extra peak equals its caches' bytes, as on CUDA
-(max_memory_allocated counts live tensors only).
+minus the process's size before the model was built, so again weights + activations + caches.
+
+The resident set counts what glibc's allocator holds, not only live tensors, so a CPU measurement first tells glibc
+(:func:`prepare_cpu_memory_measurement`) to serve every block of 128 KiB and more by mmap and to give back what it
+keeps: freed tensors then leave the resident set and each run's peak is its own. Without this, the many small
+row gathers of cached steps fragmented glibc's heap: on digits at batch 100 the resident set of the lazymar run grew
+from 61 to 176 MiB over 64 steps while its caches held 45 MiB (malloc_trim gave the rest back). With it, the cached
+run's extra peak equals its caches' bytes, as on CUDA. The setting makes every large allocation a fresh mmap (page
+faults, system time), so it must not be on while wall time is measured: ``lazymar bench`` times its repetitions
+with the allocator as it is and measures CPU memory in one extra untimed repetition per run afterwards.
 """
 from __future__ import annotations
 
@@ -30,10 +33,13 @@ def _status_kb(field_name: str) -> Optional[int]:
 
 
 def prepare_cpu_memory_measurement() -> bool:
-    """Fix glibc's mmap threshold (large blocks are returned to the OS when freed). True if it took effect."""
+    """Fix glibc's mmap threshold (blocks >= 128 KiB are returned to the OS when freed) and return the free memory
+    glibc holds. True if it took effect. It stays in effect for the process: call it after any timed work."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+        fixed = bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+        return fixed
     except (OSError, AttributeError):
         return False
 
