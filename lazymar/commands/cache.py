@@ -42,13 +42,11 @@ def _bench(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..cache.bench import benchmark
     from ..cache.schedule import load_schedule
-    from ..runs import SamplePlan, resident_mb
+    from ..runs import SamplePlan
     if args.compute_bound and args.num_iter is not None:  # the random model's token count, before building it
         check_num_iter(args.num_iter, get_config(args.arch or COMPUTE_BOUND["arch"]).seq_len)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    # the process's size before the model: CPU peaks count weights + activations + caches (lazymar.runs.memory)
-    cpu_baseline = resident_mb() if torch.device(args.device).type == "cpu" else None
     if args.compute_bound:
         args.arch = args.arch or COMPUTE_BOUND["arch"]
         args.batch_size = COMPUTE_BOUND["batch_size"] if args.batch_size is None else args.batch_size
@@ -67,7 +65,7 @@ def _bench(args: argparse.Namespace) -> int:
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
     plan = SamplePlan.balanced(num_samples, model.config.class_num, args.seed, batch_size)
     result = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
-                       cpu_baseline_mb=cpu_baseline, progress=distributed.is_main())  # stderr; stdout: the JSON
+                       cpu_memory=torch.device(args.device).type == "cpu", progress=distributed.is_main())  # stderr; stdout: the JSON
     if not distributed.is_main():
         return 0
     result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,

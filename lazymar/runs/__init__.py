@@ -5,10 +5,10 @@ from .compare import DEFAULT, Reference, RunError, fidelity
 from .execute import Run, generate_tokens
 from .images import (IMAGE_DATA_RANGE, DigitsQuality, ImageSpace, QualityEvaluator, QualityStream,
                      decode_and_score, is_digits_model, quality_evaluator, register_evaluator)
-from .memory import PeakMemory, prepare_cpu_memory_measurement, resident_mb
+from .memory import PeakMemory, cpu_memory_measurement, resident_mb, weights_mb
 from .plan import SEED_RULE, Batch, SamplePlan, balanced_labels, batch_seed
 
 __all__ = ["DEFAULT", "IMAGE_DATA_RANGE", "SEED_RULE", "Batch", "DigitsQuality", "ImageSpace", "PeakMemory",
            "QualityEvaluator", "QualityStream", "Reference", "Run", "RunError", "SamplePlan", "balanced_labels",
            "batch_seed", "decode_and_score", "fidelity", "generate_tokens", "is_digits_model",
-           "prepare_cpu_memory_measurement", "quality_evaluator", "register_evaluator", "resident_mb"]
+           "cpu_memory_measurement", "quality_evaluator", "register_evaluator", "resident_mb", "weights_mb"]

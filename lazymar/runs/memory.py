@@ -1,21 +1,24 @@
 """Peak memory of a run. On CUDA ``torch.cuda.max_memory_allocated`` during the run (weights included; the device
 is synchronised before and after). On CPU the peak resident set size during the run (VmHWM, reset before each run)
-minus the process's size before the model was built, so again weights + activations + caches.
+minus the process's size without the model (its resident size less the weights' bytes), so again weights +
+activations + caches.
 
-The resident set counts what glibc's allocator holds, not only live tensors, so a CPU measurement first tells glibc
-(:func:`prepare_cpu_memory_measurement`) to serve every block of 128 KiB and more by mmap and to give back what it
-keeps: freed tensors then leave the resident set and each run's peak is its own. Without this, the many small
+The resident set counts what glibc's allocator holds, not only live tensors, so CPU measurements run inside
+:func:`cpu_memory_measurement`, which tells glibc to serve every block of 128 KiB and more by mmap and to give back
+what it keeps: freed tensors then leave the resident set and each run's peak is its own. Without this, the many small
 row gathers of cached steps fragmented glibc's heap: on digits at batch 100 the resident set of the lazymar run grew
 from 61 to 176 MiB over 64 steps while its caches held 45 MiB (malloc_trim gave the rest back). With it, the cached
 run's extra peak equals its caches' bytes, as on CUDA. The setting makes every large allocation a fresh mmap (page
-faults, system time), so it must not be on while wall time is measured: ``lazymar bench`` times its repetitions
-with the allocator as it is and measures CPU memory in one extra untimed repetition per run afterwards.
+faults, system time), so it must not be on while wall time is measured: ``lazymar bench`` measures CPU memory in
+one untimed repetition per run first, on a fresh heap (after the timed ones, glibc's heap holds up to GBs that no
+trim gives back), then times its repetitions with large thresholds.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -32,16 +35,40 @@ def _status_kb(field_name: str) -> Optional[int]:
     return None
 
 
-def prepare_cpu_memory_measurement() -> bool:
-    """Fix glibc's mmap threshold (blocks >= 128 KiB are returned to the OS when freed) and return the free memory
-    glibc holds. True if it took effect. It stays in effect for the process: call it after any timed work."""
+# glibc mallopt parameters: while measuring, blocks >= 128 KiB come from mmap and go back when freed; afterwards
+# the thresholds glibc's own adaptation reaches for large tensors (heap reuse, no page faults per allocation)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MEASURING = {M_MMAP_THRESHOLD: MMAP_THRESHOLD, M_TRIM_THRESHOLD: MMAP_THRESHOLD}
+AFTERWARDS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        fixed = bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+        done = all(libc.mallopt(param, value) for param, value in settings.items())
         libc.malloc_trim(0)
-        return fixed
+        return done
     except (OSError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def cpu_memory_measurement() -> Iterator[bool]:
+    """Inside: glibc returns every freed block of 128 KiB and more, so the resident set follows live memory
+    (yields False where glibc cannot be told, off Linux). Afterwards: large thresholds, so later timed work is not
+    taxed by a page fault per allocation. Run it before timed work, on a fresh heap."""
+    measuring = _mallopt(MEASURING)
+    try:
+        yield measuring
+    finally:
+        if measuring:
+            _mallopt(AFTERWARDS)
+
+
+def weights_mb(model: torch.nn.Module) -> float:
+    """The bytes of a model's parameters and buffers, in MiB."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def resident_mb() -> Optional[float]:
