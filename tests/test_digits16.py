@@ -105,3 +105,33 @@ def test_the_new_tokens_preset_is_the_committed_official_schedule():
     fitted = load_schedule("lazymar-new-tokens", 64, get_config("digits16"))  # 3 head blocks, 4 decoder blocks
     assert fitted.encoder == "new-tokens" and fitted.head.reuse_blocks == (1, 2)
     assert fitted.keep_fraction == load_schedule("lazymar", 64, get_config("digits16")).keep_fraction
+
+
+def test_eval_scores_digits16_samples_on_the_8x8_scale(capsys):
+    import json
+    from lazymar.cli import main
+    assert main(["eval", "--model", "digits16", "--num-samples", "4", "--batch-size", "4", "--num-iter", "2",
+                 "--seed", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_samples"] == 4 and 0.0 <= out["accuracy"] <= 1.0 and out["fid"] > 0
+
+
+def test_the_whole_pipeline_runs_on_digits16(tmp_path, capsys):
+    """record -> derive -> sweep -> bench on the 16x16-token model, at a few steps and samples."""
+    import json
+    from lazymar.cli import main
+    small = ["--model", "digits16", "--num-iter", "4", "--seed", "2"]
+    stats, schedule = tmp_path / "rec.zarr", tmp_path / "derived.json"
+    assert main(["record", *small, "--num-samples", "2", "--batch-size", "2", "--out", str(stats), "--no-progress"]) == 0
+    assert main(["derive", "--stats", str(stats), "--model", "digits16", "--num-iter", "4", "--out", str(schedule),
+                 "--tau-refresh", "2"]) == 0
+    assert json.loads(schedule.read_text())["num_iter"] == 4
+    capsys.readouterr()
+    assert main(["sweep", *small, "--no-defaults", "--schedule", "lazymar", "lazymar-new-tokens", str(schedule),
+                 "--num-samples", "2", "--batch-size", "2", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"none", "lazymar", "lazymar-new-tokens", "derived"}
+    assert rows["lazymar"]["flops_ratio"] > 1 and rows["lazymar"]["psnr"] > 0
+    assert main(["bench", *small, "--schedule", "lazymar", "--num-samples", "2", "--batch-size", "2",
+                 "--repeats", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops_ratio"] > 1

@@ -145,12 +145,13 @@ def test_args_without_sizes_or_known_name_combine_with_inferred_shapes(tmp_path)
     assert loaded.config == config
 
 
-@pytest.mark.skipif(not EMBEDDED["digits"].is_file(),
-                    reason="the embedded digits checkpoint has not been trained yet")
-def test_embedded_digits_model_loads_by_name():
-    model = load_model("digits")
-    assert (model.seq_len, model.token_dim, model.buffer_size, model.training) == (64, 1, 64, False)
-    assert model.sampling_defaults.num_iter >= 1
+@pytest.mark.parametrize("name, layout", [("digits", (64, 1, 64)), ("digits16", (256, 4, 64))])
+def test_embedded_models_load_by_name(name, layout):
+    assert EMBEDDED[name].is_file(), f"the embedded {name} checkpoint is not committed"
+    model = load_model(name)
+    assert (model.seq_len, model.token_dim, model.buffer_size, model.training) == (*layout, False)
+    assert model.config == get_config(name)  # the committed checkpoint is the named configuration
+    assert 1 <= model.sampling_defaults.num_iter <= model.seq_len
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
