@@ -124,8 +124,10 @@ def test_the_whole_pipeline_runs_on_digits16(tmp_path, capsys):
     stats, schedule = tmp_path / "rec.zarr", tmp_path / "derived.json"
     assert main(["record", *small, "--num-samples", "2", "--batch-size", "2", "--out", str(stats), "--no-progress"]) == 0
     assert main(["derive", "--stats", str(stats), "--model", "digits16", "--num-iter", "4", "--out", str(schedule),
-                 "--tau-refresh", "2"]) == 0
-    assert json.loads(schedule.read_text())["num_iter"] == 4
+                 "--target-flops-ratio", "1.2", "--measure-samples", "2", "--candidates", "1", "--seed", "11"]) == 0
+    derived = json.loads(schedule.read_text())
+    assert derived["num_iter"] == 4 and derived["search"]["seeds"] == [11]  # the search seed travels with it
+    assert "seed 11" in schedule.with_suffix(".md").read_text()
     capsys.readouterr()
     assert main(["sweep", *small, "--no-defaults", "--schedule", "lazymar", "lazymar-new-tokens", str(schedule),
                  "--num-samples", "2", "--batch-size", "2", "--json"]) == 0

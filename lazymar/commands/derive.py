@@ -116,6 +116,13 @@ def cmd_derive(args: argparse.Namespace) -> int:
     schedule = derived.schedule
     if args.name:
         schedule = schedule.with_changes(name=args.name)
+    if measured:  # the seeds the pick looked at: quote this schedule's quality from other seeds
+        schedule = schedule.with_changes(search={
+            "seeds": [args.seed], "num_samples": args.measure_samples, "batch_size": args.batch_size,
+            "objective": (f"best measured PSNR vs uncached at predicted FLOPs ratio >= {args.target_flops_ratio}"
+                          if mode == "budget" else f"highest predicted FLOPs ratio with measured PSNR >= "
+                                                   f"{args.min_psnr} dB"),
+            "candidates_measured": len(measured)})
     out = {"mode": mode, "stats": str(args.stats), "name": schedule.name, **derived.to_dict(),
            "selection_study": json.loads(profile.selection.reset_index().to_json(orient="records"))}
     if args.target_flops_ratio is not None:
@@ -128,7 +135,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
         out["measured"] = measured
         best = [m for m in measured if m["name"] == derived.schedule.name]
         out["measured_psnr"] = best[0]["psnr"] if best else None
-        out["measure_samples"] = args.measure_samples
+        out["measure_samples"], out["search_seed"] = args.measure_samples, args.seed
     if args.out:
         path = schedule.save(args.out)
         report = path.with_suffix(".md")
@@ -164,7 +171,8 @@ def _report(out: dict) -> str:
     lines.append(f"- predicted FLOPs per image: {out['flops']['total'] / 1e9:.3f} GFLOPs "
                  f"(uncached {out['flops']['baseline'] / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
     if out.get("measured"):
-        lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples):", "",
+        lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples of seed "
+                        f"{out['search_seed']}; quote this schedule's quality from other seeds):", "",
                   "| role | name | predicted FLOPs ratio | predicted PSNR (dB) | measured PSNR (dB) |",
                   "|---|---|---|---|---|"]
         for row in out["measured"]:
