@@ -9,7 +9,6 @@ timed ones) and every comparison metric come from lazymar.runs (runs.memory, run
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from tqdm.auto import tqdm
 
