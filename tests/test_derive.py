@@ -270,6 +270,18 @@ def test_cli_derive_writes_a_loadable_schedule(stats_file, tmp_path, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
 
 
+def test_cli_derive_report_prices_one_image_of_the_priced_batch(stats_file, tmp_path, capsys):
+    """--flops-batch-size prices a whole batch; the report's per-image figure divides it back."""
+    out = tmp_path / "s.json"
+    assert main(["derive", "--stats", str(stats_file), "--tau-token", "0.5", "--tau-refresh", "1.5", "--tau-cfg",
+                 "0.96", "--selection-layer", "1", "--flops-batch-size", "4", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    priced = predicted_flops(load_schedule(out, S, CONFIG), CONFIG, True, 4)
+    line = next(l for l in out.with_suffix(".md").read_text().splitlines() if "predicted FLOPs per image" in l)
+    assert "(batch of 4)" in line
+    assert f"{priced['total'] / 4 / 1e9:.3f} GFLOPs (uncached {priced['baseline'] / 4 / 1e9:.3f})" in line
+
+
 def test_cli_errors(stats_file, tmp_path, capsys):
     assert main(["derive", "--stats", str(tmp_path / "missing.nc")]) == 2
     assert "recording not found" in capsys.readouterr().err

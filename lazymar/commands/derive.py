@@ -168,8 +168,9 @@ def _report(out: dict) -> str:
     lines.append(f"- thresholds: {json.dumps(out['params'])}")
     lines.append(f"- selection-layer study (decoder block: Spearman / AUROC top 20%): " + ", ".join(
         f"{r['layer']}: {_number(r['spearman'])} / {_number(r['auroc'])}" for r in out["selection_study"]))
-    lines.append(f"- predicted FLOPs per image: {out['flops']['total'] / 1e9:.3f} GFLOPs "
-                 f"(uncached {out['flops']['baseline'] / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
+    batch = out["params"].get("flops_batch_size", 1)  # predicted_flops prices a whole batch of this size
+    lines.append(f"- predicted FLOPs per image (batch of {batch}): {out['flops']['total'] / batch / 1e9:.3f} GFLOPs "
+                 f"(uncached {out['flops']['baseline'] / batch / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
     if out.get("measured"):
         lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples of seed "
                         f"{out['search_seed']}; quote this schedule's quality from other seeds):", "",
