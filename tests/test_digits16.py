@@ -86,6 +86,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch
     assert [r["loss"] for r in log] == [r["loss"] for r in resumed_log]
 
 
+@pytest.mark.parametrize("name", ["digits", "digits16"])
+def test_train_defaults_reproduce_the_committed_checkpoints_settings(name):
+    """`lazymar train --model NAME` with no other flags trains what data/checkpoints/NAME.pth was trained with."""
+    import inspect
+    from lazymar.checkpoint import EMBEDDED
+    from lazymar.train import TRAINING_STEPS, train_digits
+    args = torch.load(EMBEDDED[name], map_location="cpu", weights_only=False)["args"]
+    defaults = inspect.signature(train_digits).parameters
+    assert args["steps"] == TRAINING_STEPS[name]
+    assert (args["seed"], args["batch_size"], args["lr"]) == tuple(defaults[k].default for k in ("seed", "batch_size", "lr"))
+    assert args == {**get_config(name).to_dict(), **{k: args[k] for k in ("seed", "steps", "batch_size", "lr")}}
+
+
 def test_a_state_from_other_settings_is_refused(tmp_path):
     from lazymar.errors import SettingsError
     _tiny_run(tmp_path)

@@ -125,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "256 tokens + 64 buffer, the official layout)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. data/checkpoints/digits.pth; a killed run "
                                                 "resumes from <out stem>_train_state.pth when restarted")
-    p.add_argument("--steps", type=positive_int, default=600, help="optimiser steps (default 600)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="optimiser steps (default: the committed checkpoint's, 600 for digits, 1000 for digits16)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=5e-4)
