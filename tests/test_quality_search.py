@@ -91,6 +91,17 @@ def test_search_picks_the_fastest_feasible_candidate():
     assert result.search_record(101, 200, "o")["seeds"] == [101]
 
 
+def test_search_record_keeps_the_seeds_that_made_the_base():
+    """A base from `lazymar derive` was searched on its own seed: the searched schedule names both."""
+    derive_record = {"seeds": [1], "num_samples": 32}
+    base = load_schedule("data/schedules/digits_3.5x.json", 64, CONFIG).with_changes(search=derive_record)
+    rows = {"lazymar": FLOOR, base.name: {**FLOOR, "flops_ratio": 3.6, "psnr": 31.0, "fid": 2.4}}
+    result = quality_search(FakeReference(rows), load_schedule("lazymar", 64, CONFIG), [base], CONFIG, 3.5)
+    record = result.search_record(101, 200, "o")
+    assert result.best.name == base.name
+    assert record["seeds"] == [1, 101] and record["base_search"] == derive_record
+
+
 def test_search_refuses_evaluation_seeds_and_unreachable_budgets():
     floor = load_schedule("lazymar", 64, CONFIG)
     with pytest.raises(DerivationError, match="evaluation seed"):

@@ -49,7 +49,9 @@ def _report(schedule, result, args) -> str:
              f"Searched by `lazymar search-quality` on calibration seed {args.seed} ({args.num_samples} samples, "
              f"batch {args.batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
              "", f"- base schedules: {', '.join(args.base)}; floor: {args.floor}",
-             f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}", "",
+             f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
+             f"- every seed that shaped it: {schedule.search['seeds']}"
+             + (" (with its base's own search)" if "base_search" in schedule.search else ""), "",
              "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | feasible |",
              "|---|---|---|---|---|---|---|---|",
              f"| {result.floor['name']} (floor) | | {result.floor['flops_ratio']:.2f} | "

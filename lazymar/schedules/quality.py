@@ -86,8 +86,15 @@ class QualitySearchResult:
     considered: int = 0
 
     def search_record(self, seed: int, num_samples: int, objective: str) -> dict:
-        return {"seeds": [seed], "num_samples": num_samples, "objective": objective,
-                "floor": _numbers(self.floor), "candidates_measured": len(self.measured)}
+        """The provenance the chosen schedule carries. Its seeds include those of the search that made its base
+        (``lazymar derive``'s measured search, kept as ``base_search``): every seed that shaped the schedule."""
+        record = {"seeds": [seed], "num_samples": num_samples, "objective": objective,
+                  "floor": _numbers(self.floor), "candidates_measured": len(self.measured)}
+        earlier = self.best.search if self.best is not None else None
+        if earlier:
+            record["seeds"] = sorted({seed, *earlier.get("seeds", [])})
+            record["base_search"] = earlier
+        return record
 
 
 def _numbers(row: dict) -> dict:
