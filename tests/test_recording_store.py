@@ -120,9 +120,11 @@ def test_a_killed_write_loses_only_its_batch_and_leaves_nothing_stale(tiny, whol
     (tmp_path / ".k.zarr.creating123").mkdir()
     assert load_stats(out)["sample"].values.tolist() == [0, 1]
     assert store.done_batches(out) == {0}
-    store.write_batch(out, batches[2])
+    store.write_batch(out, batches[2])  # a write never cleans: the temporary may be another rank's, in flight
+    assert (out / "token_cosine" / "c" / "0.abc.partial").exists() and (tmp_path / ".k.zarr.creating123").exists()
+    assert load_stats(out)["sample"].values.tolist() == [0, 1, 4]
+    resumed = record(tiny, out, resume=True, **KWARGS)  # the next run cleans at its start, records batch 1 only
     assert not list(out.rglob("*.partial")) and not (tmp_path / ".k.zarr.creating123").exists()
-    resumed = record(tiny, out, resume=True, **KWARGS)  # records batch 1 only
     xr.testing.assert_identical(resumed.load().drop_attrs(), whole.drop_attrs())
 
 

@@ -7,6 +7,7 @@ labels and batch size. Memory holds one batch of features and statistics at a ti
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,7 +51,7 @@ def record(model: MAR, out: str | Path, num_samples: int, settings: SamplingSett
     try:
         plan = (SamplePlan.of(labels, seed, batch_size) if labels is not None
                 else SamplePlan.balanced(num_samples, model.config.class_num, seed, batch_size))
-        todo = plan.batches(rank, world_size)
+        plan.batches(rank, world_size)  # checks the rank
     except ValueError as err:
         raise RecordingError(str(err)) from None
     netcdf = store.is_netcdf(out)
@@ -61,14 +62,20 @@ def record(model: MAR, out: str | Path, num_samples: int, settings: SamplingSett
         save_stats(load_stats(out), target)  # continue an old NetCDF recording in a store
     extra = {"batch_size": batch_size, "world_size": world_size, "seed_rule": SEED_RULE}
     recorder = RedundancyRecorder(model, model_name=model_name, seed=seed, schedule=schedule, extra_attrs=extra)
+    # Before the first barrier no rank writes, so every rank sees the same store: whether it exists, and which
+    # batches are done. The batches left are dealt round robin, whatever the world size of the interrupted run.
     existing = resume and store.is_store(target)  # every rank looks before rank 0 may replace the store
-    if barrier is not None:
-        barrier()
+    todo = plan.batches()
     if existing:
         _check_resumable(target, recorder, settings, plan, keep_bits)
         done = store.done_batches(target)
         todo = [b for b in todo if b.index not in done]
-    elif rank > 0 and barrier is None and not store.is_store(target):
+    todo = todo[rank::world_size]
+    if existing and rank == 0 and (barrier is not None or world_size == 1):
+        store.clean_stale(target)  # a dead run's temporaries: no rank of this run writes before the barrier
+    if barrier is not None:
+        barrier()
+    if not existing and rank > 0 and barrier is None and not store.is_store(target):
         raise RecordingError(f"rank {rank} found no store at {target}: rank 0 creates it (pass a barrier)")
     ready = barrier is None and (existing or rank > 0)
     with recorder, tqdm(total=sum(b.stop - b.start for b in todo), desc=f"record {out.name}", unit="sample",
@@ -101,7 +108,10 @@ def _finish(out: Path, target: Path, netcdf: bool) -> xr.Dataset:
     ds = load_stats(target)
     save_stats(ds, out)
     ds.close()
-    shutil.rmtree(target)
+    # out is whole: the staging store goes, renamed first so that a kill mid-delete leaves no half store to resume
+    gone = target.with_name(f".{out.name}.old{os.getpid()}")
+    target.rename(gone)
+    shutil.rmtree(gone)
     return load_stats(out)
 
 

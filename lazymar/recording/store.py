@@ -4,10 +4,21 @@ The store holds the recording layout of :mod:`lazymar.recording.dataset` for all
 start (rank 0 creates it from the first batch, in a temporary folder renamed into place, so it appears whole or
 not at all). Batch k owns the samples [k * batch_size, (k + 1) * batch_size), which is exactly one chunk along
 ``sample``, so ranks of a torchrun job write disjoint chunks of the one store and never touch its metadata.
-A batch is written as a region (one atomic file per chunk: zarr's LocalStore writes a temporary file and renames
-it), then its entries of the boolean variable ``recorded`` are set. ``recorded`` is what says which batches are
-done: a run killed mid-batch leaves that batch unmarked, and resuming rewrites it. Stale temporary files of killed
-writes are removed before the next write.
+
+Writing a batch is crash-safe without locks:
+
+- its statistics are written as a region, one file per chunk; zarr's LocalStore writes each chunk to a temporary
+  ``CHUNK.<random>.partial`` file and renames it into place, so a chunk file is always whole;
+- then, last, its entries of the boolean variable ``recorded`` (one chunk per batch, so one atomic file) are set.
+  ``recorded`` alone says which batches are done: a writer killed (even by SIGKILL) anywhere in a batch leaves
+  that batch unmarked, readers (:func:`open_store`) skip it, and ``--resume`` (:func:`done_batches`) redoes it.
+
+Temporaries are cleaned only when no process can be writing them: :func:`clean_stale` runs at the start of a run,
+in the one process that starts it (rank 0, before the barrier that lets the other ranks write), and when a store
+is created or replaced. A write never cleans, since zarr's temporary names do not say whose they are and another
+rank's temporary may be about to be renamed; whatever a killed writer left is a dead run's, removed when the next
+run (``--resume``) starts. Our own temporaries beside the store carry the writer's pid (``.NAME.creating<pid>``).
+Two runs writing one store at the same time are not supported.
 """
 from __future__ import annotations
 
@@ -39,7 +50,10 @@ def is_store(path: str | Path) -> bool:
 
 def clean_stale(path: str | Path) -> list[Path]:
     """Remove what killed writes leave: zarr's ``*.partial`` files inside the store, and half-created stores or
-    NetCDF temporaries (``.NAME.creating*``, ``.NAME.tmp*``, ``.NAME.old*``) beside it. Returns what was removed."""
+    NetCDF temporaries (``.NAME.creating*``, ``.NAME.tmp*``, ``.NAME.old*``) beside it. Returns what was removed.
+
+    Call it only while no process writes to ``path`` (at the start of a run, before other ranks may write): it
+    removes every temporary, a live writer's too."""
     path = Path(path)
     removed = []
     if path.is_dir():
@@ -124,9 +138,9 @@ def create_store(path: str | Path, batch: xr.Dataset, labels: np.ndarray, batch_
 def write_batch(path: str | Path, batch: xr.Dataset, keep_bits: Optional[str | int | dict] = None,
                 start: Optional[int] = None) -> None:
     """Write one batch into its region of the store (from position ``start``, default: its first sample index,
-    samples consecutive), then mark its samples recorded."""
+    samples consecutive), then mark its samples recorded. It never cleans temporaries (see the module's docstring):
+    ranks write at the same time."""
     path = Path(path)
-    clean_stale(path)
     samples = batch["sample"].values
     if start is None:
         start = int(samples[0])
