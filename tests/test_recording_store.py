@@ -66,6 +66,26 @@ def test_ranks_fill_one_store_like_one_process(tiny, whole, tmp_path):
         record(tiny, tmp_path / "absent.zarr", rank=1, world_size=2, **KWARGS)
 
 
+def test_resume_deals_the_batches_left_over_the_new_ranks(tiny, whole, tmp_path, monkeypatch):
+    """Batches 0 and 2 of 3 done (e.g. by rank 0 of a 2-rank run that lost rank 1): resumed on 2 ranks, rank 0
+    records batch 1 and rank 1 nothing, whichever rank had it before."""
+    import lazymar.recording.driver as driver
+    out = tmp_path / "r.zarr"
+    batches = [whole.isel(sample=slice(i, i + 2)) for i in (0, 2, 4)]
+    store.create_store(out, batches[0], whole["label"].values, 2)
+    store.write_batch(out, batches[0])
+    store.write_batch(out, batches[2])
+    drawn = {0: [], 1: []}
+    real = driver.generate
+    for rank in (0, 1):
+        monkeypatch.setattr(driver, "generate", lambda m, labels, *a, _r=rank, **kw: drawn[_r].append(labels) or
+                            real(m, labels, *a, **kw))
+        record(tiny, out, rank=rank, world_size=2, resume=True, barrier=(lambda: None) if rank == 0 else None,
+               **KWARGS)
+    assert drawn == {0: [whole["label"].values[2:4].tolist()], 1: []}
+    xr.testing.assert_identical(load_stats(out).load().drop_attrs(), whole.drop_attrs())
+
+
 def test_netcdf_export_import_and_merge_of_old_files(tiny, whole, tmp_path):
     nc = record(tiny, tmp_path / "small.nc", **KWARGS)
     xr.testing.assert_identical(nc.drop_attrs(), whole.drop_attrs())
