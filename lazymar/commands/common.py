@@ -17,8 +17,10 @@ from ..validation import seed as seed_type
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits", help="'digits' or 'digits16' (embedded: 8x8 pixels, or the official 16x16 token layout) or a path to an "
-                                                         "official MAR checkpoint")
+    parser.add_argument("--model", default="digits", metavar="NAME|PATH",
+                        help="'digits' or 'digits16' (embedded: 8x8 pixels, or the official 16x16 token layout), "
+                             "'mar_base', 'mar_large' or 'mar_huge' (official, `lazymar download NAME`) or a path to "
+                             "a MAR checkpoint (default: digits)")
     parser.add_argument("--arch", type=model_arch, default=None,
                         help="architecture name (mar_base, ...) when it cannot be inferred")
     parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
