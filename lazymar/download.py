@@ -144,7 +144,10 @@ def check(name: str, full: bool = False) -> Optional[dict[str, Any]]:
                                 "again)")
         if path.stat().st_mtime_ns != entry.get("mtime_ns"):
             entry = {**entry, "mtime_ns": path.stat().st_mtime_ns}
-            _record(name, entry)
+            try:
+                _record(name, entry)  # only a hint that spares the next check the hashing
+            except OSError:
+                pass
     return entry
 
 
