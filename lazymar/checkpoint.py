@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import CONFIGS, MARConfig
+from .download import resolve as resolve_download
 from .model import MAR
 from .sampling import SamplingSettings
 from .errors import LazymarError
@@ -58,15 +59,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"not a checkpoint: {path} is empty")
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch's zip archive or a pickle
         raise CheckpointError(f"not a checkpoint: {path} is neither a torch archive nor a pickle (it begins {head!r})")
+    mmap = head.startswith(b"PK\x03\x04")  # a zip archive's tensors stay in the file until used (legacy: read)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise CheckpointError(f"not a checkpoint: torch.load cannot read {path} ({_first_line(err)})") from None
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         except Exception as err2:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
             raise CheckpointError(f"not a checkpoint: torch.load cannot read {path} ({_first_line(err2)})") from None
     except Exception as err:  # noqa: BLE001 - zip/EOF/OS errors all mean "not a checkpoint"
@@ -244,14 +246,15 @@ def _sampling_defaults(ckpt: Mapping[str, Any], name: Optional[str], path: Path)
 
 # --- the entry point ---------------------------------------------------------------------------------------
 def load_model(name_or_path: str | Path, arch: Optional[str] = None, device: str | torch.device = "cpu") -> MAR:
-    """The embedded model by name ("digits") or an official MAR checkpoint by path, in eval mode.
+    """The embedded model by name ("digits"), a downloaded official one by name ("mar_base", lazymar.download) or
+    a MAR checkpoint by path, in eval mode.
 
     EMA weights are used when present. ``arch`` names a configuration (mar_base, mar_large, mar_huge, ...) that
     overrides the checkpoint's ``args``; without either, the architecture is inferred from the tensor shapes.
     ``model.sampling_defaults`` holds the checkpoint's sampling settings (the released ones for official models),
     ``model.arch`` the matching configuration name or None, ``model.weights`` which entry the weights came from.
     """
-    path = EMBEDDED.get(str(name_or_path), Path(name_or_path))
+    path = EMBEDDED.get(str(name_or_path)) or resolve_download(name_or_path, "model")  # mar_base: downloaded
     if str(name_or_path) in EMBEDDED and not path.is_file():
         raise CheckpointError(f"the embedded {name_or_path!r} checkpoint is missing: {path} (`lazymar train` makes it)")
     ckpt = read_checkpoint(path)

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "lazymar.commands.cache",  # bench, flops
     "lazymar.commands.derive",  # derive, sweep
     "lazymar.commands.quality",  # search-quality
+    "lazymar.commands.download",  # download
 )
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 

@@ -126,6 +126,31 @@ CONFIGS: dict[str, MARConfig] = {
 }
 
 
+# Published evaluation settings of the released models (``--preset``): what each paper sampled its FID-50k with.
+# Both evaluations run the diffusion head for 100 steps (``--num_sampling_steps 100``, the checkpoints' own).
+PRESET_HEAD_STEPS = 100
+SAMPLING_PRESETS: dict[str, dict[str, SamplingSettings]] = {
+    # MAR's README evaluation commands (its paper's FID 2.31 / 1.78 / 1.55): 256 steps, linear CFG, temperature 1.0
+    "mar-paper": {arch: SamplingSettings(num_iter=256, cfg=cfg, cfg_schedule="linear", temperature=1.0)
+                  for arch, cfg in (("mar_base", 2.9), ("mar_large", 3.0), ("mar_huge", 3.2))},
+    # LazyMAR's README evaluation commands pass --num_iter 64 and keep its eval.py's other defaults: cfg 3.25, linear,
+    # temperature 1.0 (its table's FIDs at 64 steps). The release gives no other CFG for MAR-B or MAR-L.
+    "lazymar-paper": {arch: SamplingSettings(num_iter=64, cfg=3.25, cfg_schedule="linear", temperature=1.0)
+                      for arch in ("mar_base", "mar_large", "mar_huge")},
+}
+
+
+def sampling_preset(preset: str, arch: str | None) -> SamplingSettings:
+    """The published settings of ``preset`` for the official model ``arch``; SettingsError for another model."""
+    if preset not in SAMPLING_PRESETS:
+        raise SettingsError(f"unknown sampling preset {preset!r}; known: {', '.join(SAMPLING_PRESETS)}")
+    published = SAMPLING_PRESETS[preset]
+    if arch not in published:
+        raise SettingsError(f"the {preset} preset holds the published settings of {', '.join(published)} only, and "
+                            f"this model is {arch or 'none of them'}: set --num-iter, --cfg, ... instead")
+    return published[arch]
+
+
 def get_config(name: str, **overrides: Any) -> MARConfig:
     """A named configuration, optionally with some fields replaced."""
     if name not in CONFIGS:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import CheckpointError, check_state_dict, read_checkpoint
+from .download import resolve as resolve_download
 from .model import MAR
 
 # MAR scales the VAE's latents by this factor for training; tokens are divided by it before decoding.
@@ -243,12 +244,12 @@ def infer_vae_config(state: Mapping[str, Tensor]) -> VAEConfig:
 
 
 def load_vae(path: str | Path, config: Optional[VAEConfig] = None, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """The VAE of a checkpoint (MAR's ``kl16.ckpt``: key ``"model"``; LDM's ``"state_dict"`` or a bare state dict
+    """The VAE of a checkpoint, or the downloaded one by name ("kl16") (MAR's ``kl16.ckpt``: key ``"model"``; LDM's ``"state_dict"`` or a bare state dict
     also work), in eval mode.
 
     Sizes are inferred from the tensor shapes unless ``config`` is given.
     """
-    path = Path(path)
+    path = resolve_download(path, "vae")  # "kl16": the downloaded one (lazymar.download)
     ckpt = read_checkpoint(path)
     state = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), Mapping)), ckpt)
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # LDM training checkpoints carry the loss

@@ -7,7 +7,9 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, shape_signature
+from ..config import CONFIGS, PRESET_HEAD_STEPS, SAMPLING_PRESETS, sampling_preset
+from ..errors import SettingsError
 from ..model import MAR
 from ..sampling import SamplingSettings
 from ..head_steps import head_step_allocation
@@ -17,15 +19,21 @@ from ..validation import seed as seed_type
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits", help="'digits' or 'digits16' (embedded: 8x8 pixels, or the official 16x16 token layout) or a path to an "
-                                                         "official MAR checkpoint")
+    parser.add_argument("--model", default="digits", metavar="NAME|PATH",
+                        help="'digits' or 'digits16' (embedded: 8x8 pixels, or the official 16x16 token layout), "
+                             "'mar_base', 'mar_large' or 'mar_huge' (official, `lazymar download NAME`) or a path to "
+                             "a MAR checkpoint (default: digits)")
     parser.add_argument("--arch", type=model_arch, default=None,
                         help="architecture name (mar_base, ...) when it cannot be inferred")
     parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Sampling options; each defaults to the checkpoint's stored setting."""
+    """Sampling options; each defaults to the --preset's setting, else to the checkpoint's stored one."""
+    parser.add_argument("--preset", choices=tuple(SAMPLING_PRESETS), default=None,
+                        help="the published sampling settings of the official models (MAR-B/L/H): 'mar-paper' "
+                             "(MAR's FID-50k: 256 steps, cfg 2.9/3.0/3.2) or 'lazymar-paper' (LazyMAR's: 64 steps, "
+                             "cfg 3.25); the options below override it (default: the checkpoint's settings)")
     parser.add_argument("--num-iter", type=positive_int, default=None,
                         help="MAR steps, 1 to the model's token count (default: the checkpoint's)")
     parser.add_argument("--cfg", type=finite_float, default=None, help="classifier-free guidance scale")
@@ -43,7 +51,8 @@ def load_model_from_args(args: argparse.Namespace) -> MAR:
 
 
 def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings:
-    base = model.sampling_defaults
+    preset = getattr(args, "preset", None)
+    base = model.sampling_defaults if preset is None else preset_settings(model, preset)
     overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "head_steps")
                  if getattr(args, k, None) is not None}
     settings = replace(base, **overrides)
@@ -51,6 +60,18 @@ def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings
     allocation = head_step_allocation(settings.head_steps)
     if allocation is not None:
         allocation.check_for(model.diffloss.gen_diffusion.num_timesteps)
+    return settings
+
+
+def preset_settings(model: MAR, preset: str) -> SamplingSettings:
+    """``preset``'s settings for this model: an official one by name, or by its shapes (random weights)."""
+    arch = getattr(model, "arch", None) or next(
+        (n for n, c in CONFIGS.items() if shape_signature(c) == shape_signature(model.config)), None)
+    settings = sampling_preset(preset, arch)
+    head_steps = model.diffloss.gen_diffusion.num_timesteps
+    if head_steps != PRESET_HEAD_STEPS:
+        raise SettingsError(f"the {preset} preset samples with {PRESET_HEAD_STEPS} diffusion-head steps, and this "
+                            f"checkpoint's head takes {head_steps} (num_sampling_steps)")
     return settings
 
 

@@ -98,16 +98,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=labels, default="0-9", help="class labels, e.g. 0,1,2 or 0-9 (default 0-9)")
     p.add_argument("--per-label", type=positive_int, default=8, help="samples per label (default 8)")
     p.add_argument("--batch-size", type=positive_int, default=80)
-    p.add_argument("--vae", default=None, help="KL-16 VAE checkpoint for latent-space models (official MAR)")
+    p.add_argument("--vae", default=None, metavar="kl16|PATH",
+                   help="KL-16 VAE for latent-space models (official MAR): 'kl16' (downloaded) or a checkpoint path")
     p.add_argument("--out", default="samples.png",
                    help="output image (default samples.png; .png is appended to a name without a suffix)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="class accuracy and digits-FID of generated samples",
+    p = sub.add_parser("eval", help="quality of generated samples (digits: accuracy, digits-FID; ImageNet: FID, IS)",
                        description="Generate balanced class-conditional samples and score them with the model's "
-                                   "quality evaluator (the digits model: accuracy and digits-FID).")
+                                   "quality evaluator: the digits models' accuracy and digits-FID, or an ImageNet "
+                                   "model's FID and IS (--vae and --fid-stats).")
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)

@@ -16,10 +16,13 @@ from ..runs import ImageSpace
 def add_imagenet_args(parser: argparse.ArgumentParser, vae: bool = True) -> None:
     """--vae (unless the command has it already), --fid-stats and --inception-weights."""
     if vae:
-        parser.add_argument("--vae", default=None, help="KL-16 VAE checkpoint for latent-space models (official MAR)")
-    parser.add_argument("--fid-stats", default=None, metavar="PATH",
-                        help="FID reference statistics (.npz with mu/sigma, e.g. the ADM in256 stats of MAR's "
-                             "evaluation): FID and IS of the VAE-decoded samples (needs torch-fidelity)")
+        parser.add_argument("--vae", default=None, metavar="kl16|PATH",
+                            help="KL-16 VAE for latent-space models (official MAR): 'kl16' (`lazymar download kl16`) "
+                                 "or a checkpoint path")
+    parser.add_argument("--fid-stats", default=None, metavar="fid-stats|PATH",
+                        help="FID reference statistics (.npz with mu/sigma; 'fid-stats': the ADM in256 stats of "
+                             "MAR's evaluation, `lazymar download fid-stats`): FID and IS of the VAE-decoded samples "
+                             "(needs torch-fidelity)")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="local Inception weights file for --fid-stats (default: torch-fidelity's download)")
 
@@ -37,7 +40,9 @@ def image_space_from_args(model: MAR, args: argparse.Namespace, need_images: boo
     if getattr(args, "fid_stats", None):
         if vae is None:
             raise ArgumentError("--fid-stats scores VAE-decoded ImageNet samples: pass the model's --vae too")
-        quality = imagenet.ImageNetQuality.load(args.fid_stats, args.device, args.inception_weights)
+        from ..download import resolve
+        quality = imagenet.ImageNetQuality.load(resolve(args.fid_stats, "fid-stats"), args.device,
+                                                args.inception_weights)
     imagenet.use_imagenet_quality(quality)  # None: an earlier command's evaluator does not linger
     return ImageSpace(model, vae)
 
