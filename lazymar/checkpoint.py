@@ -22,6 +22,7 @@ from .config import CONFIGS, MARConfig
 from .download import resolve as resolve_download
 from .model import MAR
 from .sampling import SamplingSettings
+from .compat import safe_globals
 from .errors import LazymarError
 from .guards import first_non_finite
 
@@ -60,8 +61,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch's zip archive or a pickle
         raise CheckpointError(f"not a checkpoint: {path} is neither a torch archive nor a pickle (it begins {head!r})")
     mmap = head.startswith(b"PK\x03\x04")  # a zip archive's tensors stay in the file until used (legacy: read)
+    allowed = safe_globals([argparse.Namespace])  # before the try: an old torch is not "not a checkpoint"
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        with allowed, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

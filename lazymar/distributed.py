@@ -49,6 +49,8 @@ def init(device: str | torch.device = "cpu") -> torch.device:
     """
     device = rank_device(device)
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda" outside torchrun: the current device, named by its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .compat import TorchVersionError, safe_globals
 from .errors import LazymarError
 from .metrics import frechet_distance
 
@@ -120,7 +121,7 @@ def _load_torch_stats(path: Path) -> dict:
     reconstruct = np._core.multiarray._reconstruct
     allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
                np.dtypes.Float64DType, np.dtypes.Float32DType]
-    with torch.serialization.safe_globals(allowed):
+    with safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -139,6 +140,8 @@ def load_reference_stats(path: str | Path) -> ReferenceStats:
                 mu, sigma = data["mu"], data["sigma"]
         mu, sigma = (np.asarray(torch.as_tensor(x).double()) if isinstance(x, Tensor) else np.asarray(x, np.float64)
                      for x in (mu, sigma))
+    except TorchVersionError:
+        raise
     except Exception as err:
         raise ImageNetMetricsError(f"{path} is not FID reference statistics (an .npz or torch-fidelity .pt with "
                                    f"'mu' and 'sigma'): {type(err).__name__}: {err}") from None

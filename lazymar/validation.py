@@ -155,13 +155,30 @@ def check_outputs(paths: Iterable[Optional[str | Path]], force: bool = False, re
     return checked
 
 
+DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
+
+
 def device(text: str) -> str:
-    """A torch device string (cpu, cuda, cuda:1, mps, ...); availability is checked when the model moves."""
+    """A torch device that is there (cpu, cuda, cuda:1, mps, ...): checked while the arguments are parsed, so a
+    missing one is one line before any model is loaded. The one device check of every command."""
     import torch
     try:
-        torch.device(text)
+        dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cpu":
+        return text
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu: is_available(), device_count()
+    name = DEVICE_NAMES.get(dev.type, dev.type)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise argparse.ArgumentTypeError(f"{text!r}: lazymar computes on cpu, cuda, mps or xpu devices")
+    if not backend.is_available():
+        raise argparse.ArgumentTypeError(f"no {name} device here (torch.{dev.type}.is_available() is False); "
+                                         f"use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if dev.index is not None and count is not None and dev.index >= count:
+        raise argparse.ArgumentTypeError(f"no {name} device {dev.index}: this machine has {count} "
+                                         f"({dev.type}:0 to {dev.type}:{count - 1})")
     return text
 
 

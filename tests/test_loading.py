@@ -310,3 +310,32 @@ def test_non_finite_weights_are_rejected_at_load_time_naming_the_tensor(tmp_path
     torch.save(ckpt, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"model_ema.*encoder_blocks\.1\.attn\.qkv\.weight.*non-finite"):
         load_model(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "fid stats"])
+def test_torch_without_safe_globals_names_the_version_needed(tmp_path, monkeypatch, what):
+    """A torch older than the floor (no torch.serialization.safe_globals) gets one line naming the version needed,
+    not a misleading "not a checkpoint"."""
+    import numpy as np
+    from lazymar.compat import TORCH_FLOOR, TorchVersionError
+    from lazymar.imagenet import load_reference_stats
+    path = tmp_path / "file.pt"
+    if what == "checkpoint":
+        torch.save(tiny_checkpoint(), path)
+        load = lambda: load_model(path)  # noqa: E731
+    else:
+        torch.save({"mu": np.zeros(4), "sigma": np.eye(4)}, path)
+        load = lambda: load_reference_stats(path)  # noqa: E731
+    load()  # loads with this torch
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    with pytest.raises(TorchVersionError, match=f"needs torch >= {TORCH_FLOOR} .*safe_globals.*this is torch") as err:
+        load()
+    assert "\n" not in str(err.value) and "not a checkpoint" not in str(err.value)
+
+
+def test_torch_floor_matches_pyproject():
+    import re
+    from pathlib import Path
+    from lazymar.compat import TORCH_FLOOR
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"torch>=([0-9.]+)"', text).group(1) == TORCH_FLOOR

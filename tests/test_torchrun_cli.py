@@ -56,3 +56,17 @@ def test_sweep_on_two_ranks_equals_one_process(tiny_recording):
             assert a[key] == b[key], (a["name"], key)
     assert one[0]["token_mse"] == 0.0  # the reference against itself
     assert one[1]["flops_ratio"] > 1.0 and one[1]["token_mse"] > 0.0
+
+
+def test_sample_on_two_ranks_writes_the_same_grid_as_one_process(tmp_path):
+    import matplotlib.image
+    import numpy as np
+    grids = []
+    for ranks in (1, 2):
+        out = tmp_path / f"grid{ranks}.png"
+        result = json_of(lazymar(["sample", "--model", "digits", "--labels", "0-2", "--per-label", "2",
+                                  "--batch-size", "2", "--num-iter", "4", "--seed", "9", "--out", str(out),
+                                  "--json"], ranks))
+        assert (result["world_size"], result["num_samples"]) == (ranks, 6)
+        grids.append(matplotlib.image.imread(out))
+    np.testing.assert_array_equal(grids[0], grids[1])

@@ -23,6 +23,14 @@ def _schedule(model, args, settings):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     args.out = str(check_outputs([image_path(args.out)], args.force)[0])  # the file really written
+    with launched(args):
+        return _sample(args)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """Under torchrun each rank samples and decodes its share of the batches; rank 0 gathers the images and
+    writes the grid (the same grid as one process)."""
+    from .. import distributed
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     labels = [l for l in parse_labels(args.labels) for _ in range(args.per_label)]
@@ -31,14 +39,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ArgumentError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
     images_of = image_space_from_args(model, args)
     schedule = _schedule(model, args, settings)
+    plan = SamplePlan.of(labels, args.seed, args.batch_size)
+    rank, world = distributed.rank(), distributed.world_size()
     start = time.perf_counter()
-    tokens, _ = generate_tokens(model, SamplePlan.of(labels, args.seed, args.batch_size), settings, schedule,
-                                progress=True)
-    images = images_of(tokens)
+    tokens, _ = generate_tokens(model, plan, settings, schedule, rank, world, progress=distributed.is_main())
+    index = [i for batch in plan.batches(rank, world) for i in range(batch.start, batch.stop)]
+    images = distributed.gather_samples(images_of(tokens), index)  # rank 0: every image, in label order
     seconds = time.perf_counter() - start
+    if not distributed.is_main():
+        return 0
     title = f"{args.model}: {settings.num_iter} steps, cfg {settings.cfg:g} ({settings.cfg_schedule}), seed {args.seed}"
     save_sample_grid(images, labels, args.out, title=title)
-    result = {"out": str(args.out), "num_samples": len(labels), "seconds": seconds, **settings.__dict__}
+    result = {"out": str(args.out), "num_samples": len(labels), "seconds": seconds, "world_size": world,
+              **settings.__dict__}
     print_json(result) if args.json else print(f"wrote {args.out}: {len(labels)} samples in {seconds:.1f} s")
     return 0
 
@@ -108,8 +121,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="quality of generated samples (digits: accuracy, digits-FID; ImageNet: FID, IS)",
                        description="Generate balanced class-conditional samples and score them with the model's "
-                                   "quality evaluator: the digits models' accuracy and digits-FID, or an ImageNet "
-                                   "model's FID and IS (--vae and --fid-stats).")
+                                   "quality evaluator: class accuracy and digits-FID for the embedded digits "
+                                   "models; FID and Inception Score for ImageNet (VAE) models, given --vae and "
+                                   "--fid-stats. Under torchrun every rank samples, decodes and scores its share.")
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)
