@@ -34,7 +34,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tokens, _ = generate_tokens(model, SamplePlan.of(labels, args.seed, args.batch_size), settings, schedule,
                                 progress=True)
-    images = images_of(tokens)
+    images = images_of(tokens, settings.precision)
     seconds = time.perf_counter() - start
     title = f"{args.model}: {settings.num_iter} steps, cfg {settings.cfg:g} ({settings.cfg_schedule}), seed {args.seed}"
     save_sample_grid(images, labels, args.out, title=title)
