@@ -74,6 +74,9 @@ class SamplingSettings:
     order: str = "mar"  # generation order (lazymar.orders): "mar", or GtR's two-stage "gtr:<detail steps>"
     # the head's steps per token (lazymar.head_steps): "uniform", or GtR's FTS "fts:<fraction>:<reduced steps>"
     head_steps: str = "uniform"
+    # numerical precision (lazymar.precision): "fp32", or autocast of the transformer, head and VAE decode to
+    # "bf16" / "fp16"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
@@ -90,6 +93,9 @@ class SamplingSettings:
         if self.head_steps != "uniform":
             from .head_steps import head_step_allocation
             head_step_allocation(self.head_steps)  # raises SettingsError on a bad spec
+        if self.precision != "fp32":
+            from .precision import check_precision
+            check_precision(self.precision)
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:

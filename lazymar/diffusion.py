@@ -26,14 +26,25 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_size = frequency_size
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        half = frequency_size // 2
         # the frequencies once (not per head step); not in the state dict, so checkpoints load unchanged
-        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half),
-                             persistent=False)
+        self.register_buffer("freqs", self.frequencies(), persistent=False)
+
+    def frequencies(self, device: Optional[torch.device] = None) -> Tensor:
+        half = self.frequency_size // 2
+        return torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+    def _apply(self, fn, recurse=True):
+        """Move and cast like any module, but keep the frequencies in float32 (a model cast with
+        ``.to(torch.bfloat16)`` would otherwise round them, and t * freqs by up to 2 radians)."""
+        super()._apply(fn, recurse)
+        if self.freqs.dtype != torch.float32:
+            self.freqs = self.frequencies(self.freqs.device)
+        return self
 
     def forward(self, t: Tensor) -> Tensor:
         args = t[:, None].float() * self.freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # the weights' dtype (a cast model's, or float32)
 
 
 class ResBlock(nn.Module):
@@ -307,7 +318,8 @@ class DiffLoss(nn.Module):
             x = torch.cat([x, x])
         for i in reversed(range(diffusion.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=z.device, dtype=torch.long)
-            out = diffusion.p_mean_variance(denoise(x, t, z), x, t, self.clip_denoised)
+            # the reverse process stays in float32; the network sees x in z's dtype (a cast model's)
+            out = diffusion.p_mean_variance(denoise(x.to(z.dtype), t, z), x, t, self.clip_denoised)
             noise = torch.randn(n, self.in_channels, device=z.device, generator=generator)
             if cfg is not None:
                 noise = torch.cat([noise, noise])

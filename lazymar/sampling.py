@@ -21,6 +21,7 @@ from .errors import SettingsError
 from .guards import FiniteGuard
 from .head_steps import FrequencyWeightedSteps, head_step_allocation, sample_head
 from .model import MAR
+from .precision import autocast
 
 __all__ = ["SamplingSettings", "StepContext", "StepRunner", "StepObserver", "generate", "observe_steps",
            "current_step", "mask_length", "step_cfg_scale", "random_orders"]
@@ -200,7 +201,8 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
              progress: bool = False) -> Tensor:
     """Generate tokens (B, seq_len, token_dim) for class ``labels`` (-1 = unconditional).
 
-    The seed (or generator) fixes the orders and all noise, so the same seed gives the same tokens.
+    The seed (or generator) fixes the orders and all noise, so the same seed gives the same tokens. The network
+    runs under ``settings.precision`` (lazymar.precision); the tokens are in the model's parameter dtype.
     """
     settings = settings or model.sampling_defaults
     runner = runner or StepRunner()
@@ -212,11 +214,18 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
         raise SettingsError(f"num_iter {settings.num_iter} exceeds the model's {model.seq_len} tokens (each step "
                             f"decodes at least one)")
     generator = _as_generator(seed, device)
+    with autocast(settings.precision, device):
+        return _generate(model, labels, settings, generator, runner, progress)
+
+
+def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator: Optional[torch.Generator],
+              runner: StepRunner, progress: bool) -> Tensor:
+    device, dtype = labels.device, next(model.parameters()).dtype
     B, L, D = labels.shape[0], model.seq_len, model.token_dim
     use_cfg = settings.cfg != 1.0
     observers = _observers.get() + (FiniteGuard(),)  # non-finite features: one clear error
 
-    tokens = torch.zeros(B, L, D, device=device)
+    tokens = torch.zeros(B, L, D, device=device, dtype=dtype)
     from .orders import generation_order  # noqa: PLC0415 (orders imports this module)
     order = generation_order(settings.order)
     head_steps = head_step_allocation(settings.head_steps)
@@ -254,7 +263,7 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
             z_rows = rows_at(ctx.z, ctx.doubled(to_predict_positions))  # = ctx.z[ctx.doubled(ctx.to_predict)]
             ctx.sampled = runner.head(ctx, z_rows, settings.temperature, generator)
             index = to_predict_positions.unsqueeze(-1).expand(-1, -1, D)
-            tokens = tokens.scatter(1, index, ctx.sampled.reshape(B, -1, D))  # tokens[to_predict] = sampled
+            tokens = tokens.scatter(1, index, ctx.sampled.reshape(B, -1, D).to(dtype))  # tokens[to_predict] = sampled
             for obs in observers:
                 obs.on_step_end(ctx)
         finally:

@@ -282,15 +282,19 @@ def check_vae_fits(model: MAR, vae: Optional[AutoencoderKL]) -> None:
 
 
 @torch.no_grad()
-def tokens_to_images(model: MAR, tokens: Tensor, vae: Optional[AutoencoderKL] = None) -> Tensor:
+def tokens_to_images(model: MAR, tokens: Tensor, vae: Optional[AutoencoderKL] = None,
+                     precision: str = "fp32") -> Tensor:
     """MAR tokens (B, seq_len, token_dim) -> images (B, C, H, W) on the [-1, 1] scale.
 
-    With a VAE: ``vae.decode(unpatchify(tokens) / 0.2325)``. Without one the tokens must be pixels (vae_stride 1,
-    as in the embedded digits model) and are only rearranged into images.
+    With a VAE: ``vae.decode(unpatchify(tokens) / 0.2325)``, under autocast to ``precision`` (lazymar.precision;
+    the official evaluation decodes under the sampler's autocast). Without one the tokens must be pixels
+    (vae_stride 1, as in the embedded digits model) and are only rearranged into images.
     """
     check_vae_fits(model, vae)
     latents = model.unpatchify(tokens)
     if vae is None:
         return latents
+    from .precision import autocast
     weight = next(vae.parameters())
-    return vae.decode(latents.to(weight.device, weight.dtype) / LATENT_SCALE)
+    with autocast(precision, weight.device):
+        return vae.decode(latents.to(weight.device, weight.dtype) / LATENT_SCALE)

@@ -13,6 +13,9 @@ The mechanisms drive the model's own methods (embedding of given positions, bloc
 given K/V through the attention's ``kv_hook``, the head network part by part); the model stays a plain module.
 Refresh steps run exactly the model's computation (bit for bit) and, when later steps need them, fill the caches.
 Caches hold only the rows that cached steps run: the cond half when every cached step uses the condition cache.
+They are stored in the dtype of the sampling precision (lazymar.precision.cache_dtype): bfloat16 / float16 under
+bf16 / fp16 autocast or for a model cast to that dtype, ``CACHE_DTYPE`` (float16) for a float32 computation,
+unless the engine is given its own ``cache_dtype``.
 
 The engine keeps a :class:`~lazymar.cache.flops.FlopsLedger` of what it ran (``engine.flops``), charged from the
 tensor shapes by the mechanisms. For observers it fills the step context's ``branches``, ``encoder_rows`` and
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from ..head_steps import sample_head
 from ..model import MAR
+from ..precision import cache_dtype as matching_cache_dtype
 from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner
 from . import flops as F
 from .condition import ConditionCache
@@ -40,13 +44,14 @@ from .store import CACHE_DTYPE
 class CacheEngine(StepRunner):
     """Run MAR under ``schedule``. One engine can run many generations (``start`` resets it)."""
 
-    def __init__(self, schedule: CacheSchedule, cache_dtype: torch.dtype = CACHE_DTYPE):
-        self.schedule, self.cache_dtype = schedule, cache_dtype
+    def __init__(self, schedule: CacheSchedule, cache_dtype: Optional[torch.dtype] = None):
+        self.schedule, self.requested_dtype = schedule, cache_dtype  # None: the precision's (see the module doc)
+        self.cache_dtype = cache_dtype or CACHE_DTYPE  # of the caches (set by start for its generation)
         self.flops = F.FlopsLedger()
         self.model: Optional[MAR] = None
         self.encoder: Optional[EncoderCache] = None
         self.decoder: Optional[DecoderTokenCache] = None
-        self.condition = ConditionCache(cache_dtype)
+        self.condition = ConditionCache(self.cache_dtype)
         self.head_cache: Optional[HeadCache] = None
 
     def start(self, model: MAR, settings: SamplingSettings, batch_size: int) -> None:
@@ -63,8 +68,11 @@ class CacheEngine(StepRunner):
         self.later_incremental = later(lambda p: p.incremental_encoder)
         self.later_condition = later(lambda p: p.condition_cache)
         self.flops = F.FlopsLedger()
+        self.cache_dtype = self.requested_dtype or matching_cache_dtype(
+            settings.precision, next(model.parameters()).dtype, CACHE_DTYPE)
         self.encoder = EncoderCache(model, self.cache_rows, self.flops, self.cache_dtype)
         self.decoder = DecoderTokenCache(model, sch, self.cache_rows, self.flops, self.cache_dtype)
+        self.condition.dtype = self.cache_dtype
         self.condition.reset()
         self.head_cache = HeadCache(model, sch.head, self.flops)
 

@@ -13,6 +13,7 @@ from ..errors import SettingsError
 from ..model import MAR
 from ..sampling import SamplingSettings
 from ..head_steps import head_step_allocation
+from ..precision import PRECISIONS, default_precision
 from ..validation import check_num_iter, device, finite_float, head_steps_spec, model_arch, positive_float
 from ..validation import positive_int, schedule_spec
 from ..validation import seed as seed_type
@@ -26,6 +27,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", type=model_arch, default=None,
                         help="architecture name (mar_base, ...) when it cannot be inferred")
     parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                        help="fp32, or autocast of the transformer, diffusion head and VAE decode to bf16 or fp16 "
+                             "(caches in the same dtype); default: fp16 for a VAE model on CUDA (the official "
+                             "evaluation's autocast), else the checkpoint's (fp32)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +60,7 @@ def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings
     base = model.sampling_defaults if preset is None else preset_settings(model, preset)
     overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "head_steps")
                  if getattr(args, k, None) is not None}
+    overrides["precision"] = getattr(args, "precision", None) or default_precision(model, base.precision)
     settings = replace(base, **overrides)
     check_num_iter(settings.num_iter, model.seq_len)
     allocation = head_step_allocation(settings.head_steps)

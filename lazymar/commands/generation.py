@@ -44,7 +44,7 @@ def _sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tokens, _ = generate_tokens(model, plan, settings, schedule, rank, world, progress=distributed.is_main())
     index = [i for batch in plan.batches(rank, world) for i in range(batch.start, batch.stop)]
-    images = distributed.gather_samples(images_of(tokens), index)  # rank 0: every image, in label order
+    images = distributed.gather_samples(images_of(tokens, settings.precision), index)  # rank 0: every image, in label order
     seconds = time.perf_counter() - start
     if not distributed.is_main():
         return 0

@@ -43,7 +43,8 @@ def fidelity(candidate: Run, reference: Run) -> dict:
         image_psnr = psnr(candidate.images, reference.images, data_range=IMAGE_DATA_RANGE)
     else:
         space = candidate.image_space or reference.image_space
-        image_psnr = streamed_psnr(space, candidate.tokens, reference.tokens) \
+        image_psnr = streamed_psnr(space, candidate.tokens, reference.tokens,
+                                   (candidate.settings.precision, reference.settings.precision)) \
             if tokens and space is not None and space.available else None
     return {"flops_ratio": r["flops"] / c["flops"] if c["flops"] else None,
             "wall_ratio": r["seconds"] / c["seconds"], "cpu_time_ratio": r["cpu_seconds"] / c["cpu_seconds"],
@@ -52,11 +53,12 @@ def fidelity(candidate: Run, reference: Run) -> dict:
             "psnr": image_psnr, "token_mse": token_mse(candidate.tokens, reference.tokens) if tokens else None}
 
 
-def streamed_psnr(space: ImageSpace, tokens, reference_tokens) -> float:
+def streamed_psnr(space: ImageSpace, tokens, reference_tokens, precisions: tuple[str, str] = ("fp32", "fp32")
+                  ) -> float:
     """PSNR (data range 2) of the images of ``tokens`` against those of ``reference_tokens``, decoded chunk by
-    chunk; the squared errors summed in float64."""
+    chunk (each under its run's precision); the squared errors summed in float64."""
     total, count = 0.0, 0
-    for (_, a), (_, b) in zip(space.chunks(tokens), space.chunks(reference_tokens)):
+    for (_, a), (_, b) in zip(space.chunks(tokens, precisions[0]), space.chunks(reference_tokens, precisions[1])):
         total += float(((a.double() - b.double()) ** 2).sum())
         count += a.numel()
     mse = total / count
@@ -103,7 +105,7 @@ class Reference:
         """The reference's own quality (scored on first use)."""
         if not self._scored and self.evaluator is not None and self.run.tokens is not None:
             self.run.quality = decode_and_score(self.image_space, self.run.tokens, self.plan.labels,
-                                                self.evaluator)[1]
+                                                self.evaluator, self.run.settings.precision)[1]
         self._scored = True
         return dict(self.run.quality)
 

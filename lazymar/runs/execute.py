@@ -112,7 +112,8 @@ class Run:
             raise RuntimeError(f"run {self.name!r} has not been sampled yet")
         self.image_space = images
         if self.tokens is not None:
-            self.images, quality = decode_and_score(images, self.tokens, self.plan.labels, evaluator)
+            self.images, quality = decode_and_score(images, self.tokens, self.plan.labels, evaluator,
+                                                    self.settings.precision)
             self.quality = quality if evaluator is not None else self.quality
         return self
 

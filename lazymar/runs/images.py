@@ -51,19 +51,21 @@ class ImageSpace:
         return self.vae is not None or self.model.config.vae_stride == 1
 
     @torch.no_grad()
-    def __call__(self, tokens: Tensor) -> Optional[Tensor]:
+    def __call__(self, tokens: Tensor, precision: str = "fp32") -> Optional[Tensor]:
         if not self.available:
             return None
         if self.vae is None:
             return self.model.unpatchify(tokens).detach().cpu().float()
-        return torch.cat([images for _, images in self.chunks(tokens)])
+        return torch.cat([images for _, images in self.chunks(tokens, precision)])
 
     @torch.no_grad()
-    def chunks(self, tokens: Tensor) -> Iterator[tuple[int, Tensor]]:
-        """(index of the first sample, CPU float images) of ``decode_batch`` samples at a time."""
+    def chunks(self, tokens: Tensor, precision: str = "fp32") -> Iterator[tuple[int, Tensor]]:
+        """(index of the first sample, CPU float images) of ``decode_batch`` samples at a time, the VAE decoding
+        under ``precision`` (that of the settings the tokens were sampled with, lazymar.precision)."""
         from ..vae import tokens_to_images
         for i in range(0, len(tokens), self.decode_batch):
-            yield i, tokens_to_images(self.model, tokens[i:i + self.decode_batch], self.vae).cpu().float()
+            batch = tokens[i:i + self.decode_batch]
+            yield i, tokens_to_images(self.model, batch, self.vae, precision).cpu().float()
 
 
 class QualityEvaluator(Protocol):
@@ -84,15 +86,17 @@ class QualityStream(Protocol):
 
 
 def decode_and_score(image_space: ImageSpace, tokens: Tensor, labels: Sequence[int],
-                     evaluator: Optional[QualityEvaluator] = None) -> tuple[Optional[Tensor], dict]:
-    """The images of ``tokens`` (None unless the image space keeps them) and their quality ({} without an
-    evaluator or images). Streaming evaluators (``stream()``) see one chunk at a time, the others all images."""
+                     evaluator: Optional[QualityEvaluator] = None,
+                     precision: str = "fp32") -> tuple[Optional[Tensor], dict]:
+    """The images of ``tokens`` (None unless the image space keeps them; decoded under ``precision``) and their
+    quality ({} without an evaluator or images; scored in float32). Streaming evaluators (``stream()``) see one
+    chunk at a time, the others all images."""
     if not image_space.available:
         return None, {}
     stream = evaluator.stream() if evaluator is not None and hasattr(evaluator, "stream") else None
     collect = image_space.keep or (evaluator is not None and stream is None)
     kept = []
-    for start, images in image_space.chunks(tokens):
+    for start, images in image_space.chunks(tokens, precision):
         if stream is not None:
             stream.add(images, start)
         if collect:
