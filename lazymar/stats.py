@@ -12,9 +12,11 @@ orders, noise), so one count matrix resamples them together: their difference is
   the fixed real statistics uses tr sqrt(S R) = sum sqrt(eig(R^1/2 S R^1/2)) (the real side factored once), so no
   image goes through the classifier again and no per-resample ``sqrtm`` is needed.
 
-Intervals at level 95 % by default. Mean and PSNR: the percentile interval of the bootstrap distribution. FID is
-biased upward at finite n (and its bootstrap copies once more), so its intervals, and those of its differences, are
-the basic (reverse-percentile) ones, [2 t - q_hi, 2 t - q_lo], which shift the bias back.
+Intervals at level 95 % by default: the percentile interval of the bootstrap distribution. FID is biased upward at
+finite n, so its interval is one for the FID *at the run's sample count* (the number every FID report quotes; compare
+FIDs of equal n only). Differences of FID between runs of the same samples carry little of that bias, and their
+intervals are the basic (reverse-percentile) ones, [2 d - q_hi, 2 d - q_lo], which remove what is left, so they
+cover the population difference (tests/test_stats.py).
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ class Metric:
     higher_is_better: bool
     margin: float
     relative: bool = False
-    basic: bool = False  # basic (reverse-percentile) interval instead of the percentile one
+    basic_difference: bool = False  # differences: basic (reverse-percentile) interval instead of percentile
     needs: str = ""
 
     def available(self, arrays: dict) -> bool:
@@ -132,7 +134,8 @@ def standard_metrics(margin_psnr: float = 0.5, margin_accuracy: float = 0.5, mar
                       needs="correct")]
     if real is not None:
         metrics.append(Metric("fid", lambda a, w: fid_of_features(a["features"], real, w), False,
-                              margin_fid / 100.0, relative=True, basic=True, needs="features"))
+                              margin_fid / 100.0, relative=True, basic_difference=True,
+                              needs="features"))
     return metrics
 
 
@@ -209,7 +212,7 @@ def compare(arrays: dict[str, dict], strata: Sequence[int], metrics: Sequence[Me
                 continue
             point, reps = float(metric.statistic(a, ones)[0]), metric.statistic(a, counts)
             values[name][metric.name] = (point, reps)
-            lo, hi = interval(point, reps, metric.basic, confidence)
+            lo, hi = interval(point, reps, False, confidence)
             out[name].update({metric.name: point, f"{metric.name}_ci_low": lo, f"{metric.name}_ci_high": hi})
     if baseline is None:
         return out
@@ -227,7 +230,7 @@ def compare(arrays: dict[str, dict], strata: Sequence[int], metrics: Sequence[Me
                 continue
             with np.errstate(invalid="ignore"):
                 d, d_reps = p - pb, reps - reps_b
-            lo, hi = interval(d, d_reps, metric.basic, confidence)
+            lo, hi = interval(d, d_reps, metric.basic_difference, confidence)
             margin = metric.margin * abs(pb) if metric.relative else metric.margin
             v = verdict(lo, hi, margin, metric.higher_is_better) if name != baseline else "baseline"
             out[name].update({key: d, f"{key}_ci_low": lo, f"{key}_ci_high": hi, f"verdict_{metric.name}": v})
