@@ -88,13 +88,18 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
 
 def front_markdown(df: pd.DataFrame, columns: Sequence[str] = ("name", "family", "flops_ratio", "wall_ratio",
                                                                "psnr", "accuracy", "fid")) -> str:
-    """Rows as a markdown table (numbers rounded)."""
+    """Rows as a markdown table (numbers rounded; ``value [low, high]`` where the table has the column's
+    ``_ci_low``/``_ci_high``: the 95 % interval)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
         cells = []
         for c in columns:
             v = row[c]
-            if isinstance(v, (float, np.floating)):
+            if f"{c}_ci_low" in row.index and isinstance(v, (float, np.floating)) and not np.isnan(v):
+                from .runs.intervals import cell
+                cells.append(cell(float(v), row[f"{c}_ci_low"], row[f"{c}_ci_high"],
+                                  3 if c in ("accuracy", "token_mse") else 2))
+            elif isinstance(v, (float, np.floating)):
                 cells.append("inf" if math.isinf(v) else f"{v:.3f}" if c in ("accuracy", "token_mse") else f"{v:.2f}")
             else:
                 cells.append(str(v))
@@ -115,16 +120,21 @@ class SweepPoint:
 
 
 def run_sweep(reference: Reference, points: Iterable[SweepPoint], quality: bool = True,
-              progress: bool = True) -> pd.DataFrame:
-    """One row per point (plus the reference, family "none"), the Pareto column in (flops_ratio, psnr)."""
+              progress: bool = True, runs: Optional[dict] = None) -> pd.DataFrame:
+    """One row per point (plus the reference, family "none"), the Pareto column in (flops_ratio, psnr).
+    ``runs``: a dict that receives each row's finished run by name (for intervals, lazymar.runs.intervals)."""
     points = list(points)
     keys = ("flops_ratio", "wall_ratio", "psnr", "token_mse", "seconds")
     quality_keys = reference.evaluator.keys if quality and reference.evaluator is not None else ()
     base = reference.row(quality)
+    if runs is not None:
+        runs["none"] = reference.run
     rows = [{"name": "none", "family": "none", "params": json.dumps({"num_iter": reference.settings.num_iter}),
              **{k: base.get(k) for k in keys + quality_keys}, "num_samples": reference.plan.num_samples}]
     for point in tqdm(points, desc="sweep", unit="point", disable=not progress):
-        _, result = reference.measure(point.schedule, point.settings, quality=quality, name=point.name)
+        run, result = reference.measure(point.schedule, point.settings, quality=quality, name=point.name)
+        if runs is not None:
+            runs[point.name] = run
         rows.append({"name": point.name, "family": point.family, "params": json.dumps(point.params, sort_keys=True),
                      **{k: result.get(k) for k in keys + quality_keys}, "num_samples": reference.plan.num_samples})
     df = pd.DataFrame(rows)

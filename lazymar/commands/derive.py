@@ -277,12 +277,28 @@ def _sweep(args: argparse.Namespace) -> int:
     images = image_space_from_args(model, args, need_images=False)
     for family in args.family or []:
         points += peers.family_points(family, settings, model.config)
-    plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
-    reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else DEFAULT)
-    df = sweep.run_sweep(reference, points, quality=not args.no_quality,
-                         progress=not args.json and distributed.is_main())
+    from ..runs import intervals
+    options = intervals.IntervalOptions.from_args(args)
+    baseline = _baseline_point(args.baseline, points, settings, model.config)
+    if baseline is not None and baseline.name not in [p.name for p in points]:
+        points.insert(0, baseline)
+    seeds = args.seeds or [args.seed]
+    per_seed, arrays = {}, {}
+    for run_seed in seeds:  # one reference per seed; the seed is the bootstrap's stratum
+        plan = SamplePlan.balanced(args.num_samples, model.config.class_num, run_seed, args.batch_size)
+        reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else DEFAULT)
+        runs: dict = {}
+        per_seed[run_seed] = sweep.run_sweep(reference, points, quality=not args.no_quality,
+                                             progress=not args.json and distributed.is_main(), runs=runs)
+        if distributed.is_main():
+            arrays[run_seed] = {name: intervals.sample_arrays(run, reference.run, reference.evaluator)
+                                for name, run in runs.items()}
     if not distributed.is_main():
         return 0
+    df = intervals.annotate_table(per_seed, arrays, options, reference.evaluator,
+                                  "none" if baseline is None else baseline.name)
+    df = sweep.mark_pareto(df)
+    df = df[list(sweep.COLUMNS) + [c for c in df.columns if c not in sweep.COLUMNS]]
     if args.out:
         sweep.save_sweep(df, args.out)
     if args.json:
@@ -290,11 +306,32 @@ def _sweep(args: argparse.Namespace) -> int:
         print_json([{**row, "world_size": distributed.world_size()} for row in rows])
     else:
         print(sweep.front_markdown(df))
+        if len(seeds) > 1:
+            print(f"\nPer seed ({args.num_samples} samples each):")
+            print(sweep.front_markdown(df, ["name"] + [c for c in df.columns if "_seed" in c]))
+        print()
+        print(intervals.verdict_markdown(df, "none" if baseline is None else baseline.name, options))
         print("\nPareto front (flops_ratio vs psnr):")
         print(sweep.front_markdown(sweep.pareto_front(df)))
         if args.out:
             print(f"wrote {args.out}")
     return 0
+
+
+def _baseline_point(spec, points: list, settings, config):
+    """The sweep point ``--baseline`` names: a point of the sweep by name, else the schedule (preset or JSON file)
+    it names, added; None for 'none' (the uncached reference row)."""
+    from ..cache.schedule import load_schedule
+    if spec is None or spec == "none":
+        return None
+    for point in points:
+        if point.name == spec:
+            return point
+    schedule = load_schedule(spec, settings.num_iter, config)
+    is_file = str(spec).endswith(".json")
+    return sweep.SweepPoint(Path(spec).stem if is_file else spec,
+                            "lazymar" if str(spec).startswith("lazymar") and not is_file else "derived", schedule,
+                            params={"schedule": spec, "schedule_name": schedule.name})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -375,11 +412,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--num-iter", type=positive_int, default=None, help="MAR steps (must match the recording)")
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seeds", type=seed, nargs="+", default=None, metavar="SEED",
+                   help="several seeds (instead of --seed): runs pooled, each seed a bootstrap stratum, per-seed "
+                        "numbers beside the pooled ones")
     p.add_argument("--no-quality", action="store_true", help="skip accuracy and FID")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="CSV to write, e.g. data/sweeps/digits.csv")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sweep, cfg=None, cfg_schedule=None, temperature=None)
+    from ..runs.intervals import add_interval_args
+    add_interval_args(p)
     from .measuring import add_imagenet_args
     add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)

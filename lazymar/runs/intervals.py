@@ -1,0 +1,221 @@
+"""Confidence intervals for run comparisons (lazymar.stats on the per-sample arrays of finished runs).
+
+A finished run gives, per sample: its mean squared image error against the uncached reference run of the same plan
+(``sq_err``), whether the digits classifier assigns it its label (``correct``) and its classifier features
+(``features``, the digits-FID features), computed once from the run's images: resampling reuses these rows and
+never runs an image through the classifier again. Several seeds pool by concatenation, the seed of each sample its
+bootstrap stratum. Runs of one plan share their samples, so their differences are paired.
+
+The options (``--bootstrap``, ``--bootstrap-seed``, ``--baseline``, ``--margin-*``) are declared before a run, as a
+non-inferiority test needs; :func:`add_interval_args` adds them to a command.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .. import stats
+from .execute import Run
+from .images import DigitsQuality
+
+METRICS = ("psnr", "accuracy", "fid")
+
+
+@dataclass(frozen=True)
+class IntervalOptions:
+    """Resample count and seed of the bootstrap, the baseline row, and the non-inferiority margins (PSNR in dB,
+    accuracy in points, FID in percent of the baseline's)."""
+
+    resamples: int = stats.DEFAULT_RESAMPLES
+    seed: int = stats.DEFAULT_SEED
+    baseline: Optional[str] = "lazymar"
+    margin_psnr: float = 0.5
+    margin_accuracy: float = 0.5
+    margin_fid: float = 5.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "IntervalOptions":
+        return cls(resamples=args.bootstrap, seed=args.bootstrap_seed, baseline=getattr(args, "baseline", None),
+                   margin_psnr=args.margin_psnr, margin_accuracy=args.margin_accuracy, margin_fid=args.margin_fid)
+
+    def metrics(self, real: Optional[stats.RealStatistics]) -> list[stats.Metric]:
+        return stats.standard_metrics(self.margin_psnr, self.margin_accuracy, self.margin_fid, real)
+
+    def describe(self) -> str:
+        return (f"95 % bootstrap intervals ({self.resamples} resamples, seed {self.seed}, stratified by seed); "
+                f"non-inferiority margins: PSNR -{self.margin_psnr:g} dB, accuracy -{self.margin_accuracy:g} points, "
+                f"FID +{self.margin_fid:g} % of the baseline's")
+
+
+def add_interval_args(parser: argparse.ArgumentParser, baseline: Optional[str] = "lazymar",
+                      margins: bool = True) -> None:
+    """--bootstrap, --bootstrap-seed and (with ``margins``) --margin-psnr/-accuracy/-fid, and --baseline when
+    ``baseline`` names its default."""
+    group = parser.add_argument_group("confidence intervals and verdicts (lazymar.stats)")
+    group.add_argument("--bootstrap", type=_positive_int, default=stats.DEFAULT_RESAMPLES, metavar="N",
+                       help=f"bootstrap resamples of the 95 %% intervals (default {stats.DEFAULT_RESAMPLES})")
+    group.add_argument("--bootstrap-seed", type=int, default=stats.DEFAULT_SEED,
+                       help="seed of the bootstrap (default 0)")
+    if baseline is not None:
+        group.add_argument("--baseline", default=baseline, metavar="NAME|PATH.json",
+                           help=f"row the paired differences d_<metric> and verdicts are against (default "
+                                f"{baseline}; 'none': the uncached reference; a schedule not in the run is added)")
+    if margins:
+        group.add_argument("--margin-psnr", type=float, default=0.5, help="PSNR loss allowed, dB (default 0.5)")
+        group.add_argument("--margin-accuracy", type=float, default=0.5,
+                           help="accuracy loss allowed, points (default 0.5)")
+        group.add_argument("--margin-fid", type=float, default=5.0,
+                           help="FID increase allowed, percent of the baseline's FID (default 5)")
+
+
+def _positive_int(text: str) -> int:
+    from ..validation import positive_int
+    return positive_int(text)
+
+
+def real_statistics(evaluator) -> Optional[stats.RealStatistics]:
+    """The fixed real statistics of the evaluator's FID (digits: the classifier features of the train split)."""
+    if isinstance(evaluator, DigitsQuality):
+        from ..metrics import _train_statistics
+        return stats.RealStatistics.of(*_train_statistics())
+    return None
+
+
+def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
+    """Per-sample arrays of a finished ``run``: ``sq_err`` against ``reference``'s images (None without images),
+    and, with the digits evaluator, ``correct`` and ``features``. ImageNet runs: ``sq_err`` only (their
+    per-sample Inception features are not kept)."""
+    out: dict = {"sq_err": None, "correct": None, "features": None}
+    images = _images(run)
+    if images is None:
+        return out
+    ref = images if reference is run else (_images(reference) if reference is not None else None)
+    if ref is not None:
+        out["sq_err"] = ((images.double() - ref.double()) ** 2).flatten(1).mean(1).numpy()
+    if isinstance(evaluator, DigitsQuality):
+        from ..digits import to_8x8
+        from ..metrics import _classifier_input, load_classifier
+        x = _classifier_input(to_8x8(images))
+        classifier = load_classifier()
+        out["correct"] = (classifier.predict(x) == np.asarray(run.plan.labels)).astype(np.float64)
+        out["features"] = classifier.hidden(x)
+    return out
+
+
+def _images(run: Run):
+    if run.images is not None:
+        return run.images
+    space = run.image_space
+    if run.tokens is None or space is None or not space.available:
+        return None
+    return space(run.tokens)
+
+
+def pool(per_seed: Sequence[dict[str, dict]]) -> tuple[dict[str, dict], np.ndarray]:
+    """Per-seed arrays {run: arrays} concatenated seed after seed, and the stratum (position of the seed) of every
+    sample. Only runs present for every seed are pooled."""
+    names = [n for n in per_seed[0] if all(n in part for part in per_seed)]
+    pooled: dict[str, dict] = {}
+    for name in names:
+        pooled[name] = {}
+        for key in ("sq_err", "correct", "features"):
+            parts = [part[name].get(key) for part in per_seed]
+            pooled[name][key] = None if any(p is None for p in parts) else np.concatenate(parts)
+    sizes = [_size(part[names[0]]) for part in per_seed] if names else []
+    strata = np.concatenate([np.full(size, k) for k, size in enumerate(sizes)]) if sizes else np.zeros(0)
+    return pooled, strata
+
+
+def _size(arrays: dict) -> int:
+    for value in arrays.values():
+        if value is not None:
+            return len(value)
+    return 0
+
+
+def intervals(per_seed: Sequence[dict[str, dict]], options: IntervalOptions, evaluator=None,
+              baseline: Optional[str] = None) -> dict[str, dict]:
+    """Every run's pooled metrics with intervals and, against ``baseline`` (a run name), differences and verdicts
+    (lazymar.stats.compare); {} when no run has per-sample arrays."""
+    pooled, strata = pool(per_seed)
+    if not pooled or len(strata) == 0:
+        return {}
+    metrics = options.metrics(real_statistics(evaluator))
+    return stats.compare(pooled, strata, metrics, baseline=baseline, resamples=options.resamples,
+                         seed=options.seed)
+
+
+def cell(value, low=None, high=None, digits: int = 2) -> str:
+    """``value [low, high]`` rounded for a markdown table (inf and NaN spelled out)."""
+    def fmt(x) -> str:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return "nan"
+        return ("inf" if x > 0 else "-inf") if math.isinf(x) else f"{x:.{digits}f}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+def digits_of(metric: str) -> int:
+    return 3 if metric in ("accuracy", "d_accuracy", "token_mse") else 2
+
+
+# --- tables: one row per run, pooled over seeds, with intervals, differences and verdicts ---------------------
+def annotate_table(per_seed_rows: dict[int, "object"], per_seed_arrays: dict[int, dict[str, dict]],
+                   options: IntervalOptions, evaluator=None, baseline: Optional[str] = None):
+    """One DataFrame row per run (``name`` column) from per-seed tables of the same runs: with one seed that
+    seed's rows; with several, the runs' numbers averaged over seeds (equal sample counts: FLOPs and wall ratios,
+    token MSE) and PSNR, accuracy and FID of the pooled samples, each seed's own beside them
+    (``<metric>_seed<s>``). Then ``<metric>_ci_low/high``, and against ``baseline`` ``d_<metric>`` (with its
+    interval), ``verdict_<metric>`` and ``verdict``; ``seeds`` lists the seeds, ``num_samples`` counts all."""
+    import pandas as pd
+    seeds = list(per_seed_rows)
+    frames = [per_seed_rows[s].set_index("name") for s in seeds]
+    names = [n for n in frames[0].index if all(n in f.index for f in frames)]
+    df = frames[0].loc[names].copy()
+    if len(seeds) > 1:
+        for col in df.columns:
+            if pd.api.types.is_numeric_dtype(df[col]) and col not in ("pareto",):
+                df[col] = sum(f.loc[names, col].astype(float) for f in frames) / len(frames)
+        for metric in METRICS:
+            if metric in df.columns:
+                for s, f in zip(seeds, frames):
+                    df[f"{metric}_seed{s}"] = f.loc[names, metric].astype(float)
+        if "num_samples" in df.columns:
+            df["num_samples"] = sum(f.loc[names, "num_samples"] for f in frames)
+    df["seeds"] = " ".join(str(s) for s in seeds)
+    found = intervals([per_seed_arrays[s] for s in seeds], options, evaluator,
+                      baseline if baseline in names else None)
+    for name, values in found.items():
+        if name not in df.index:
+            continue
+        for key, value in values.items():
+            if key in METRICS and len(seeds) == 1 and key in df.columns and not pd.isna(df.at[name, key]):
+                continue  # one seed: keep the run's own number (the same, up to round-off for FID)
+            if key not in df.columns:
+                df[key] = math.nan if not key.startswith("verdict") else ""
+            df.at[name, key] = value
+    return df.reset_index()
+
+
+def verdict_markdown(df, baseline: str, options: IntervalOptions) -> str:
+    """The differences against the baseline with their intervals, per-metric verdicts and the overall one."""
+    metrics = [m for m in METRICS if f"d_{m}" in df.columns]
+    head = ["name"] + [f"d_{m} [95% CI]" for m in metrics] + [f"verdict {m}" for m in metrics] + ["verdict"]
+    lines = [f"Against {baseline} ({options.describe()}):", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for _, row in df.iterrows():
+        cells = [str(row["name"])]
+        cells += [cell(row.get(f"d_{m}"), row.get(f"d_{m}_ci_low"), row.get(f"d_{m}_ci_high"),
+                       digits_of(f"d_{m}")) for m in metrics]
+        cells += [str(row.get(f"verdict_{m}", "") if isinstance(row.get(f"verdict_{m}"), str) else "")
+                  for m in metrics]
+        cells.append(str(row.get("verdict", "") if isinstance(row.get("verdict"), str) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
