@@ -232,6 +232,12 @@ def download(name: str, base_url: Optional[str] = None, force: bool = False, pro
                             "one") from None
     finally:
         logger.setLevel(level)
+    official = OFFICIAL[name]
+    size = path.stat().st_size
+    if url == official.url and size < 0.9 * official.approx_mb * 2**20:  # e.g. a web page instead of the file
+        path.unlink()
+        raise DownloadError(f"{name} from {url} is {size} bytes, not about {official.approx_mb} MB: not the official "
+                            "file (has the address moved? --url fetches from a mirror)")
     _record(name, _entry(name, path, recorded["sha256"] if recorded else sha256(path), url))
     return path, "downloaded"
 
