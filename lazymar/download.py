@@ -224,9 +224,11 @@ def download(name: str, base_url: Optional[str] = None, force: bool = False, pro
     except requests.RequestException as err:
         raise DownloadError(f"cannot download {name} from {url} ({_reason(err)})"
                             + ("; run the same command again to resume" if part.exists() else "")) from None
+    except LazymarError:  # a transfer that stopped short
+        raise
     except ValueError as err:  # pooch: the hash differs from the recorded one (the file is not kept)
-        if isinstance(err, LazymarError):
-            raise
+        if recorded is None:
+            raise DownloadError(f"cannot download {name} from {url} ({' '.join(str(err).split())})") from None
         raise DownloadError(f"{name} from {url} differs from the file recorded at its first download (sha256 "
                             f"{recorded['sha256'][:16]}..., {recorded['size']} bytes); `--force` accepts the new "
                             "one") from None
