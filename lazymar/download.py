@@ -139,9 +139,9 @@ def check(name: str, full: bool = False) -> Optional[dict[str, Any]]:
     if full or path.stat().st_mtime_ns != entry.get("mtime_ns"):
         digest = sha256(path)
         if digest != entry["sha256"]:
-            raise DownloadError(f"corrupted download: {path} has sha256 {digest[:16]}..., but {entry['sha256'][:16]}... "
-                                f"was recorded at its first download (`lazymar download {name} --force` fetches it "
-                                "again)")
+            raise DownloadError(f"corrupted download: {path} has sha256 {digest[:16]}..., but "
+                                f"{entry['sha256'][:16]}... was recorded at its first download (`lazymar download "
+                                f"{name} --force` fetches it again)")
         if path.stat().st_mtime_ns != entry.get("mtime_ns"):
             entry = {**entry, "mtime_ns": path.stat().st_mtime_ns}
             try:
