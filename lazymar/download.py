@@ -139,9 +139,9 @@ def check(name: str, full: bool = False) -> Optional[dict[str, Any]]:
     if full or path.stat().st_mtime_ns != entry.get("mtime_ns"):
         digest = sha256(path)
         if digest != entry["sha256"]:
-            raise DownloadError(f"corrupted download: {path} has sha256 {digest[:16]}..., but {entry['sha256'][:16]}... "
-                                f"was recorded at its first download (`lazymar download {name} --force` fetches it "
-                                "again)")
+            raise DownloadError(f"corrupted download: {path} has sha256 {digest[:16]}..., but "
+                                f"{entry['sha256'][:16]}... was recorded at its first download (`lazymar download "
+                                f"{name} --force` fetches it again)")
         if path.stat().st_mtime_ns != entry.get("mtime_ns"):
             entry = {**entry, "mtime_ns": path.stat().st_mtime_ns}
             try:
@@ -224,14 +224,22 @@ def download(name: str, base_url: Optional[str] = None, force: bool = False, pro
     except requests.RequestException as err:
         raise DownloadError(f"cannot download {name} from {url} ({_reason(err)})"
                             + ("; run the same command again to resume" if part.exists() else "")) from None
+    except LazymarError:  # a transfer that stopped short
+        raise
     except ValueError as err:  # pooch: the hash differs from the recorded one (the file is not kept)
-        if isinstance(err, LazymarError):
-            raise
+        if recorded is None:
+            raise DownloadError(f"cannot download {name} from {url} ({' '.join(str(err).split())})") from None
         raise DownloadError(f"{name} from {url} differs from the file recorded at its first download (sha256 "
                             f"{recorded['sha256'][:16]}..., {recorded['size']} bytes); `--force` accepts the new "
                             "one") from None
     finally:
         logger.setLevel(level)
+    official = OFFICIAL[name]
+    size = path.stat().st_size
+    if url == official.url and size < 0.9 * official.approx_mb * 2**20:  # e.g. a web page instead of the file
+        path.unlink()
+        raise DownloadError(f"{name} from {url} is {size} bytes, not about {official.approx_mb} MB: not the official "
+                            "file (has the address moved? --url fetches from a mirror)")
     _record(name, _entry(name, path, recorded["sha256"] if recorded else sha256(path), url))
     return path, "downloaded"
 

@@ -244,8 +244,8 @@ def infer_vae_config(state: Mapping[str, Tensor]) -> VAEConfig:
 
 
 def load_vae(path: str | Path, config: Optional[VAEConfig] = None, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """The VAE of a checkpoint, or the downloaded one by name ("kl16") (MAR's ``kl16.ckpt``: key ``"model"``; LDM's ``"state_dict"`` or a bare state dict
-    also work), in eval mode.
+    """The VAE of a checkpoint (MAR's ``kl16.ckpt``: key ``"model"``; LDM's ``"state_dict"`` or a bare state dict
+    also work), or the downloaded one by name ("kl16"), in eval mode.
 
     Sizes are inferred from the tensor shapes unless ``config`` is given.
     """

@@ -98,7 +98,9 @@ def served(tmp_path):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch, served):
-    """An empty cache folder, with downloads from the local server."""
+    """An empty cache folder, with downloads from the local server (never through a proxy)."""
+    for variable in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(variable, "127.0.0.1,localhost")
     monkeypatch.setenv("LAZYMAR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LAZYMAR_DOWNLOAD_URL", served.url)
     return tmp_path / "home"
@@ -271,6 +273,13 @@ def test_offline_without_the_cache_says_what_to_do_in_one_line(home, capsys, mon
         assert_one_error_line(err, argv[0], f"{name} is not downloaded yet", f"`lazymar download {name}` fetches it")
 
 
+def test_url_option_overrides_the_address(home, served, capsys, monkeypatch):
+    offline(monkeypatch)
+    code, _, err = run(capsys, "download", "kl16", "--url", served.url + "/", "--no-progress")
+    assert code == 0, err
+    assert (home / dl.OFFICIAL["kl16"].path).read_bytes() == served.files[KL16]
+
+
 # --- names ------------------------------------------------------------------------------------------------------
 def test_names_resolve_to_downloaded_files_of_their_kind(home, served, capsys, monkeypatch):
     assert run(capsys, "download", "mar_base", "kl16", "fid-stats", "--no-progress", "--json")[0] == 0
@@ -307,6 +316,18 @@ def test_listing_shows_what_is_there(home, served, capsys):
     assert set(rows) == {"mar_base", "mar_large", "mar_huge", "kl16", "fid-stats"}
     assert rows["kl16"]["downloaded"] and rows["kl16"]["size"] == len(served.files[KL16])
     assert not rows["mar_huge"]["downloaded"] and rows["mar_huge"]["size"] is None
+
+
+def test_a_small_answer_from_the_official_address_is_not_taken_for_the_file(home, served, capsys, monkeypatch):
+    """The official files have known sizes: a page of a few KB where 254 MB are due is refused, not recorded."""
+    from dataclasses import replace
+    monkeypatch.delenv("LAZYMAR_DOWNLOAD_URL")
+    monkeypatch.setitem(dl.OFFICIAL, "kl16", replace(dl.OFFICIAL["kl16"], url=served.url + KL16))
+    code, _, err = run(capsys, "download", "kl16", "--no-progress")
+    assert code == 2
+    assert_one_error_line(err, "download", f"kl16 from {served.url + KL16} is {len(served.files[KL16])} bytes, not "
+                                           "about 254 MB")
+    assert not (home / dl.OFFICIAL["kl16"].path).exists() and dl.read_registry() == {}
 
 
 def test_default_home_and_official_addresses(monkeypatch):

@@ -1,6 +1,5 @@
 """--preset mar-paper|lazymar-paper: the published evaluation settings of MAR-B/L/H, applied under explicit options."""
 import argparse
-from dataclasses import replace
 
 import pytest
 import torch
