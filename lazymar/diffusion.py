@@ -193,6 +193,13 @@ class GaussianDiffusion:
                 last = acp
         return cls(np.array(betas), kept)
 
+    def timesteps_on(self, device: torch.device) -> Tensor:
+        """``timestep_map`` on ``device``, copied there once (not per head step)."""
+        key = ("timestep_map", torch.device(device))
+        if key not in self._tables:
+            self._tables[key] = self.timestep_map.to(device)
+        return self._tables[key]
+
     def _at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
         """The float64 table ``name`` at t, as float32 on t's device, broadcast over the token dimension."""
         key = (name, t.device)
@@ -289,10 +296,10 @@ class DiffLoss(nn.Module):
                  ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """eps_theta(x, respaced index, z), with CFG when ``cfg`` is given (z is then [cond; uncond]); the index is
         one of ``diffusion``'s steps (default: the model's sampling diffusion)."""
-        timestep_map = (diffusion or self.gen_diffusion).timestep_map
+        diffusion = diffusion or self.gen_diffusion
 
         def run(x: Tensor, i: Tensor, z: Tensor) -> Tensor:
-            t = timestep_map.to(i.device)[i]
+            t = diffusion.timesteps_on(i.device)[i]
             if cfg is None:
                 return self.net(x, t, z)
             return self.net.forward_with_cfg(x, t, z, cfg)

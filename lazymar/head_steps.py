@@ -125,9 +125,17 @@ def sample_head(ctx: "StepContext", z: Tensor, sample: HeadSampler) -> Tensor:
     allocation = ctx.head_steps
     if allocation is None:
         return sample(z, None)
-    full = ctx.doubled(allocation.full_tokens(ctx.tokens, ~ctx.unknown, ctx.to_predict_positions).reshape(-1))
+    full = allocation.full_tokens(ctx.tokens, ~ctx.unknown, ctx.to_predict_positions)  # (B, n)
+    B, n = full.shape
+    k = allocation.full_count(n)  # full-step tokens per sample: known on the host, no read-back of ``full``
+    # per sample, its full-step tokens then the others, each in position order (a stable sort of "not full"),
+    # as row indices of the cond half: the order in which boolean masks would pick them
+    ranked = torch.sort((~full).to(torch.uint8), dim=1, stable=True).indices
+    ranked = ranked + n * torch.arange(B, device=full.device)[:, None]
     out = z.new_empty(z.shape[0], ctx.model.token_dim)
-    for rows, steps in ((full, None), (~full, allocation.reduced_steps)):
-        if bool(rows.any()):
+    for rows, steps in ((ranked[:, :k], None), (ranked[:, k:], allocation.reduced_steps)):
+        if rows.numel():  # an empty group is not sampled and draws no noise
+            rows = rows.reshape(-1)
+            rows = torch.cat([rows, rows + B * n]) if ctx.use_cfg else rows  # the same tokens' uncond rows
             out[rows] = sample(z[rows], steps)
     return out

@@ -163,34 +163,41 @@ class MAR(nn.Module):
         x = torch.cat([class_embedding.unsqueeze(1).expand(-1, n_buf, -1).to(z.dtype), z], dim=1)
         return self.z_proj_ln(x + pos)
 
-    def visible_rows(self, x: Tensor, mask: Tensor) -> Tensor:
-        """The rows of x (B, buffer + seq, C) at the buffer and known positions (mask 0), in position order."""
-        return x[(1 - self.with_buffer(mask)).nonzero(as_tuple=True)].reshape(x.shape[0], -1, x.shape[2])
+    def visible_positions(self, mask: Tensor) -> Tensor:
+        """(B, buffer + known) positions into buffer + sequence of the buffer and the known tokens (mask 0), sorted
+        per row. Found with ``nonzero``, a host round-trip: the sampling loop passes them from the orders instead."""
+        return (1 - self.with_buffer(mask)).nonzero()[:, 1].reshape(mask.shape[0], -1)
+
+    def visible_rows(self, x: Tensor, mask: Tensor, visible: Optional[Tensor] = None) -> Tensor:
+        """The rows of x (B, buffer + seq, C) at the buffer and known positions (mask 0), in position order;
+        ``visible``: those positions (:meth:`visible_positions`) when known."""
+        visible = self.visible_positions(mask) if visible is None else visible
+        return x.gather(1, visible.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
     def run_encoder(self, x: Tensor, kv_hooks: Optional[KVHooks] = None) -> Tensor:
         """The encoder blocks and norm on embedded rows x (N, n, enc); ``kv_hooks`` can supply the K/V of
         positions that are not among the rows."""
         return self.encoder_norm(run_blocks(self.encoder_blocks, x, kv_hooks))
 
-    def forward_mae_encoder(self, tokens: Tensor, mask: Tensor, class_embedding: Tensor) -> Tensor:
+    def forward_mae_encoder(self, tokens: Tensor, mask: Tensor, class_embedding: Tensor,
+                            visible: Optional[Tensor] = None) -> Tensor:
         """Encode the buffer and the known (unmasked) tokens; returns (B, buffer + known, enc)."""
-        return self.run_encoder(self.visible_rows(self.embed_encoder_input(tokens, class_embedding), mask))
+        return self.run_encoder(self.visible_rows(self.embed_encoder_input(tokens, class_embedding), mask, visible))
 
-    def decoder_embeddings(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Mask tokens everywhere, the embedded encoder outputs x at the buffer and known positions (no
-        positional embedding yet)."""
+    def decoder_embeddings(self, x: Tensor, mask: Tensor, visible: Optional[Tensor] = None) -> Tensor:
+        """Mask tokens everywhere, the embedded encoder outputs x at the buffer and known positions (``visible``,
+        when known; no positional embedding yet)."""
         x = self.decoder_embed(x)
-        mask_with_buffer = self.with_buffer(mask)
-        full = self.mask_token.expand(mask.shape[0], mask_with_buffer.shape[1], -1).to(x.dtype).clone()
-        full[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
-        return full
+        visible = self.visible_positions(mask) if visible is None else visible
+        full = self.mask_token.expand(mask.shape[0], mask.shape[1] + self.buffer_size, -1).to(x.dtype)
+        return full.scatter(1, visible.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
 
     def with_decoder_positions(self, x: Tensor) -> Tensor:
         return x + self.decoder_pos_embed_learned
 
-    def scatter_decoder_input(self, x: Tensor, mask: Tensor) -> Tensor:
+    def scatter_decoder_input(self, x: Tensor, mask: Tensor, visible: Optional[Tensor] = None) -> Tensor:
         """The decoder input of all positions from the encoder outputs x."""
-        return self.with_decoder_positions(self.decoder_embeddings(x, mask))
+        return self.with_decoder_positions(self.decoder_embeddings(x, mask, visible))
 
     def run_decoder(self, x: Tensor, layers: Optional[range] = None, kv_hooks: Optional[KVHooks] = None) -> Tensor:
         """Decoder blocks ``layers`` (all by default) on rows x (N, n, dec); no norm (see decoder_output)."""
@@ -201,13 +208,17 @@ class MAR(nn.Module):
         x = self.decoder_norm(x)[:, self.buffer_size:]
         return x + self.diffusion_pos_embed_learned
 
-    def forward_mae_decoder(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward_mae_decoder(self, x: Tensor, mask: Tensor, visible: Optional[Tensor] = None) -> Tensor:
         """Decode all positions; returns the head conditioning z of shape (B, seq_len, dec)."""
-        return self.decoder_output(self.run_decoder(self.scatter_decoder_input(x, mask)))
+        return self.decoder_output(self.run_decoder(self.scatter_decoder_input(x, mask, visible)))
 
-    def forward_transformer(self, tokens: Tensor, mask: Tensor, class_embedding: Tensor) -> Tensor:
-        """One full MAR pass: tokens (B, L, D), mask (B, L) with 1 = unknown, class embeddings (B, enc) -> z."""
-        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding), mask)
+    def forward_transformer(self, tokens: Tensor, mask: Tensor, class_embedding: Tensor,
+                            visible: Optional[Tensor] = None) -> Tensor:
+        """One full MAR pass: tokens (B, L, D), mask (B, L) with 1 = unknown, class embeddings (B, enc) -> z.
+        ``visible``: the buffer and known positions (:meth:`visible_positions`) when the caller knows them."""
+        visible = self.visible_positions(mask) if visible is None else visible
+        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, visible), mask,
+                                        visible)
 
     def class_embedding(self, labels: Optional[Tensor], batch_size: int) -> Tensor:
         """Class embeddings for ``labels``; the learned fake latent for unconditional positions (label -1 or None)."""

@@ -78,7 +78,10 @@ class TwoStageOrder:
         structure_steps = num_iter - self.detail_steps
         if structure_steps < 1:
             raise SettingsError(f"gtr:{self.detail_steps} needs more than {self.detail_steps} MAR steps, got {num_iter}")
-        n_structure = int(checkerboard(seq_len).sum())
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            checkerboard(seq_len)  # raises the SettingsError
+        n_structure = (seq_len + 1) // 2  # the (row + col) even positions of a side x side grid, counted on the host
         n_detail = seq_len - n_structure
         if step < structure_steps:
             target = n_detail + math.floor(n_structure * math.cos(math.pi / 2 * (step + 1) / structure_steps))

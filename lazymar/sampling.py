@@ -70,6 +70,8 @@ class StepContext:
     new_positions: Optional[Tensor] = None
     to_predict_positions: Optional[Tensor] = None
     num_masked: Optional[int] = None
+    # (B, buffer + known before this step) positions into buffer + sequence that the encoder sees, sorted per row
+    visible_positions: Optional[Tensor] = None
     head_steps: Optional[FrequencyWeightedSteps] = None  # the head's steps per token (None: uniform; head_steps)
 
     def __post_init__(self) -> None:
@@ -81,6 +83,8 @@ class StepContext:
             self.to_predict_positions = _positions(self.to_predict)
         if self.num_masked is None:
             self.num_masked = int(self.masked[0].sum()) if self.masked.numel() else 0
+        if self.visible_positions is None:
+            self.visible_positions = self.model.visible_positions(self.unknown)
 
     @property
     def num_new(self) -> int:
@@ -115,6 +119,10 @@ class StepContext:
             emb = torch.cat([emb, model.class_embedding(None, B)])
         return self.doubled(self.tokens), self.doubled(self.unknown).float(), emb
 
+    def visible_for(self, rows: int) -> Tensor:
+        """The visible positions of a network batch of ``rows`` rows (both branches, or the cond one)."""
+        return self.doubled(self.visible_positions) if rows == 2 * self.batch_size else self.visible_positions
+
 
 def _positions(mask: Tensor) -> Tensor:
     """The True positions of a (B, L) mask with the same count in every row, (B, n) sorted per row."""
@@ -134,7 +142,8 @@ class StepRunner:
         """Called once before the first step of a generation."""
 
     def transformer(self, ctx: StepContext) -> Tensor:
-        return ctx.model.forward_transformer(*ctx.network_inputs())
+        tokens, mask, class_emb = ctx.network_inputs()
+        return ctx.model.forward_transformer(tokens, mask, class_emb, ctx.visible_for(len(tokens)))
 
     def head(self, ctx: StepContext, z: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
         """Sample the tokens of the rows of z (the to-predict positions, [cond; uncond] with CFG)."""
@@ -236,6 +245,7 @@ def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator:
     new = torch.zeros_like(unknown)
     new_positions = orders[:, :0]
     num_unknown = L  # per sample, tracked on the host (the loop needs no device round-trip)
+    buffer_positions = torch.arange(model.buffer_size, device=device).expand(B, -1)
     runner.start(model, settings, B)
     for obs in observers:
         obs.on_generation_start(model, settings, labels)
@@ -246,12 +256,15 @@ def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator:
             masked = torch.zeros_like(unknown)
         still_masked = mask_len if step < settings.num_iter - 1 else 0
         to_predict_positions = orders[:, still_masked:num_unknown].sort(dim=1).values
+        known_positions = orders[:, num_unknown:].sort(dim=1).values  # decoded before this step (known and new)
+        visible_positions = torch.cat([buffer_positions, known_positions + model.buffer_size], dim=1)
         ctx = StepContext(
             model=model, step=step, num_iter=settings.num_iter, tokens=tokens, labels=labels,
             known=~unknown & ~new, new=new, to_predict=unknown & ~masked, masked=masked,
             mask_ratio=mask_len / L if step < settings.num_iter - 1 else 0.0,
             cfg_scale=step_cfg_scale(settings.cfg, settings.cfg_schedule, mask_len, L), use_cfg=use_cfg,
             new_positions=new_positions, to_predict_positions=to_predict_positions, num_masked=still_masked,
+            visible_positions=visible_positions,
             head_steps=head_steps,
         )
         reset = _current_step.set(ctx)

@@ -42,8 +42,8 @@ def test_attention_received_by_hand():
 
 
 def test_scoring_queries_are_the_new_and_to_predict_positions_after_the_buffer():
-    new = torch.tensor([[True, False, False, False], [False, False, True, False]])
-    to_predict = torch.tensor([[False, False, False, True], [True, False, False, False]])
+    new = torch.tensor([[0], [2]])  # positions in the sequence (no host round-trip to find them from masks)
+    to_predict = torch.tensor([[3], [0]])
     assert scoring_queries(new, to_predict, buffer_size=2).tolist() == [[2, 5], [2, 4]]
 
 
@@ -56,7 +56,8 @@ def test_attention_selection_keeps_the_most_attended_positions(model):
     to_predict = torch.zeros_like(new)
     new[0, 3], to_predict[0, 9] = True, True
     engine.decoder._q = {"q": q, "k": k}
-    ctx = types.SimpleNamespace(step=1, batch_size=1, to_predict=to_predict, new=new, num_to_predict=1, num_new=1)
+    ctx = types.SimpleNamespace(step=1, batch_size=1, to_predict=to_predict, new=new, num_to_predict=1, num_new=1,
+                                new_positions=torch.tensor([[3]]), to_predict_positions=torch.tensor([[9]]))
     kept = engine.decoder.select(ctx, torch.zeros(1, H, total, hd))[0]
     buf = model.buffer_size
     score = attention_received(q, k, torch.tensor([[buf + 3, buf + 9]]))[0]

@@ -19,11 +19,9 @@ from torch import Tensor, nn
 
 
 def scoring_queries(new: Tensor, to_predict: Tensor, buffer_size: int) -> Tensor:
-    """Positions (N, n_q) into buffer + seq of the scoring queries: the new and to-predict tokens (sorted per row;
-    every row has as many, as MAR's schedule decodes the same count per sample)."""
-    queries = new | to_predict
-    n_q = int(queries[0].sum())
-    return queries.nonzero(as_tuple=True)[1].reshape(queries.shape[0], n_q) + buffer_size
+    """Positions (N, n_q) into buffer + seq of the scoring queries: the new and to-predict tokens, given by their
+    positions (N, n_new) and (N, n_to_predict) in the sequence (disjoint; the result sorted per row)."""
+    return torch.cat([new, to_predict], dim=1).sort(dim=1).values + buffer_size
 
 
 def attention_received(q: Tensor, k: Tensor, positions: Tensor) -> Tensor:

@@ -133,8 +133,9 @@ class DecoderTokenCache:
             score = (dot / norms.clamp_min(1e-12)).mean(dim=1)  # (N, total): high = unchanged
         elif sch.selection == "attention":  # high attention from the new and to-predict tokens = recompute
             q, k = self._q.pop("q"), self._q.pop("k")
-            positions = scoring_queries(ctx.doubled(ctx.new) if N == 2 * ctx.batch_size else ctx.new,
-                                        ctx.doubled(ctx.to_predict) if N == 2 * ctx.batch_size else ctx.to_predict,
+            both = N == 2 * ctx.batch_size
+            positions = scoring_queries(ctx.doubled(ctx.new_positions) if both else ctx.new_positions,
+                                        ctx.doubled(ctx.to_predict_positions) if both else ctx.to_predict_positions,
                                         self.model.buffer_size)
             score = -attention_received(q, k, positions)
             self.ledger.add("decoder", F.attention_score_flops(N, q.shape[1], positions.shape[1], total, q.shape[3]))

@@ -45,13 +45,14 @@ class EncoderCache:
         caches for later incremental steps. Returns the decoder input of all positions."""
         model, c = self.model, self.model.config
         ctx.encoder_rows = None
-        x = model.visible_rows(model.embed_encoder_input(tokens, class_emb), mask)
+        visible = ctx.visible_for(tokens.shape[0])
+        x = model.visible_rows(model.embed_encoder_input(tokens, class_emb), mask, visible)
         N, n = x.shape[:2]
         x = model.run_encoder(x, self._store_hook if store else None)
         self.length = n - model.buffer_size
         self.ledger.add("encoder", F.token_embed_flops(c, N * model.seq_len)
                         + len(model.encoder_blocks) * F.encoder_block_flops(c, N, n, n))
-        embedded = model.decoder_embeddings(x, mask)
+        embedded = model.decoder_embeddings(x, mask, visible)
         self.ledger.add("decoder", F.decoder_embed_flops(c, N * n))
         if store:
             self.embedded = keep_rows(self.embedded, embedded, self.rows, dtype=self.dtype)

@@ -50,8 +50,8 @@ class HeadCache:
 
     def use_diffusion(self, steps: Optional[int]) -> None:
         """Run the head's reverse steps of ``DiffLoss.sampling_diffusion(steps)`` (None: the model's)."""
-        diffusion = self.model.diffloss.sampling_diffusion(steps)
-        self.num_steps, self.timestep_map = diffusion.num_timesteps, diffusion.timestep_map
+        self.diffusion = self.model.diffloss.sampling_diffusion(steps)
+        self.num_steps, self.timestep_map = self.diffusion.num_timesteps, self.diffusion.timestep_map
 
     def sample(self, ctx: StepContext, z: Tensor, temperature: float,
                generator: Optional[torch.Generator], steps: Optional[int] = None) -> Tensor:
@@ -75,7 +75,7 @@ class HeadCache:
         self.n = z.shape[0] // 2 if use_cfg else z.shape[0]
         # rows that cached steps run: the cond half under the CFG cache
         self.cached_rows = self.n if (use_cfg and self.policy.cfg_cache) else z.shape[0]
-        self.timestep_map = self.timestep_map.to(z.device)
+        self.timestep_map = self.diffusion.timesteps_on(z.device)  # copied to the device once per diffusion
         self.head_step = None  # the next head step when counted (sample), else read from i
         if self.policy.hoist_invariants:
             self.cond = self.net.cond_embed(z)
