@@ -1,4 +1,6 @@
-"""Our MAR reproduces the official implementation's outputs stored in every *_io.pt fixture."""
+"""Our MAR reproduces the official implementation's outputs stored in every *_io.pt fixture (on the device
+$LAZYMAR_TEST_DEVICE, default cpu: benchmarks/gpu_check.py runs this module on CUDA)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ from conftest import reference_dir
 from lazymar import MAR, MARConfig
 
 FIXTURES = sorted(reference_dir().glob("*_io.pt"))
+DEVICE = torch.device(os.environ.get("LAZYMAR_TEST_DEVICE", "cpu"))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -20,7 +23,8 @@ def load_pair(io_path: Path) -> tuple[MAR, dict]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = MAR(MARConfig.from_dict(ckpt["args"])).eval()
     model.load_state_dict(ckpt["model_ema"], strict=True)
-    return model, torch.load(io_path, map_location="cpu", weights_only=False)
+    io = torch.load(io_path, map_location="cpu", weights_only=False)
+    return model.to(DEVICE), {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in io.items()}
 
 
 def test_fixtures_present():
@@ -50,14 +54,14 @@ def test_reproduces_reference_outputs(io_path: Path):
     assert rel_err(cfg_out, io["cfg_out"]) <= 1e-5
 
     gen = model.diffloss.gen_diffusion
-    assert torch.equal(gen.timestep_map, io["gen_timestep_map"])
-    assert rel_err(torch.from_numpy(gen.betas), io["gen_betas"]) <= 1e-5
-    assert rel_err(torch.from_numpy(model.diffloss.train_diffusion.betas), io["train_betas"]) <= 1e-5
+    assert torch.equal(gen.timestep_map.to(DEVICE), io["gen_timestep_map"])
+    assert rel_err(torch.from_numpy(gen.betas).to(DEVICE), io["gen_betas"]) <= 1e-5
+    assert rel_err(torch.from_numpy(model.diffloss.train_diffusion.betas).to(DEVICE), io["train_betas"]) <= 1e-5
 
     pmv_indices = sorted({int(k.split("_")[1]) for k in io if k.startswith("pmv_") and k != "pmv_note"})
     assert pmv_indices
     for i in pmv_indices:
-        t = torch.full((io["head_x"].shape[0],), i)
+        t = torch.full((io["head_x"].shape[0],), i, device=DEVICE)
         out = gen.p_mean_variance(model.diffloss.denoiser(None)(io["head_x"], t, io["head_c"]), io["head_x"], t)
         for name in ("mean", "log_variance", "pred_xstart"):
             assert rel_err(out[name], io[f"pmv_{i}_{name}"]) <= 1e-5, (i, name)
