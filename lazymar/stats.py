@@ -13,10 +13,11 @@ orders, noise), so one count matrix resamples them together: their difference is
   image goes through the classifier again and no per-resample ``sqrtm`` is needed.
 
 Intervals at level 95 % by default: the percentile interval of the bootstrap distribution. FID is biased upward at
-finite n, so its interval is one for the FID *at the run's sample count* (the number every FID report quotes; compare
-FIDs of equal n only). Differences of FID between runs of the same samples carry little of that bias, and their
-intervals are the basic (reverse-percentile) ones, [2 d - q_hi, 2 d - q_lo], which remove what is left, so they
-cover the population difference (tests/test_stats.py).
+finite n, and a resample, with its duplicated rows, more so: its interval is the percentile interval shifted back by
+the bootstrap's bias (mean of the replicates - the value), an interval for the FID *at the run's sample count* (the
+number every FID report quotes; compare FIDs of equal n only). Differences of FID between runs of the same samples
+carry little of that bias, and their intervals are the basic (reverse-percentile) ones, [2 d - q_hi, 2 d - q_lo],
+which remove what is left, so they cover the population difference (tests/test_stats.py).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class Metric:
     higher_is_better: bool
     margin: float
     relative: bool = False
-    basic_difference: bool = False  # differences: basic (reverse-percentile) interval instead of percentile
+    biased: bool = False  # FID: level intervals shifted by the bootstrap bias, differences basic
     needs: str = ""
 
     def available(self, arrays: dict) -> bool:
@@ -134,14 +135,15 @@ def standard_metrics(margin_psnr: float = 0.5, margin_accuracy: float = 0.5, mar
                       needs="correct")]
     if real is not None:
         metrics.append(Metric("fid", lambda a, w: fid_of_features(a["features"], real, w), False,
-                              margin_fid / 100.0, relative=True, basic_difference=True,
+                              margin_fid / 100.0, relative=True, biased=True,
                               needs="features"))
     return metrics
 
 
-def interval(point: float, replicates: np.ndarray, basic: bool = False,
+def interval(point: float, replicates: np.ndarray, kind: str = "percentile",
              confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The bootstrap interval of a statistic from its value and its replicates: percentile, or basic."""
+    """The bootstrap interval of a statistic from its value and its replicates: ``percentile``, ``basic``
+    ([2 t - q_hi, 2 t - q_lo]) or ``shifted`` (the percentile interval minus the bootstrap bias, mean - t)."""
     alpha = (1.0 - confidence) / 2
     finite = replicates[~np.isnan(replicates)]
     if len(finite) == 0:
@@ -151,8 +153,11 @@ def interval(point: float, replicates: np.ndarray, basic: bool = False,
                   float(np.quantile(finite, 1 - alpha, method="inverted_cdf")))
         return lo, hi
     lo, hi = np.quantile(finite, [alpha, 1 - alpha])
-    if basic:
+    if kind == "basic":
         return float(2 * point - hi), float(2 * point - lo)
+    if kind == "shifted":
+        bias = float(finite.mean()) - point
+        return float(lo - bias), float(hi - bias)
     return float(lo), float(hi)
 
 
@@ -212,7 +217,7 @@ def compare(arrays: dict[str, dict], strata: Sequence[int], metrics: Sequence[Me
                 continue
             point, reps = float(metric.statistic(a, ones)[0]), metric.statistic(a, counts)
             values[name][metric.name] = (point, reps)
-            lo, hi = interval(point, reps, False, confidence)
+            lo, hi = interval(point, reps, "shifted" if metric.biased else "percentile", confidence)
             out[name].update({metric.name: point, f"{metric.name}_ci_low": lo, f"{metric.name}_ci_high": hi})
     if baseline is None:
         return out
@@ -230,7 +235,7 @@ def compare(arrays: dict[str, dict], strata: Sequence[int], metrics: Sequence[Me
                 continue
             with np.errstate(invalid="ignore"):
                 d, d_reps = p - pb, reps - reps_b
-            lo, hi = interval(d, d_reps, metric.basic_difference, confidence)
+            lo, hi = interval(d, d_reps, "basic" if metric.biased else "percentile", confidence)
             margin = metric.margin * abs(pb) if metric.relative else metric.margin
             v = verdict(lo, hi, margin, metric.higher_is_better) if name != baseline else "baseline"
             out[name].update({key: d, f"{key}_ci_low": lo, f"{key}_ci_high": hi, f"verdict_{metric.name}": v})

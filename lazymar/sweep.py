@@ -166,7 +166,7 @@ def fewer_steps_point(reference_settings: SamplingSettings, config, target_ratio
                                              name=f"steps-{n}")
 
     def ratio(n: int) -> float:
-        base = predicted_flops(none_schedule(full), config, use_cfg)["total"]
+        base = predicted_flops(schedule(full), config, use_cfg)["total"]  # the exact sampler: hoisted too
         return base / predicted_flops(schedule(n), config, use_cfg)["total"]
 
     best = min(range(1, full + 1), key=lambda n: abs(ratio(n) - target_ratio))

@@ -12,7 +12,7 @@ from lazymar.schedules import (DerivationError, RedundancyProfile, derive_schedu
                                schedule_matrix, search_budget, selection_study)
 from lazymar.schedules.levels import count_below as _count_below, levels as _levels
 from lazymar.cache.flops import estimate_generation_flops
-from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, load_schedule
+from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, exact_schedule, load_schedule
 from lazymar.cli import main
 from lazymar.config import MARConfig
 from lazymar.recording import STATUS_CODES, save_stats
@@ -164,7 +164,7 @@ def test_derive_schedule_by_hand(profile):
     assert s.head == HeadCachePolicy(refresh_every=2, reuse_blocks=(0,), hoist_invariants=True)
     assert s.selection_layer == 1 and s.selection == "similarity" and all(s.head_cache)
     assert d.predicted_flops_ratio == pytest.approx(
-        estimate_generation_flops(CONFIG, load_schedule("none", S, CONFIG)).total
+        estimate_generation_flops(CONFIG, exact_schedule(S)).total
         / estimate_generation_flops(CONFIG, s).total)
     assert "refreshes 3 steps [0, 3-4]" in d.summary()
     matrix = schedule_matrix(s)

@@ -2,6 +2,7 @@
 import json
 import types
 
+import numpy as np
 import pytest
 
 from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, load_schedule
@@ -26,13 +27,14 @@ def test_calibration_plan_keeps_away_from_evaluation_seeds():
 
 
 @pytest.mark.parametrize("row, ok", [
-    ({"psnr": 30.0, "accuracy": 0.965, "fid": 2.5}, True),     # ties and the accuracy tolerance
-    ({"psnr": 29.9, "accuracy": 0.99, "fid": 2.0}, False),     # PSNR below the floor
-    ({"psnr": 35.0, "accuracy": 0.964, "fid": 2.0}, False),    # accuracy more than 0.5 points below
-    ({"psnr": 35.0, "accuracy": 0.99, "fid": 2.51}, False),    # FID above
+    ({"verdict_psnr": "better", "verdict_accuracy": "no worse", "verdict_fid": "no worse"}, True),
+    ({"verdict_psnr": "better", "verdict_accuracy": "inconclusive", "verdict_fid": "better"}, False),
+    ({"verdict_psnr": "worse", "verdict_accuracy": "better", "verdict_fid": "better"}, False),
+    ({"verdict_psnr": "no worse", "verdict_accuracy": "no worse"}, True),   # no FID measured: the others decide
+    ({}, False),                                                            # nothing measured: not accepted
 ])
 def test_objective_feasibility(row, ok):
-    assert QualityObjective(accuracy_tolerance=0.005).feasible(row, FLOOR) is ok
+    assert QualityObjective().feasible(row) is ok
 
 
 def test_head_policies_combine_with_every_base():
@@ -55,17 +57,23 @@ def test_search_record_round_trips_and_is_not_part_of_the_plan(tmp_path):
 
 
 class FakeReference:
-    """Stands in for lazymar.runs.Reference: measured rows from a table (no sampling)."""
+    """Stands in for lazymar.runs.Reference: measured rows from a table (no sampling), each with per-sample arrays
+    in place of the run (a run's accuracy per sample, its squared errors for its PSNR, no FID features)."""
 
     def __init__(self, rows, seed=101, num_samples=200):
         self.plan = SamplePlan.balanced(num_samples, 10, seed, 100)
         self.settings = SamplingSettings(num_iter=64, cfg=3.0)
-        self.evaluator = object()
+        self.evaluator, self.run = object(), None
         self.rows, self.measured = rows, []
 
     def measure(self, schedule, settings=None, quality=True, name=None):
         self.measured.append(schedule.name)
-        return None, dict(self.rows[schedule.name])
+        row, n = dict(self.rows[schedule.name]), self.plan.num_samples
+        correct = np.zeros(n)
+        correct[:round(row["accuracy"] * n)] = 1.0
+        rng = np.random.default_rng(0)  # the same samples for every run: paired
+        sq_err = 4.0 * 10 ** (-row["psnr"] / 10) * rng.uniform(0.5, 1.5, n)
+        return {"sq_err": sq_err, "correct": correct, "features": None}, row
 
 
 def candidates():
@@ -77,10 +85,10 @@ def test_search_picks_the_fastest_feasible_candidate():
     cands = candidates()
     ratio = {s.name: predicted_flops(s, CONFIG, True, 100)["ratio"] for s in cands}
     rows = {"lazymar": FLOOR}
-    for s in cands:  # the two fastest fail on FID; the rest pass
+    for s in cands:  # the two fastest lose 1.5 dB PSNR (beyond the 0.5 dB margin); the rest gain 2 dB
         bad = ratio[s.name] > 4.7
-        rows[s.name] = {"flops_ratio": ratio[s.name], "wall_ratio": 3.0, "psnr": 32.0, "accuracy": 0.97,
-                        "fid": 3.0 if bad else 2.4}
+        rows[s.name] = {"flops_ratio": ratio[s.name], "wall_ratio": 3.0, "psnr": 28.5 if bad else 32.0,
+                        "accuracy": 0.97, "fid": 2.4}
     reference = FakeReference(rows)
     floor = load_schedule("lazymar", 64, CONFIG)
     result = quality_search(reference, floor, cands, CONFIG, 4.5, max_measured=10)
@@ -89,6 +97,18 @@ def test_search_picks_the_fastest_feasible_candidate():
     assert reference.measured[0] == "lazymar"
     assert all(ratio[n] >= 4.5 for n in reference.measured[1:])
     assert result.search_record(101, 200, "o")["seeds"] == [101]
+    verdicts = {r["name"]: (r["verdict_psnr"], r["verdict_accuracy"]) for r in result.measured}
+    assert all(v == (("worse" if ratio[n] > 4.7 else "better"), "no worse") for n, v in verdicts.items())
+    assert all(r["d_psnr_ci_low"] <= r["d_psnr"] <= r["d_psnr_ci_high"] for r in result.measured)
+
+
+def test_search_rejects_a_point_estimate_inside_the_noise():
+    """A candidate 0.4 points below the floor's accuracy is within the margin by its point value, but 200
+    samples cannot show it: the verdict is inconclusive and it is not accepted."""
+    base = load_schedule("data/schedules/digits_3.5x.json", 64, CONFIG)
+    rows = {"lazymar": FLOOR, base.name: {**FLOOR, "flops_ratio": 3.6, "psnr": 32.0, "accuracy": 0.965}}
+    result = quality_search(FakeReference(rows), load_schedule("lazymar", 64, CONFIG), [base], CONFIG, 3.0)
+    assert result.measured[0]["verdict_accuracy"] == "inconclusive" and result.best is None
 
 
 def test_search_record_keeps_the_seeds_that_made_the_base():
@@ -96,7 +116,7 @@ def test_search_record_keeps_the_seeds_that_made_the_base():
     derive_record = {"seeds": [1], "num_samples": 32}
     base = load_schedule("data/schedules/digits_3.5x.json", 64, CONFIG).with_changes(search=derive_record)
     rows = {"lazymar": FLOOR, base.name: {**FLOOR, "flops_ratio": 3.6, "psnr": 31.0, "fid": 2.4}}
-    result = quality_search(FakeReference(rows), load_schedule("lazymar", 64, CONFIG), [base], CONFIG, 3.5)
+    result = quality_search(FakeReference(rows), load_schedule("lazymar", 64, CONFIG), [base], CONFIG, 3.0)
     record = result.search_record(101, 200, "o")
     assert result.best.name == base.name
     assert record["seeds"] == [1, 101] and record["base_search"] == derive_record

@@ -124,3 +124,36 @@ def test_overall_verdict_and_baseline_rows():
     assert out["b"]["verdict_accuracy"] == "no worse"  # equal accuracy: difference 0, inside the margin
     none_base = stats.compare(arrays, np.zeros(30), stats.standard_metrics(), baseline="none", resamples=50)
     assert math.isnan(none_base["a"]["d_psnr"]) and "verdict_psnr" not in none_base["a"]
+
+
+def test_sweep_table_pools_seeds_with_intervals_and_verdicts():
+    """lazymar.runs.intervals.annotate_table: per-seed rows averaged, metrics of the pooled samples, per-seed
+    columns, interval columns around the values, differences against the baseline row with verdicts."""
+    import pandas as pd
+    from lazymar.runs.intervals import IntervalOptions, annotate_table, verdict_markdown
+    from lazymar.sweep import front_markdown
+    rng = np.random.default_rng(2)
+    frames, arrays = {}, {}
+    for seed in (7, 8):
+        errors = {"none": np.zeros(50), "lazymar": rng.uniform(1e-3, 3e-3, 50)}
+        errors["fast"] = errors["lazymar"] * 0.5  # 3 dB better on the same samples
+        correct = (rng.uniform(size=50) < 0.9).astype(float)
+        arrays[seed] = {k: {"sq_err": v, "correct": correct, "features": None} for k, v in errors.items()}
+        frames[seed] = pd.DataFrame({
+            "name": list(errors), "family": ["none", "lazymar", "derived"],
+            "flops_ratio": [1.0, 2.5 + seed / 100, 4.0], "psnr": [stats.psnr_of_errors(v, np.ones((1, 50)))[0]
+                                                                 for v in errors.values()],
+            "accuracy": [correct.mean()] * 3, "num_samples": [50] * 3})
+    df = annotate_table(frames, arrays, IntervalOptions(resamples=200), baseline="lazymar").set_index("name")
+    pooled = np.concatenate([arrays[s]["lazymar"]["sq_err"] for s in (7, 8)])
+    assert df.at["lazymar", "psnr"] == pytest.approx(10 * math.log10(4 / pooled.mean()))
+    assert df.at["lazymar", "flops_ratio"] == pytest.approx(2.575) and df.at["fast", "num_samples"] == 100
+    assert df.at["lazymar", "psnr_seed8"] == frames[8].set_index("name").at["lazymar", "psnr"]
+    assert df.at["lazymar", "psnr_ci_low"] < df.at["lazymar", "psnr"] < df.at["lazymar", "psnr_ci_high"]
+    assert df.at["fast", "d_psnr"] == pytest.approx(10 * math.log10(2))
+    assert df.at["fast", "verdict_psnr"] == "better" and df.at["fast", "verdict_accuracy"] == "no worse"
+    assert df.at["fast", "verdict"] == "no worse" and df.at["lazymar", "verdict"] == "baseline"
+    assert df.at["none", "seeds"] == "7 8"
+    table = front_markdown(df.reset_index(), ["name", "psnr"])
+    assert f"{df.at['fast', 'psnr']:.2f} [{df.at['fast', 'psnr_ci_low']:.2f}, " in table
+    assert "| fast | 3.01 [" in verdict_markdown(df.reset_index(), "lazymar", IntervalOptions())

@@ -12,7 +12,7 @@ from lazymar.schedules import predicted_flops
 from lazymar.sweep import (COLUMNS, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
                             load_sweep, mark_pareto, pareto_front, random_point, run_sweep, save_sweep)
 from lazymar import get_config
-from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
+from lazymar.cache.schedule import HeadCachePolicy, exact_schedule, load_schedule
 from lazymar.runs import Reference, SamplePlan
 from lazymar.sampling import SamplingSettings
 from builders import tiny_mar, tiny_vae
@@ -68,7 +68,7 @@ def test_baseline_schedules():
     assert fixed.selection == "status" and fixed.condition_cache[1] and not fixed.condition_cache[8]
     # fewer steps: the step count whose ratio is closest to the target, among all step counts
     point = fewer_steps_point(settings, config, 2.0)
-    base = predicted_flops(none_schedule(64), config)["total"]
+    base = predicted_flops(exact_schedule(64), config)["total"]  # the fastest exact sampler: hoisted head
 
     def ratio(n):
         return base / predicted_flops(point.schedule.with_changes(
@@ -90,7 +90,7 @@ def test_tiny_sweep_end_to_end(one_thread):
     settings = SamplingSettings(num_iter=4, cfg=2.0)
     vae = tiny_vae(seed=None)  # PSNR is taken on images: decode the latents
     reference = Reference(model, SamplePlan.of([0, 1, 2], seed=3, batch_size=2), settings, vae=vae)
-    exact = SweepPoint("exact", "derived", none_schedule(4))
+    exact = SweepPoint("exact", "derived", exact_schedule(4))  # the reference's own sampler
     cached = SweepPoint("lazymar", "lazymar", load_schedule("lazymar", 4, model.config))
     df = run_sweep(reference, [exact, cached], quality=False, progress=False)
     assert list(df.columns[:len(COLUMNS)]) == list(COLUMNS)

@@ -16,20 +16,20 @@ from ..model import MAR
 from ..runs import (DEFAULT, ImageSpace, Run, SamplePlan, cpu_memory_measurement, fidelity, quality_evaluator,
                     resident_mb, weights_mb)
 from ..sampling import SamplingSettings
-from .schedule import CacheSchedule, none_schedule
+from .schedule import CacheSchedule, exact_schedule
 
 
 def benchmark_runs(model: MAR, plan: SamplePlan, settings: SamplingSettings, schedule: CacheSchedule,
                    repeats: int = 3, warmup: bool = True, vae=None, evaluator=DEFAULT,
                    cpu_memory: bool = False, progress: bool = True) -> dict[str, Run]:
-    """The finished "baseline" (uncached) and "cached" runs, ``repeats`` timed repetitions each, interleaved.
+    """The finished "baseline" (uncached: the fastest exact sampler, schedule.exact_schedule) and "cached" runs, ``repeats`` timed repetitions each, interleaved.
 
     With ``cpu_memory`` (a model on the CPU) each run first samples once, untimed, for its peak memory (weights
     included), under the allocator settings of runs.memory, which would slow the timed repetitions; on CUDA the
     timed repetitions measure it."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    runs = {"baseline": Run("baseline", plan, settings, none_schedule(settings.num_iter)),
+    runs = {"baseline": Run("baseline", plan, settings, exact_schedule(settings.num_iter)),
             "cached": Run("cached", plan, settings, schedule)}
     if warmup:  # one sample each, untimed: allocator, kernels
         first = SamplePlan.of(plan.labels[:1], plan.seed, plan.batch_size)
@@ -55,11 +55,14 @@ def benchmark_runs(model: MAR, plan: SamplePlan, settings: SamplingSettings, sch
 
 def benchmark(model: MAR, plan: SamplePlan, settings: SamplingSettings, schedule: CacheSchedule, repeats: int = 3,
               warmup: bool = True, vae=None, evaluator=DEFAULT, cpu_memory: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, runs_out: dict | None = None) -> dict:
     """Uncached ("none") against ``schedule``; the JSON-able comparison: each run's summary (runs.Run.summary),
-    and the cached run's fidelity against the baseline (runs.fidelity; infinite values as "inf")."""
+    and the cached run's fidelity against the baseline (runs.fidelity; infinite values as "inf"). ``runs_out``
+    receives the finished runs (for intervals, lazymar.runs.intervals)."""
     runs = benchmark_runs(model, plan, settings, schedule, repeats, warmup, vae, evaluator, cpu_memory,
                           progress)
+    if runs_out is not None:
+        runs_out.update(runs)
     out: dict = {}
     for name, run in runs.items():
         out[name] = {"accuracy": None, "fid": None, **run.summary()}

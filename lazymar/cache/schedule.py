@@ -307,6 +307,14 @@ def none_schedule(num_iter: int) -> CacheSchedule:
                          selection_layer=0)
 
 
+def exact_schedule(num_iter: int) -> CacheSchedule:
+    """The fastest exact sampler, the uncached reference every ratio is measured against: no caching, the head's
+    invariants hoisted (HeadCachePolicy.hoist_invariants: the same results up to float rounding, fewer FLOPs),
+    as every cached schedule here does. ``none_schedule`` is the plain sampler bit for bit."""
+    return none_schedule(num_iter).with_changes(head_cache=[True] * num_iter,
+                                                head=HeadCachePolicy(hoist_invariants=True), name="none")
+
+
 def lazymar_selection_layer(decoder_depth: int) -> int:
     """Layer 3 for the released models (12-20 decoder blocks); for shallower decoders the layer after the same
     fraction of the 12-block MAR-B decoder (a third) ran on all positions."""

@@ -11,6 +11,7 @@ from ..config import get_config
 from ..model import MAR
 from ..sampling import SamplingSettings
 from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
+from ..validation import seed as seed_type
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
 from .measuring import add_imagenet_args, image_space_from_args, launched
@@ -63,56 +64,102 @@ def _bench(args: argparse.Namespace) -> int:
     batch_size = 100 if args.batch_size is None else args.batch_size
     images = image_space_from_args(model, args, need_images=False)
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
-    plan = SamplePlan.balanced(num_samples, model.config.class_num, args.seed, batch_size)
-    result = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
-                       cpu_memory=torch.device(args.device).type == "cpu", progress=distributed.is_main())  # stderr; stdout: the JSON
+    from ..runs import intervals, quality_evaluator
+    evaluator = quality_evaluator(model, images.vae)
+    seeds = args.seeds or [args.seed]
+    per_seed, arrays = {}, {}
+    for run_seed in seeds:
+        plan = SamplePlan.balanced(num_samples, model.config.class_num, run_seed, batch_size)
+        runs: dict = {}
+        per_seed[run_seed] = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
+                                       cpu_memory=torch.device(args.device).type == "cpu",
+                                       progress=distributed.is_main(), runs_out=runs)  # stderr; stdout: the JSON
+        if distributed.is_main():
+            arrays[run_seed] = {name: intervals.sample_arrays(run, runs["baseline"], evaluator)
+                                for name, run in runs.items()}
     if not distributed.is_main():
         return 0
+    result = intervals.pooled_bench(per_seed, arrays, intervals.IntervalOptions.from_args(args), evaluator)
     result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,
               "weights": "random" if (args.compute_bound or args.random_init) else "checkpoint",
               "schedule": args.schedule, "device": str(args.device), "threads": torch.get_num_threads(),
-              "num_samples": num_samples, "batch_size": batch_size, "repeats": args.repeats, "seed": args.seed,
+              "num_samples": num_samples * len(seeds), "batch_size": batch_size, "repeats": args.repeats,
+              "seed": seeds[0], "seeds": seeds,
               "world_size": distributed.world_size(), "settings": settings.__dict__, **result}
+    ratios = flops_ratios(model.config, [args.schedule], settings.num_iter, batch_size, settings.cfg != 1.0)
+    result["flops_ratio_batch1"] = ratios[str(args.schedule)]["ratio_batch1"]  # analytic, one image
+    result["flops_ratio_released_convention"] = ratios["released_convention"]
     if args.json:
         print_json(result)
     else:
+        from ..runs.intervals import cell
         b, c = result["baseline"], result["cached"]
         print(f"{result['model']} under {args.schedule}: FLOPs {b['flops'] / 1e12:.3f} T -> {c['flops'] / 1e12:.3f} T "
-              f"(x{result['flops_ratio']:.2f}); wall {b['seconds']:.2f} s -> {c['seconds']:.2f} s "
-              f"(x{result['wall_ratio']:.2f}); " + (f"PSNR {result['psnr']} dB" if result["psnr"] is not None else
+              f"(x{result['flops_ratio']:.2f} at batch {batch_size}, x{result['flops_ratio_batch1']:.2f} at batch 1; "
+              f"released convention x{result['flops_ratio_released_convention']:.2f}); wall {b['seconds']:.2f} s -> {c['seconds']:.2f} s "
+              f"(x{result['wall_ratio']:.2f}); " + (f"PSNR {cell(_num(result['psnr']), result.get('psnr_ci_low'), result.get('psnr_ci_high'))} dB"
+                                                      if result["psnr"] is not None else
                                                       f"token MSE {result['token_mse']:.3g} (no images: no VAE)"))
         for name in ("baseline", "cached"):
             r = result[name]
-            quality = ", ".join(f"{k} {r[k]:.4g}" for k in ("accuracy", "fid", "inception_score")
-                                if r.get(k) is not None)
+            quality = ", ".join(f"{k} {cell(r[k], r.get(k + '_ci_low'), r.get(k + '_ci_high'), 4 if k == 'accuracy' else 3)}"
+                                for k in ("accuracy", "fid", "inception_score") if r.get(k) is not None)
             print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB" + (f", {quality}" if quality else ""))
+        verdicts = [f"{k} {cell(result[f'd_{k}'], result[f'd_{k}_ci_low'], result[f'd_{k}_ci_high'], 4 if k == 'accuracy' else 3)}"
+                    f" ({result[f'verdict_{k}']})" for k in ("accuracy", "fid") if f"verdict_{k}" in result]
+        if verdicts:
+            print(f"  cached - baseline (95 % CI): " + ", ".join(verdicts) + f"; verdict {result['verdict']}")
     return 0
 
 
+def flops_ratios(config, schedules, num_iter: int, batch_size: int, use_cfg: bool = True) -> dict:
+    """Analytic FLOPs of each schedule and its ratios against the fastest exact uncached sampler (head invariants
+    hoisted: cache.schedule.exact_schedule, the "none" entry) at ``batch_size`` (``ratio``) and at batch 1
+    (``ratio_batch1``: the hoisted time embedding is shared by a batch's rows), and ``released_convention``: the
+    plain uncached sampler (no hoisting) over the released scheme ("lazymar-released"), the convention of the
+    LazyMAR paper's speed-ups, to set beside them."""
+    from ..cache.flops import estimate_generation_flops
+    from ..cache.schedule import exact_schedule, load_schedule, none_schedule
+
+    def total(schedule, batch: int) -> dict:
+        return estimate_generation_flops(config, schedule, batch_size=batch, use_cfg=use_cfg).totals()
+    base, base1 = total(exact_schedule(num_iter), batch_size), total(exact_schedule(num_iter), 1)
+    out: dict = {"none": base}
+    for name in schedules:
+        schedule = load_schedule(name, num_iter, config)
+        totals = total(schedule, batch_size)
+        out[str(name)] = {**totals, "ratio": base["total"] / totals["total"],
+                          "ratio_batch1": base1["total"] / total(schedule, 1)["total"]}
+    released = total(load_schedule("lazymar-released", num_iter, config), batch_size)["total"]
+    out["released_convention"] = total(none_schedule(num_iter), batch_size)["total"] / released
+    return out
+
+
+def _num(value):
+    return float(value) if value == "inf" else value
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
-    from ..cache.flops import estimate_generation_flops, floor_flops
-    from ..cache.schedule import load_schedule
+    from ..cache.flops import floor_flops
     for arch in args.arch:
         check_num_iter(args.num_iter, get_config(arch).seq_len)
     rows = []
     for arch in args.arch:
         config = get_config(arch)
-        base = estimate_generation_flops(config, load_schedule("none", args.num_iter, config),
-                                         batch_size=args.batch_size, use_cfg=not args.no_cfg).totals()
+        ratios = flops_ratios(config, args.schedule, args.num_iter, args.batch_size, not args.no_cfg)
         row = {"arch": arch, "num_iter": args.num_iter, "batch_size": args.batch_size, "cfg": not args.no_cfg,
-               "none": base, "floor": floor_flops(config, args.batch_size, not args.no_cfg)}
-        for name in args.schedule:
-            totals = estimate_generation_flops(config, load_schedule(name, args.num_iter, config),
-                                               batch_size=args.batch_size, use_cfg=not args.no_cfg).totals()
-            row[name] = {**totals, "ratio": base["total"] / totals["total"]}
+               "none": ratios.pop("none"), "floor": floor_flops(config, args.batch_size, not args.no_cfg),
+               "released_convention": ratios.pop("released_convention"), **ratios}
         rows.append(row)
     if args.json:
         print_json(rows)
     else:
         for row in rows:
             parts = [f"none {row['none']['total'] / 1e12:.2f} T", f"floor {row['floor']['total'] / 1e12:.2f} T"]
-            parts += [f"{n} {row[n]['total'] / 1e12:.2f} T (x{row[n]['ratio']:.2f})" for n in args.schedule]
-            print(f"{row['arch']}: " + ", ".join(parts))
+            parts += [f"{n} {row[n]['total'] / 1e12:.2f} T (x{row[n]['ratio']:.2f}; batch 1 "
+                      f"x{row[n]['ratio_batch1']:.2f})" for n in args.schedule]
+            print(f"{row['arch']}: " + ", ".join(parts) + f"; released convention (plain uncached / "
+                  f"lazymar-released) x{row['released_convention']:.2f}")
     return 0
 
 
@@ -135,8 +182,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-init", action="store_true", help="random weights of --arch (default digits) "
                                                                   "instead of loading --model")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seeds", type=seed_type, nargs="+", default=None, metavar="SEED",
+                   help="several seeds (instead of --seed): each benchmarked, intervals pooled with the seed as "
+                        "bootstrap stratum, per-seed results under per_seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+    from ..runs.intervals import add_interval_args
+    add_interval_args(p, baseline=None)  # the differences are against the uncached run
     add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
 
     p = sub.add_parser("flops", help="analytic FLOPs of cache schedules for MAR architectures",

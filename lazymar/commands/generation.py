@@ -71,20 +71,40 @@ def _eval(args: argparse.Namespace) -> int:
     if evaluator is None:
         raise ArgumentError("no quality evaluator fits this model (the digits model: accuracy and digits-FID; a VAE "
                          "model: --vae with --fid-stats for ImageNet FID/IS)")
-    schedule = _schedule(model, args, settings)
-    plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
-    run = Run("eval", plan, settings, schedule).repeat(model, progress=True).finish(images_of, evaluator)
+    from ..cache.schedule import exact_schedule
+    from ..runs import intervals
+    # uncached: the fastest exact sampler, the very samples of bench's and sweep's uncached reference
+    schedule = _schedule(model, args, settings) or exact_schedule(settings.num_iter)
+    seeds = args.seeds or [args.seed]
+    runs, arrays = {}, {}
+    for run_seed in seeds:
+        plan = SamplePlan.balanced(args.num_samples, model.config.class_num, run_seed, args.batch_size)
+        runs[run_seed] = Run("eval", plan, settings, schedule).repeat(model, progress=True).finish(images_of,
+                                                                                                  evaluator)
+        arrays[run_seed] = {"eval": intervals.sample_arrays(runs[run_seed], None, evaluator)}
     if not distributed.is_main():
         return 0
-    seconds = run.median_seconds
-    result = {**run.quality, "num_samples": plan.num_samples, "seconds": seconds, "world_size": run.world_size,
-              "model": args.model, "schedule": args.schedule, "seed": args.seed, "batch_size": args.batch_size,
-              **settings.__dict__}
+    seconds = sum(run.median_seconds for run in runs.values())
+    found = intervals.intervals(list(arrays.values()), intervals.IntervalOptions.from_args(args),
+                                evaluator).get("eval", {})
+    quality = dict(runs[seeds[0]].quality) if len(seeds) == 1 else {
+        k: (found.get(k) if k in found else sum(r.quality[k] for r in runs.values()) / len(runs))
+        for k in evaluator.keys}
+    quality.update({k: v for k, v in found.items() if k.endswith(("_ci_low", "_ci_high"))})
+    result = {**quality, "num_samples": args.num_samples * len(seeds), "seconds": seconds,
+              "world_size": runs[seeds[0]].world_size, "model": args.model, "schedule": args.schedule,
+              "seed": seeds[0], "seeds": seeds, "batch_size": args.batch_size, **settings.__dict__}
+    if len(seeds) > 1:
+        result["per_seed"] = {str(s): dict(r.quality) for s, r in runs.items()}
     if args.json:
         print_json(result)
     else:
-        scores = "  ".join(f"{k} {result[k]:.4g}" for k in evaluator.keys)
-        print(f"{scores}  ({evaluator.name}; {plan.num_samples} samples in {seconds:.1f} s)")
+        scores = "  ".join(f"{k} {intervals.cell(result[k], result.get(k + '_ci_low'), result.get(k + '_ci_high'), 4)}"
+                           for k in evaluator.keys)
+        print(f"{scores}  ({evaluator.name}; {result['num_samples']} samples in {seconds:.1f} s; 95 % bootstrap "
+              f"intervals)")
+        for s, r in (result.get("per_seed") or {}).items():
+            print(f"  seed {s}: " + "  ".join(f"{k} {r[k]:.4g}" for k in evaluator.keys))
     return 0
 
 
@@ -129,8 +149,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_schedule_arg(p)
     p.add_argument("--num-samples", type=positive_int, default=500)
     p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--seeds", type=seed, nargs="+", default=None, metavar="SEED",
+                   help="several seeds (instead of --seed): samples pooled, each seed a bootstrap stratum, per-seed "
+                        "scores under per_seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval, vae=None)
+    from ..runs.intervals import add_interval_args
+    add_interval_args(p, baseline=None, margins=False)
     add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
 
     p = sub.add_parser("train", help="train the embedded digits MAR",

@@ -26,7 +26,9 @@ def cmd_search_quality(args: argparse.Namespace) -> int:
     floor = load_schedule(args.floor, settings.num_iter, model.config)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
     reference = Reference(model, plan, settings, evaluator=DEFAULT, progress=not args.json)
-    objective = quality.QualityObjective(accuracy_tolerance=args.accuracy_tolerance)
+    objective = quality.QualityObjective(margin_psnr=args.margin_psnr, margin_accuracy=args.margin_accuracy,
+                                         margin_fid=args.margin_fid, resamples=args.bootstrap,
+                                         bootstrap_seed=args.bootstrap_seed)
     result = quality.quality_search(reference, floor, candidates, model.config, args.target_flops_ratio, objective,
                                     max_measured=args.candidates, progress=not args.json)
     record = result.search_record(args.seed, args.num_samples, objective.describe(args.floor))
@@ -52,15 +54,20 @@ def _report(schedule, result, args) -> str:
              f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
              f"- every seed that shaped it: {schedule.search['seeds']}"
              + (" (with its base's own search)" if "base_search" in schedule.search else ""), "",
-             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | feasible |",
-             "|---|---|---|---|---|---|---|---|",
+             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | d_psnr [95% CI] | "
+             "d_accuracy [95% CI] | d_fid [95% CI] | verdict | feasible |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| {result.floor['name']} (floor) | | {result.floor['flops_ratio']:.2f} | "
              f"{result.floor['wall_ratio']:.2f} | {result.floor['psnr']:.2f} | {result.floor['accuracy']:.3f} | "
-             f"{result.floor['fid']:.2f} | |"]
+             f"{result.floor['fid']:.2f} | | | | | |"]
+    from ..runs.intervals import cell
     for r in result.measured:
+        diffs = " | ".join(cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"),
+                                3 if m == "accuracy" else 2) + f" ({r.get(f'verdict_{m}', '')})"
+                           for m in ("psnr", "accuracy", "fid"))
         lines.append(f"| {r['name']} | {r['predicted_flops_ratio']:.2f} | {r['flops_ratio']:.2f} | "
                      f"{r['wall_ratio']:.2f} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fid']:.2f} | "
-                     f"{r['feasible']} |")
+                     f"{diffs} | {r.get('verdict', '')} | {r['feasible']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,13 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Combine base schedules with head-cache policies, keep those with predicted "
                                    "FLOPs ratio >= the target, measure the closest few on a calibration set "
                                    "(seeds apart from evaluation seeds, >= 200 samples) beside a floor schedule, "
-                                   "and write the fastest one that matches the floor's PSNR, accuracy and FID.")
+                                   "and write the fastest one whose PSNR, accuracy and FID are each no worse than "
+                                   "the floor's (paired bootstrap non-inferiority verdicts).")
     add_model_args(p)
     p.add_argument("--base", nargs="+", required=True, metavar="NAME|PATH.json", help="base schedules")
     p.add_argument("--floor", default="lazymar", help="the schedule to match (default: the lazymar preset)")
     p.add_argument("--target-flops-ratio", type=float, required=True)
     p.add_argument("--candidates", type=int, default=6, help="candidates measured (default 6)")
-    p.add_argument("--accuracy-tolerance", type=float, default=0.005, help="accuracy below the floor's allowed")
     p.add_argument("--num-samples", type=int, default=200, help="calibration samples (>= 200)")
     p.add_argument("--seed", type=int, default=101, help="calibration seed (not an evaluation seed)")
     p.add_argument("--batch-size", type=int, default=100)
@@ -86,3 +93,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search_quality, cfg=None, cfg_schedule=None, temperature=None)
+    from ..runs.intervals import add_interval_args
+    add_interval_args(p, baseline=None)  # the floor is the baseline of the verdicts

@@ -39,8 +39,9 @@ class IntervalOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "IntervalOptions":
+        margins = {k: getattr(args, k) for k in ("margin_psnr", "margin_accuracy", "margin_fid") if hasattr(args, k)}
         return cls(resamples=args.bootstrap, seed=args.bootstrap_seed, baseline=getattr(args, "baseline", None),
-                   margin_psnr=args.margin_psnr, margin_accuracy=args.margin_accuracy, margin_fid=args.margin_fid)
+                   **margins)
 
     def metrics(self, real: Optional[stats.RealStatistics]) -> list[stats.Metric]:
         return stats.standard_metrics(self.margin_psnr, self.margin_accuracy, self.margin_fid, real)
@@ -219,3 +220,55 @@ def verdict_markdown(df, baseline: str, options: IntervalOptions) -> str:
         cells.append(str(row.get("verdict", "") if isinstance(row.get("verdict"), str) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pooled_bench(per_seed: dict[int, dict], per_seed_arrays: dict[int, dict[str, dict]],
+                 options: IntervalOptions, evaluator=None) -> dict:
+    """``lazymar bench``'s result with intervals: with one seed its result, with several the runs' FLOPs, seconds
+    and CPU seconds summed over seeds (ratios of the sums), token MSE averaged, PSNR and quality of the pooled
+    samples, and each seed's result under ``per_seed``. Each run's quality gets ``<metric>_ci_low/high``, the
+    cached run's PSNR its interval, and the cached - baseline differences (paired) ``d_<metric>`` with interval,
+    ``verdict_<metric>`` and ``verdict`` (the margins of ``options``; PSNR has none: the baseline is exact)."""
+    seeds = list(per_seed)
+    if len(seeds) == 1:
+        result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in per_seed[seeds[0]].items()}
+    else:
+        result = {"per_seed": {str(s): r for s, r in per_seed.items()}}
+        for name in ("baseline", "cached"):
+            parts = [per_seed[s][name] for s in seeds]
+            peaks = [r["peak_memory_mb"] for r in parts if r.get("peak_memory_mb") is not None]
+            result[name] = {"flops": sum(r["flops"] for r in parts), "seconds": sum(r["seconds"] for r in parts),
+                            "cpu_seconds": sum(r["cpu_seconds"] for r in parts),
+                            "peak_memory_mb": max(peaks) if peaks else None, "accuracy": None, "fid": None}
+        b, c = result["baseline"], result["cached"]
+        result.update(flops_ratio=b["flops"] / c["flops"] if c["flops"] else None,
+                      wall_ratio=b["seconds"] / c["seconds"], cpu_time_ratio=b["cpu_seconds"] / c["cpu_seconds"],
+                      memory_ratio=(c["peak_memory_mb"] / b["peak_memory_mb"]
+                                    if c["peak_memory_mb"] and b["peak_memory_mb"] else None),
+                      token_mse=(None if any(per_seed[s]["token_mse"] is None for s in seeds) else
+                                 sum(float(per_seed[s]["token_mse"]) for s in seeds) / len(seeds)),
+                      psnr=None)
+    found = intervals([per_seed_arrays[s] for s in seeds], options, evaluator, baseline="baseline")
+    for name in ("baseline", "cached"):
+        for metric in ("accuracy", "fid"):
+            if metric in found.get(name, {}):
+                if len(seeds) > 1 or result[name].get(metric) is None:
+                    result[name][metric] = found[name][metric]
+                result[name][f"{metric}_ci_low"] = found[name][f"{metric}_ci_low"]
+                result[name][f"{metric}_ci_high"] = found[name][f"{metric}_ci_high"]
+    cached = found.get("cached", {})
+    if "psnr" in cached:
+        if len(seeds) > 1:
+            result["psnr"] = cached["psnr"]
+        result["psnr_ci_low"], result["psnr_ci_high"] = cached["psnr_ci_low"], cached["psnr_ci_high"]
+    for metric in ("accuracy", "fid"):
+        if f"verdict_{metric}" in cached:
+            for key in (f"d_{metric}", f"d_{metric}_ci_low", f"d_{metric}_ci_high", f"verdict_{metric}"):
+                result[key] = cached[key]
+    if "verdict" in cached:
+        result["verdict"] = cached["verdict"]
+        result["intervals"] = options.describe()
+    for key in ("psnr", "psnr_ci_low", "psnr_ci_high"):
+        if isinstance(result.get(key), float) and math.isinf(result[key]):
+            result[key] = "inf"
+    return result

@@ -3,9 +3,11 @@ vs uncached) on a calibration set whose seeds are kept apart from every evaluati
 
 PSNR against the uncached run and FID disagree (see data/schedules/digits_3.5x_psnr.md), so a schedule that only
 maximises PSNR can lose FID. The objective here asks a candidate to match a reference schedule (the lazymar
-preset) measured on the same calibration samples: PSNR >= the preset's, accuracy >= the preset's minus a
-tolerance, FID <= the preset's; among the candidates that do, the highest measured FLOPs ratio wins (then the
-lowest FID). Quoted results must come from seeds used in no search: :data:`EVALUATION_SEEDS` are refused here,
+preset) measured on the same calibration samples, decided by non-inferiority tests rather than point values: the
+paired bootstrap interval of the candidate - floor difference of every metric (PSNR, accuracy, FID) must give
+``better`` or ``no worse`` (lazymar.stats.verdict) under margins declared before the search (default PSNR -0.5 dB,
+accuracy -0.5 points, FID +5 % of the floor's); among the candidates that pass, the highest measured FLOPs ratio
+wins (then the lowest FID). Quoted results must come from seeds used in no search: :data:`EVALUATION_SEEDS` are refused here,
 and every schedule written records the seeds it was searched on (the schedule's ``search`` field).
 """
 from __future__ import annotations
@@ -49,22 +51,37 @@ def check_calibration_plan(seed: int, num_samples: int) -> None:
 
 @dataclass(frozen=True)
 class QualityObjective:
-    """Feasible: PSNR >= floor PSNR, accuracy >= floor accuracy - ``accuracy_tolerance``, FID <= floor FID
-    (the floors: a reference schedule's row on the same samples). Best: highest FLOPs ratio, then lowest FID."""
+    """Feasible: for every metric the floor and the candidate both have, the verdict of the paired difference
+    (candidate - floor, 95 % bootstrap interval over the calibration samples) is ``better`` or ``no worse``; the
+    margins: PSNR ``margin_psnr`` dB, accuracy ``margin_accuracy`` points, FID ``margin_fid`` percent of the
+    floor's. Best: highest FLOPs ratio, then lowest FID."""
 
-    accuracy_tolerance: float = 0.005
+    margin_psnr: float = 0.5
+    margin_accuracy: float = 0.5
+    margin_fid: float = 5.0
+    resamples: int = 1000
+    bootstrap_seed: int = 0
 
-    def feasible(self, row: dict, floor: dict) -> bool:
-        return (row["psnr"] >= floor["psnr"] and row["accuracy"] >= floor["accuracy"] - self.accuracy_tolerance
-                and row["fid"] <= floor["fid"])
+    def options(self):
+        from ..runs.intervals import IntervalOptions
+        return IntervalOptions(resamples=self.resamples, seed=self.bootstrap_seed, baseline=None,
+                               margin_psnr=self.margin_psnr, margin_accuracy=self.margin_accuracy,
+                               margin_fid=self.margin_fid)
+
+    @staticmethod
+    def feasible(row: dict) -> bool:
+        verdicts = [row[f"verdict_{m}"] for m in ("psnr", "accuracy", "fid") if f"verdict_{m}" in row]
+        return bool(verdicts) and all(v in ("better", "no worse") for v in verdicts)
 
     @staticmethod
     def rank_key(row: dict) -> tuple:
         return (row["flops_ratio"], -row["fid"])
 
     def describe(self, floor_name: str) -> str:
-        return (f"max FLOPs ratio s.t. PSNR >= {floor_name}'s, accuracy >= {floor_name}'s - "
-                f"{self.accuracy_tolerance:g}, digits-FID <= {floor_name}'s (same calibration samples)")
+        return (f"max FLOPs ratio s.t. every metric is 'better' or 'no worse' than {floor_name}'s on the same "
+                f"calibration samples (paired 95 % bootstrap, {self.resamples} resamples; margins PSNR "
+                f"-{self.margin_psnr:g} dB, accuracy -{self.margin_accuracy:g} points, digits-FID "
+                f"+{self.margin_fid:g} %)")
 
 
 def with_head_policies(schedules: Iterable[CacheSchedule], policies: Sequence[HeadCachePolicy] = HEAD_GRID
@@ -121,17 +138,26 @@ def quality_search(reference, floor_schedule: CacheSchedule, candidates: Sequenc
         raise DerivationError(f"no candidate reaches a predicted FLOPs ratio of {target_flops_ratio:g} "
                               f"(the most: {reach:.2f})")
 
-    def measure(schedule: CacheSchedule) -> dict:
-        _, result = reference.measure(schedule, name=schedule.name)
-        return {"name": schedule.name, **{k: float(result[k]) for k in
-                                          ("flops_ratio", "wall_ratio", "psnr", "accuracy", "fid")}}
+    from ..runs import intervals
+    options = objective.options()
 
-    floor = measure(floor_schedule)
+    def measure(schedule: CacheSchedule) -> tuple[dict, dict]:
+        run, result = reference.measure(schedule, name=schedule.name)
+        arrays = run if isinstance(run, dict) else intervals.sample_arrays(run, reference.run, reference.evaluator)
+        return ({"name": schedule.name, **{k: float(result[k]) for k in
+                                           ("flops_ratio", "wall_ratio", "psnr", "accuracy", "fid")}}, arrays)
+
+    floor, floor_arrays = measure(floor_schedule)
     result = QualitySearchResult(best=None, floor=floor, considered=len(candidates))
     best_row = None
     for predicted, schedule in tqdm(feasible[:max_measured], desc="quality search", disable=not progress):
-        row = {**measure(schedule), "predicted_flops_ratio": predicted}
-        row["feasible"] = objective.feasible(row, floor)
+        row, arrays = measure(schedule)
+        row["predicted_flops_ratio"] = predicted
+        tested = intervals.intervals([{"floor": floor_arrays, "candidate": arrays}], options, reference.evaluator,
+                                     baseline="floor")
+        row.update({k: v for k, v in tested.get("candidate", {}).items() if k.startswith(("d_", "verdict"))
+                    or k.endswith(("_ci_low", "_ci_high"))})
+        row["feasible"] = objective.feasible(row)
         result.measured.append(row)
         if row["feasible"] and (best_row is None or objective.rank_key(row) > objective.rank_key(best_row)):
             best_row, result.best = row, schedule
