@@ -13,11 +13,11 @@ from .phenomena import AnalysisError, layer_group
 
 # --- live capture (what a recording does not keep) --------------------------------------------------------
 def capture_step_features(model, labels: Sequence[int], settings, layers: Sequence[str] = ("decoder.3",),
-                          seed: int = 0, runner=None) -> dict[str, torch.Tensor]:
+                          seed: int = 0, runner=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Generate ``labels`` once and keep every step's output of the given decoder blocks ("decoder.i") and of
     z, all rows: {layer: (steps, rows, positions, dim)} with rows [cond; uncond] under CFG (B rows without).
     Decoder blocks cover buffer + sequence positions, z the sequence positions. Memory grows with the steps:
-    meant for a few samples."""
+    meant for a few samples. ``progress``: a tqdm bar over the MAR steps."""
     from lazymar.sampling import StepObserver, generate, observe_steps
 
     captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -42,7 +42,7 @@ def capture_step_features(model, labels: Sequence[int], settings, layers: Sequen
 
     try:
         with observe_steps(_ZObserver()):
-            generate(model, list(labels), settings, seed=seed, runner=runner)
+            generate(model, list(labels), settings, seed=seed, runner=runner, progress=progress)
     finally:
         for handle in handles:
             handle.remove()

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -28,7 +27,7 @@ from lazymar.sweep import load_sweep, pareto_front
 
 from . import phenomena
 from .phenomena import AnalysisError
-from .plots import STEP_LABEL
+from .plots import STEP_LABEL, subplots
 
 SKIPPABLE = tuple(s for s in STATUS_NAMES if s not in ALWAYS_KEPT)  # positions a token cache may reuse
 UNKNOWN = ("to_predict", "masked")                                 # positions the CFG residual acts on
@@ -106,7 +105,7 @@ def token_redundancy(recordings: Mapping[str, xr.Dataset], thresholds: Sequence[
 def plot_token_redundancy(table: pd.DataFrame, kind: str = "v") -> Figure:
     """One panel per decoder block (first, last), the models as colours and the thresholds as line styles."""
     blocks = list(dict.fromkeys(table["block"]))
-    fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 3.6), sharex=True, sharey=True,
+    fig, axes = subplots(1, len(blocks), figsize=(5.2 * len(blocks), 3.6), sharex=True, sharey=True,
                              constrained_layout=True, squeeze=False)
     data = table.assign(threshold=table["threshold"].map(lambda t: f"cos > {t:g}"))
     for ax, block in zip(axes[0], blocks):
@@ -137,7 +136,7 @@ def condition_redundancy(recordings: Mapping[str, xr.Dataset], layers: Sequence[
 
 def plot_condition_redundancy(table: pd.DataFrame) -> Figure:
     """1 - mean residual cosine per step on a log axis (cosines sit near 1), one line per model and layer."""
-    fig, ax = plt.subplots(figsize=(7, 3.4), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 3.4), constrained_layout=True)
     data = table.assign(change=np.maximum(1.0 - table["residual_cosine"], 1e-7))
     several = data["layer"].nunique() > 1
     sns.lineplot(data=data, x="step", y="change", hue="model", style="layer" if several else None, ax=ax)
@@ -170,7 +169,7 @@ def plot_selection_layers(table: pd.DataFrame) -> Figure:
     blocks = sorted(table["block"].unique())
     width = 0.8 / len(models)
     colors = sns.color_palette(n_colors=len(models))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    fig, axes = subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     for ax, (metric, label) in zip(axes, (("auroc", "AUROC (top 20% most changing)"),
                                           ("spearman", "Spearman vs last block's change"))):
         for j, model in enumerate(models):
@@ -232,7 +231,7 @@ def best_schedules(sweeps: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 def plot_tradeoffs(sweeps: Mapping[str, pd.DataFrame], best: Optional[pd.DataFrame] = None) -> Figure:
     """FLOPs ratio vs PSNR: every finite sweep point (faint), each model's Pareto front (line) and, with ``best``
     (from :func:`best_schedules`), its lazymar preset (square) and best derived row (star)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 4.2), constrained_layout=True)
     colors = dict(zip(sweeps, sns.color_palette(n_colors=max(1, len(sweeps)))))
     for model, sweep in sweeps.items():
         finite = sweep[np.isfinite(sweep["flops_ratio"]) & np.isfinite(sweep["psnr"])]

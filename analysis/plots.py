@@ -5,19 +5,51 @@ figures of notebooks 01 and 02 are in analysis.redundancy_plots.
 """
 from __future__ import annotations
 
+import io
 import re
+import threading
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .phenomena import AnalysisError
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "data" / "figures"
 STEP_LABEL = "MAR sampling step s"
+# Rendering shares matplotlib's caches (fonts, mathtext); one figure at a time, whichever thread draws it.
+RENDER_LOCK = threading.RLock()
+
+
+# --- figures without pyplot --------------------------------------------------------------------------------
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.0), **kwargs):
+    """(figure, axes) like ``pyplot.subplots`` with constrained layout, but a plain :class:`Figure` that pyplot
+    never sees: no global "current figure", so callbacks of widgets (which ipykernel 7 runs in several threads)
+    and a notebook's cells cannot draw into each other's figures, and nothing needs closing."""
+    kwargs.pop("constrained_layout", None)  # always constrained
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (tight bounding box), rendered under :data:`RENDER_LOCK`."""
+    buffer = io.BytesIO()
+    with RENDER_LOCK:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def show(fig: Figure, dpi: int = 100) -> Figure:
+    """Display the figure in a notebook as a PNG (works for figures pyplot does not know); returns it."""
+    from IPython.display import Image, display
+    display(Image(data=figure_png(fig, dpi), format="png"))
+    return fig
 
 
 # --- saving -----------------------------------------------------------------------------------------------
@@ -36,7 +68,8 @@ def save_figure(fig: Figure, name: str, directory: Optional[str | Path] = None,
     for fmt in formats:
         path = folder / f"{name}.{fmt}"
         metadata = {"CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
-        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        with RENDER_LOCK:
+            fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     return paths
 
@@ -78,7 +111,7 @@ def computed_share(matrix: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_schedule(matrix: pd.DataFrame | np.ndarray, components: Optional[Sequence[str]] = None,
-                  title: str = "", ax: Optional[plt.Axes] = None) -> Figure:
+                  title: str = "", ax: Optional[Axes] = None) -> Figure:
     """A schedule as a (component, step) heat map of the share of each component computed afresh at each step
     (1 = computed, 0 = reused from a cache). A step x component matrix from lazymar.schedules.schedule_matrix
     is converted with :func:`computed_share`."""
@@ -92,7 +125,7 @@ def plot_schedule(matrix: pd.DataFrame | np.ndarray, components: Optional[Sequen
         if components is None or len(components) != values.shape[0]:
             raise AnalysisError("a schedule array needs one component name per row")
     if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(components) + 1.3), constrained_layout=True)
+        fig, ax = subplots(figsize=(8, 0.35 * len(components) + 1.3), constrained_layout=True)
     else:
         fig = ax.figure
     image = ax.imshow(values, aspect="auto", cmap="cividis", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -107,11 +140,12 @@ def plot_schedule(matrix: pd.DataFrame | np.ndarray, components: Optional[Sequen
 def plot_tradeoff(points: pd.DataFrame, x: str = "flops_ratio", y: str = "psnr", label: Optional[str] = "schedule",
                   front: Optional[pd.DataFrame] = None, highlight: Optional[Mapping[str, float]] = None,
                   xlabel: str = "FLOPs ratio (uncached / cached)", ylabel: str = "PSNR vs uncached (dB)",
-                  ax: Optional[plt.Axes] = None) -> Figure:
+                  ax: Optional[Axes] = None) -> Figure:
     """Speed/quality points (one per schedule), the Pareto front as a line, and an optional highlighted point
-    (e.g. the schedule being tuned; ``highlight`` has the x and y keys and optionally "label")."""
+    (e.g. the schedule being tuned; ``highlight`` has the x and y keys and optionally "label"). Names are placed
+    where they overlap no other name; the legend sits outside the axes, right of them."""
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+        fig, ax = subplots(figsize=(9, 5.2))
     else:
         fig = ax.figure
     for column in (x, y):
@@ -119,32 +153,67 @@ def plot_tradeoff(points: pd.DataFrame, x: str = "flops_ratio", y: str = "psnr",
             raise AnalysisError(f"the table has no column {column!r}; it has {', '.join(map(str, points.columns))}")
     finite = points[np.isfinite(points[x].astype(float)) & np.isfinite(points[y].astype(float))]
     if "family" in finite:  # a sweep: one colour per family (derived, lazymar, baselines)
-        colors = plt.get_cmap("tab10")
+        colors = matplotlib.colormaps["tab10"]
         for i, (family, group) in enumerate(finite.groupby("family", sort=True)):
-            ax.scatter(group[x], group[y], s=16, color=colors(i % 10), alpha=0.8, label=str(family))
+            ax.scatter(group[x], group[y], s=22, color=colors(i % 10), alpha=0.85, label=str(family))
     else:
-        ax.scatter(finite[x], finite[y], s=16, color="#7f7f7f", alpha=0.7, label="measured schedules")
+        ax.scatter(finite[x], finite[y], s=22, color="#7f7f7f", alpha=0.7, label="measured schedules")
     if front is not None and len(front):
         front = front[np.isfinite(front[x].astype(float)) & np.isfinite(front[y].astype(float))]
+    named = []
     if label and label in finite:
         # name the presets, the saved schedules and the front; grid points and baselines go by colour
         on_front = set(front[label].astype(str)) if front is not None and label in front else set()
         for _, row in finite.iterrows():
             name, family = str(row[label]), str(row.get("family", "derived"))
-            named = family in ("lazymar", "derived") and not name.startswith("derived-")
-            if name in ("none", "lazymar", "lazymar-released", "marche", "gtr") or named or name in on_front:
-                ax.annotate(name, (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            saved = family in ("lazymar", "derived") and not name.startswith("derived-")
+            if name in ("none", "lazymar", "lazymar-released", "marche", "gtr") or saved or name in on_front:
+                named.append((name, float(row[x]), float(row[y])))
     if front is not None and len(front):
         ordered = front.sort_values(x)
         ax.plot(ordered[x], ordered[y], "-o", color="#222222", markersize=3, linewidth=1, label="Pareto front")
     if highlight is not None:
-        ax.scatter([highlight[x]], [highlight[y]], s=90, marker="*", color="#1f77b4", zorder=5,
+        ax.scatter([highlight[x]], [highlight[y]], s=110, marker="*", color="#1f77b4", zorder=5,
                    label=str(highlight.get("label", "current")))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title("Speed / fidelity trade-off", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title("Speed / fidelity trade-off", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    place_labels(ax, named, fontsize=8)
     return fig
+
+
+# offsets (points) tried in turn for a point's name: right-above, right-below, left-above, left-below, ...
+LABEL_OFFSETS = [(4, 4), (4, -11), (-4, 4), (-4, -11), (4, 14), (-4, 14), (4, -21), (-4, -21), (12, -4), (-12, -4)]
+
+
+def place_labels(ax: Axes, points: Sequence[tuple[str, float, float]], fontsize: float = 8) -> list:
+    """Annotate each (name, x, y) at the first offset of :data:`LABEL_OFFSETS` whose text box overlaps no
+    name placed before it (nor leaves the axes); a name that fits nowhere keeps the first offset, drawn thin."""
+    fig = ax.figure
+    fig.draw_without_rendering()  # final layout (constrained): text boxes are measured where they will be
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed, texts = [], []
+    for name, px, py in sorted(points, key=lambda p: (p[1], p[2])):
+        chosen = None
+        for dx, dy in LABEL_OFFSETS:
+            text = ax.annotate(name, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                               ha="left" if dx >= 0 else "right")
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                chosen = text
+                break
+            text.remove()
+        if chosen is None:
+            dx, dy = LABEL_OFFSETS[0]
+            chosen = ax.annotate(name, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize - 1,
+                                 alpha=0.6)
+        placed.append(chosen.get_window_extent(renderer))
+        texts.append(chosen)
+    return texts
 
 
 def plot_ablation(table: pd.DataFrame, metrics: Sequence[tuple[str, str]] = (
@@ -152,7 +221,7 @@ def plot_ablation(table: pd.DataFrame, metrics: Sequence[tuple[str, str]] = (
                   title: str = "") -> Figure:
     """One bar panel per metric, one bar per configuration (the table's index)."""
     names = [str(i) for i in table.index]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.5, 3.4), constrained_layout=True,
+    fig, axes = subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.5, 3.4), constrained_layout=True,
                              squeeze=False)
     for ax, (column, label) in zip(axes[0], metrics):
         values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
@@ -170,7 +239,7 @@ def plot_ablation(table: pd.DataFrame, metrics: Sequence[tuple[str, str]] = (
 def plot_metric_lines(table: pd.DataFrame, x: str, metrics: Sequence[tuple[str, str]], xlabel: str,
                       title: str = "") -> Figure:
     """One line panel per metric against ``x`` (e.g. the refresh interval)."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.5, 3.2), constrained_layout=True,
+    fig, axes = subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.5, 3.2), constrained_layout=True,
                              squeeze=False)
     for ax, (column, label) in zip(axes[0], metrics):
         ax.plot(table[x], pd.to_numeric(table[column], errors="coerce"), "-o", color="#4c72b0")
@@ -180,17 +249,21 @@ def plot_metric_lines(table: pd.DataFrame, x: str, metrics: Sequence[tuple[str, 
     return fig
 
 
+# the frame of every image of plot_sample_comparison: a colour no digit or label uses, so that a test can count the
+# images a browser shows (tests/browser/pixels.py)
+SAMPLE_FRAME_COLOR = "#e41a1c"
+
+
 def plot_sample_comparison(images: Mapping[str, "np.ndarray"], labels: Optional[Sequence[int]] = None,
                            max_images: int = 8) -> Figure:
     """Rows of images in [-1, 1] (N, C, H, W) side by side, one row per run (e.g. uncached, cached), the same
-    samples in the same columns."""
+    samples in the same columns; each image framed in :data:`SAMPLE_FRAME_COLOR`."""
     names = list(images)
     if not names:
         raise AnalysisError("no images to show")
     arrays = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=float) for k, v in images.items()}
     n = min(max_images, min(a.shape[0] for a in arrays.values()))
-    fig, axes = plt.subplots(len(names), n, figsize=(0.9 * n + 1.2, 1.0 * len(names) + 0.4), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = subplots(len(names), n, figsize=(0.9 * n + 1.2, 1.0 * len(names) + 0.4), squeeze=False)
     for r, name in enumerate(names):
         for c in range(n):
             ax = axes[r, c]
@@ -198,6 +271,9 @@ def plot_sample_comparison(images: Mapping[str, "np.ndarray"], labels: Optional[
             pic = pic[0] if pic.shape[0] == 1 else np.transpose(pic[:3], (1, 2, 0))
             ax.imshow(pic, cmap="gray_r" if pic.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color(SAMPLE_FRAME_COLOR)
+                spine.set_linewidth(1.5)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
             if r == 0 and labels is not None:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 import pandas as pd
 import xarray as xr
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from lazymar.recording import STATUS_NAMES
 
 from .phenomena import AnalysisError, ecdfs_by_status, histograms_by_status, resolution
-from .plots import STEP_LABEL
+from .plots import STEP_LABEL, subplots
 
 STATUS_COLORS = {"buffer": "#7f7f7f", "known": "#1f77b4", "new": "#d62728", "to_predict": "#ff7f0e",
                  "masked": "#2ca02c"}
@@ -29,7 +30,7 @@ FLOOR = 1e-6
 def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (3.4, 2.6)) -> tuple[Figure, np.ndarray]:
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+    fig, axes = subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
                              constrained_layout=True)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
@@ -98,7 +99,7 @@ def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, k
     if not order:
         raise AnalysisError("no values to draw for these layers and statuses")
     width = 0.8 / len(order)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(layers) + 2), 3.6), constrained_layout=True)
+    fig, ax = subplots(figsize=(max(6.0, 1.1 * len(layers) + 2), 3.6), constrained_layout=True)
     for j, status in enumerate(order):
         cells = [(i, counts[layer][status]) for i, layer in enumerate(layers) if status in counts[layer]]
         positions = [i - 0.4 + width * (j + 0.5) for i, _ in cells]
@@ -118,12 +119,12 @@ def plot_cosine_violin(ds: xr.Dataset, layers: Optional[Sequence[str]] = None, k
 
 def plot_step_layer_heatmap(matrix: xr.DataArray, title: str = "", colorbar_label: str = "",
                             cmap: str = "viridis", vmin: Optional[float] = None, vmax: Optional[float] = None,
-                            ax: Optional[plt.Axes] = None) -> Figure:
+                            ax: Optional[Axes] = None) -> Figure:
     """A (layer, step) matrix as a heat map: layers as rows (first layer on top), steps as columns."""
     if tuple(matrix.dims) != ("layer", "step"):
         raise AnalysisError(f"expected a (layer, step) matrix, got dims {matrix.dims}")
     if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 0.32 * matrix.sizes["layer"] + 1.4), constrained_layout=True)
+        fig, ax = subplots(figsize=(8, 0.32 * matrix.sizes["layer"] + 1.4), constrained_layout=True)
     else:
         fig = ax.figure
     steps = matrix["step"].values
@@ -143,9 +144,9 @@ def plot_fraction_above(fractions: pd.DataFrame, layers: Optional[Sequence[str]]
     layers (``fractions`` from analysis.phenomena.fraction_above)."""
     layers = list(layers) if layers is not None else list(dict.fromkeys(fractions.index.get_level_values("layer")))
     thresholds = [c for c in fractions.columns if c.startswith("above_")]
-    fig, ax = plt.subplots(figsize=(7, 3.4), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 3.4), constrained_layout=True)
     styles = ["-", "--", ":", "-."]
-    colors = plt.get_cmap("tab10")
+    colors = matplotlib.colormaps["tab10"]
     for i, layer in enumerate(layers):
         part = fractions.xs(layer, level="layer")
         for j, column in enumerate(thresholds):
@@ -160,7 +161,7 @@ def plot_fraction_above(fractions: pd.DataFrame, layers: Optional[Sequence[str]]
 
 def plot_encoder_vs_decoder(df: pd.DataFrame, floor: float = FLOOR) -> Figure:
     """1 - mean cosine per step of the encoder and decoder layers (from phenomena.encoder_vs_decoder)."""
-    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 3.2), constrained_layout=True)
     for group, color in (("encoder", "#9467bd"), ("decoder", "#8c564b")):
         ax.plot(df.index, np.maximum(df[f"{group}_change"], floor), color=color, label=group)
     ax.set_yscale("log")
@@ -176,11 +177,11 @@ def plot_step_similarity(matrix: np.ndarray, layer: str, vmin: Optional[float] =
     matrix = np.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise AnalysisError(f"expected a square step x step matrix, got shape {matrix.shape}")
-    fig, ax = plt.subplots(figsize=(4.8, 4.0), constrained_layout=True)
+    fig, ax = subplots(figsize=(4.8, 4.0), constrained_layout=True)
     image = ax.imshow(matrix, cmap="magma", vmin=vmin, vmax=1.0, origin="upper", interpolation="nearest")
     ax.set_xlabel("MAR step j")
     ax.set_ylabel("MAR step i")
-    ax.set_title(f"cos(h_i, h_j) of {layer}, mean over samples and positions", fontsize=9)
+    ax.set_title(rf"$\cos(h_i, h_j)$ of {layer}, mean over samples and positions", fontsize=9)
     fig.colorbar(image, ax=ax, label="mean cosine similarity")
     return fig
 
@@ -192,7 +193,7 @@ def plot_branch_vs_residual(per_step: pd.DataFrame, title: str = "", ylabel: str
     (columns cond_change, uncond_change, residual_change; from phenomena.branch_vs_residual(by="step") for one
     layer, or phenomena.absolute_change)."""
     index = per_step.index.get_level_values("step") if "step" in per_step.index.names else per_step.index
-    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 3.2), constrained_layout=True)
     for column, color in BRANCH_COLORS.items():
         if column in per_step:
             ax.plot(index, per_step[column], color=color, label=column.replace("_change", ""))
@@ -209,7 +210,7 @@ def plot_change_ratio(per_layer: pd.DataFrame, title: str = "", ylabel: str = "b
     """Bars per layer of cond_over_residual and uncond_over_residual; the dashed line at 1 is equal change."""
     layers = list(per_layer.index)
     x = np.arange(len(layers))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(layers) + 1.5), 3.2), constrained_layout=True)
+    fig, ax = subplots(figsize=(max(5.0, 0.7 * len(layers) + 1.5), 3.2), constrained_layout=True)
     for offset, column, color in ((-0.2, "cond_over_residual", BRANCH_COLORS["cond_change"]),
                                   (0.2, "uncond_over_residual", BRANCH_COLORS["uncond_change"])):
         ax.bar(x + offset, per_layer[column], width=0.4, color=color, label=column.replace("_over_residual", ""))
@@ -224,7 +225,7 @@ def plot_change_ratio(per_layer: pd.DataFrame, title: str = "", ylabel: str = "b
 
 def plot_head_change(profile: pd.DataFrame) -> Figure:
     """Relative change between consecutive head sampling steps per head part (phenomena.head_change_profile)."""
-    fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    fig, ax = subplots(figsize=(7, 3.2), constrained_layout=True)
     for part in profile.columns:
         ax.plot(profile.index, profile[part], label=str(part))
     ax.set_yscale("log")

@@ -22,14 +22,18 @@ def describe_recording(ds: xr.Dataset, source: str) -> str:
 
 
 class FigureWriter:
-    """Saves figures (PNG and PDF) and tables (CSV and markdown) under ``folder``; with ``folder`` None it only
-    passes them through for display. ``written`` lists every file saved."""
+    """Shows figures and saves them (PNG and PDF) and tables (CSV and markdown) under ``folder``; with ``folder``
+    None it only shows them. ``written`` lists every file saved. Figures are plain matplotlib Figures (no pyplot
+    state, see analysis.plots.subplots), shown as PNG images."""
 
-    def __init__(self, folder: Optional[str | Path]):
+    def __init__(self, folder: Optional[str | Path], display: bool = True):
         self.folder = Path(folder) if folder else None
+        self.display = display
         self.written: list[Path] = []
 
     def figure(self, fig, name: str):
+        if self.display:
+            plots.show(fig)
         if self.folder is not None:
             self.written.extend(plots.save_figure(fig, name, self.folder))
         return fig
@@ -47,3 +51,23 @@ class FigureWriter:
         """Markdown list of the files saved so far."""
         return f"Wrote {len(self.written)} files to `{self.folder}`:\n\n" + "\n".join(
             f"- `{p.name}`" for p in self.written)
+
+
+def load_model(model: str, vae: Optional[str] = None, device: str = "cpu", arch: Optional[str] = None):
+    """The notebooks' ``MODEL``, ``VAE``, ``DEVICE`` and ``ARCH`` parameters as (model, vae): ``model`` is
+    "digits"/"digits16" or a path to an official MAR checkpoint (``arch`` names its architecture when the file
+    does not), ``vae`` None or a path to the KL-16 VAE that turns its latent tokens into images."""
+    from lazymar.checkpoint import load_model as load_mar
+    from lazymar.vae import check_vae_fits, load_vae
+    mar = load_mar(model, arch=arch, device=device)
+    autoencoder = None
+    if vae:
+        autoencoder = load_vae(vae, device=device)
+        check_vae_fits(mar, autoencoder)
+    return mar, autoencoder
+
+
+def model_label(model: str) -> str:
+    """A short name of ``MODEL`` for file names: the embedded name, or a checkpoint file's stem."""
+    return Path(str(model)).stem if any(sep in str(model) for sep in ("/", "\\")) or str(model).endswith(
+        (".pth", ".pt", ".ckpt", ".safetensors")) else str(model)

@@ -123,8 +123,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
                           if mode == "budget" else f"highest predicted FLOPs ratio with measured PSNR >= "
                                                    f"{args.min_psnr} dB"),
             "candidates_measured": len(measured)})
-    out = {"mode": mode, "stats": str(args.stats), "name": schedule.name, **derived.to_dict(),
-           "selection_study": json.loads(profile.selection.reset_index().to_json(orient="records"))}
+    out = derived_record(derived, profile, args.stats, mode, schedule.name)
     if args.target_flops_ratio is not None:
         out["target_flops_ratio"] = args.target_flops_ratio
     if args.min_psnr is not None:
@@ -137,9 +136,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
         out["measured_psnr"] = best[0]["psnr"] if best else None
         out["measure_samples"], out["search_seed"] = args.measure_samples, args.seed
     if args.out:
-        path = schedule.save(args.out)
-        report = path.with_suffix(".md")
-        report.write_text(_report(out))
+        path, report = write_derived(schedule, out, args.out)
         out["out"], out["report"] = str(path), str(report)
     if args.json:
         print_json(out)
@@ -152,6 +149,21 @@ def cmd_derive(args: argparse.Namespace) -> int:
         if args.out:
             print(f"wrote {out['out']} and {out['report']}")
     return 0
+
+
+def derived_record(derived, profile, stats, mode: str = "thresholds", name: str | None = None) -> dict:
+    """What `derive` reports of a derived schedule (its --json output and the source of its .md report)."""
+    return {"mode": mode, "stats": str(stats), "name": name or derived.schedule.name, **derived.to_dict(),
+            "selection_study": json.loads(profile.selection.reset_index().to_json(orient="records"))}
+
+
+def write_derived(schedule, record: dict, path: str | Path) -> tuple[Path, Path]:
+    """The schedule JSON at ``path`` and its markdown report (from ``record``, see derived_record) beside it;
+    also what the workbook's explorer saves."""
+    path = schedule.save(path)
+    report = path.with_suffix(".md")
+    report.write_text(_report(record))
+    return path, report
 
 
 def _number(x) -> str:

@@ -1,14 +1,17 @@
-"""Real-browser harness: serve notebooks with Voila on localhost, drive them with Debian's headless Chromium.
+"""Real-browser harness: serve notebooks with Voila or JupyterLab 4 on localhost, drive them with Debian's headless
+Chromium.
 
 Voila executes a notebook when its page loads and renders the widgets, so "run the notebook, then interact" is one
-page load. Playwright (the Python package, its bundled driver) controls the system Chromium at CHROMIUM; its own
-browser download is never used. Everything a failing run needs to be understood (a screenshot, the Voila log, the
+page load; in JupyterLab the page runs "Run All" through the app's command registry once the kernel is ready.
+Playwright (the Python package, its bundled driver) controls the system Chromium at CHROMIUM; its own browser
+download is never used. Everything a failing run needs to be understood (a screenshot, the server's log, the
 errors in the page) goes into the assertion message.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -33,7 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-REQUIRED_MODULES = ("playwright", "voila")
+REQUIRED_MODULES = ("playwright", "voila", "jupyterlab")
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class VoilaServer:
-    """Voila serving root_dir on 127.0.0.1:port in a subprocess; use as a context manager (always stopped)."""
+class NotebookServer:
+    """A notebook server on 127.0.0.1:port in a subprocess serving root_dir (Voila or JupyterLab); use it as a
+    context manager (always stopped, kernels included). Subclasses give the command and how a page runs a
+    notebook (:meth:`open`)."""
 
-    def __init__(self, root_dir: Path, log_path: Path, start_timeout_s: float = 60.0):
+    name = "server"
+
+    def __init__(self, root_dir: Path, log_path: Path, start_timeout_s: float = 90.0):
         self.root_dir = Path(root_dir).resolve()
         self.log_path = Path(log_path)
         self.start_timeout_s = start_timeout_s
@@ -102,34 +109,47 @@ class VoilaServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def url_for(self, notebook: str) -> str:
-        """The page that executes and renders notebook (a path relative to root_dir)."""
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def page_path(self, notebook: str) -> str:
+        raise NotImplementedError
+
+    def url_for(self, notebook: str, query: str = "") -> str:
+        """The page that shows notebook (a path relative to root_dir)."""
         if not (self.root_dir / notebook).is_file():
             raise FileNotFoundError(f"notebook not found: {self.root_dir / notebook}")
-        return f"{self.base_url}/voila/render/{quote(Path(notebook).as_posix())}"
+        return f"{self.base_url}/{self.page_path(quote(Path(notebook).as_posix()))}" + (f"?{query}" if query else "")
+
+    def open(self, page, notebook: str, query: str = "") -> None:
+        """Load the notebook's page and have it run (Voila runs it on load)."""
+        page.goto(self.url_for(notebook, query), wait_until="domcontentloaded")
+
+    def after_page(self) -> None:
+        """Called when a test's page closes."""
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_since(0, chars)
 
     def log_since(self, offset: int, chars: int = 4000) -> str:
-        """The last chars of what Voila logged after byte offset (one test's share of a shared server's log)."""
+        """The last chars of what the server logged after byte offset (one test's share of a shared log)."""
         try:
             with open(self.log_path, "rb") as log:
                 log.seek(offset)
                 text = log.read().decode(errors="replace")
         except OSError:
-            return "<no Voila log>"
+            return f"<no {self.name} log>"
         return text[-chars:] or "<empty>"
 
-    def start(self) -> "VoilaServer":
+    def environment(self) -> dict:
         runtime_dir = self.log_path.parent / "jupyter-runtime"
         runtime_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime_dir), JUPYTER_PLATFORM_DIRS="1",
-                   PYDEVD_DISABLE_FILE_VALIDATION="1")
-        command = [sys.executable, "-m", "voila", str(self.root_dir), "--no-browser", "--Voila.ip=127.0.0.1",
-                   f"--Voila.port={self.port}", "--Voila.port_retries=0", "--show_tracebacks=True"]
+        return dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime_dir), JUPYTER_PLATFORM_DIRS="1",
+                    PYDEVD_DISABLE_FILE_VALIDATION="1")
+
+    def start(self) -> "NotebookServer":
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=self.root_dir, env=env, stdout=log,
+            self.process = subprocess.Popen(self.command(), cwd=self.root_dir, env=self.environment(), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._wait_ready()
         return self
@@ -138,7 +158,7 @@ class VoilaServer:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Voila exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/", timeout=2) as response:
                     if response.status == 200:
@@ -147,11 +167,11 @@ class VoilaServer:
                 pass
             time.sleep(0.2)  # polling interval while the server boots
         self.stop()
-        raise RuntimeError(f"Voila did not answer on {self.base_url} within {self.start_timeout_s:.0f} s:\n"
+        raise RuntimeError(f"{self.name} did not answer on {self.base_url} within {self.start_timeout_s:.0f} s:\n"
                            f"{self.log_tail()}")
 
     def stop(self) -> None:
-        """Terminate Voila and every process it started (kernels included); escalate to SIGKILL after 10 s."""
+        """Terminate the server and every process it started (kernels included); SIGKILL after 10 s."""
         if self.process is None:
             return
         process, self.process = self.process, None
@@ -173,11 +193,90 @@ class VoilaServer:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
-    def __enter__(self) -> "VoilaServer":
+    def __enter__(self) -> "NotebookServer":
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class VoilaServer(NotebookServer):
+    """Voila: executes a notebook when its page loads and renders only the widgets and outputs."""
+
+    name = "Voila"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "voila", str(self.root_dir), "--no-browser", "--Voila.ip=127.0.0.1",
+                f"--Voila.port={self.port}", "--Voila.port_retries=0", "--show_tracebacks=True"]
+
+    def page_path(self, notebook: str) -> str:
+        return f"voila/render/{notebook}"
+
+
+# JupyterLab user settings of the test server: no autosave (the served checkout must not change), and widget
+# comms over kernel subshells as JupyterLab 4.6 does by default (ipykernel 7 runs each subshell in its own thread)
+LAB_SETTINGS = {
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
+    "@jupyterlab/apputils-extension/kernels-settings.jupyterlab-settings": {"commsOverSubshells": "perCommTarget"},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false"},
+}
+
+
+class JupyterLabServer(NotebookServer):
+    """JupyterLab 4 without a token, its app object exposed to the page (``window.jupyterapp``) so that a test
+    can run all cells as the "Run All" command does; settings and workspaces live in the log's folder."""
+
+    name = "JupyterLab"
+
+    def environment(self) -> dict:
+        env = super().environment()
+        settings = self.log_path.parent / "lab-settings"
+        for name, values in LAB_SETTINGS.items():
+            path = settings / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values))
+        workspaces = self.log_path.parent / "lab-workspaces"
+        workspaces.mkdir(parents=True, exist_ok=True)
+        config = self.log_path.parent / "jupyter-config"
+        config.mkdir(parents=True, exist_ok=True)
+        return dict(env, JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(workspaces),
+                    JUPYTER_CONFIG_DIR=str(config))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
+                "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root_dir}",
+                "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+                "jupyterlab.NeverCheckForUpdate"]
+
+    pages = 0
+
+    def page_path(self, notebook: str) -> str:
+        """A fresh workspace per page (``?reset``): only this notebook opens, not the tabs of earlier pages."""
+        JupyterLabServer.pages += 1
+        return f"lab/workspaces/test{JupyterLabServer.pages}/tree/{notebook}"
+
+    def open(self, page, notebook: str, query: str = "", timeout_s: float = 120.0) -> None:
+        page.goto(self.url_for(notebook, "reset"), wait_until="domcontentloaded")
+        page.wait_for_function(
+            "(path) => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+            " && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.context.path === path", arg=Path(notebook).as_posix(),
+            timeout=timeout_s * 1000)
+        page.evaluate("""async () => {
+            const panel = window.jupyterapp.shell.currentWidget;
+            await panel.context.ready;
+            await panel.sessionContext.ready;
+            await window.jupyterapp.commands.execute('notebook:run-all-cells');
+        }""")
+
+    def after_page(self) -> None:
+        """Shut down the kernels the page started (a closed tab leaves its kernel running)."""
+        with urllib.request.urlopen(self.base_url + "/api/sessions", timeout=10) as response:
+            sessions = json.load(response)
+        for session in sessions:
+            request = urllib.request.Request(f"{self.base_url}/api/sessions/{session['id']}", method="DELETE")
+            urllib.request.urlopen(request, timeout=30).close()
 
 
 def launch_chromium(playwright):
@@ -205,9 +304,9 @@ def move_slider(page, label: str, key: str = "ArrowRight", presses: int = 1) -> 
 
 class NotebookPage:
     """One Chromium page on one served notebook; collects what a failure report needs (screenshots, page errors,
-    the Voila log written meanwhile). Requests leaving the server are aborted, so the page never waits on a CDN."""
+    the server log written meanwhile). Requests leaving the server are aborted, so the page never waits on a CDN."""
 
-    def __init__(self, browser, server: VoilaServer, target: WidgetTarget, shot_dir: Path):
+    def __init__(self, browser, server: NotebookServer, target: WidgetTarget, shot_dir: Path):
         self.server, self.target, self.shot_dir = server, target, Path(shot_dir)
         self.errors: list[str] = []
         self.log_start = server.log_path.stat().st_size if server.log_path.exists() else 0
@@ -229,8 +328,8 @@ class NotebookPage:
         if message.type == "error" and (origin.startswith(self.server.base_url) or not origin):
             self.errors.append(f"console: {message.text}")
 
-    def open(self) -> None:
-        self.page.goto(self.server.url_for(self.target.notebook), wait_until="domcontentloaded")
+    def open(self, query: str = "") -> None:
+        self.server.open(self.page, self.target.notebook, query)
 
     @property
     def summary(self):
@@ -261,7 +360,7 @@ class NotebookPage:
 
     def screenshot(self, name: str) -> str:
         """Save a full-page PNG under shot_dir; returns its path (or why it failed, so a report stays readable)."""
-        path = self.shot_dir / f"{Path(self.target.notebook).stem}_{name}.png"
+        path = self.shot_dir / f"{self.server.name}_{Path(self.target.notebook).stem}_{name}.png"
         try:
             self.page.screenshot(path=str(path), full_page=True)
         except Exception as error:  # the page may be gone; diagnostics must not mask the real failure
@@ -269,13 +368,13 @@ class NotebookPage:
         return str(path)
 
     def report(self, what: str, shot: str) -> str:
-        """A failure message: what went wrong, a fresh screenshot, the errors in the page and the Voila log."""
+        """A failure message: what went wrong, a fresh screenshot, the errors in the page and the server log."""
         return (f"{what}\nnotebook: {self.target.notebook}\nscreenshot: {self.screenshot(shot)}\n"
                 f"errors in the page:\n{self._page_errors()}\n"
-                f"Voila log during this test:\n{self.server.log_since(self.log_start)}")
+                f"{self.server.name} log during this test:\n{self.server.log_since(self.log_start)}")
 
     def _page_errors(self) -> str:
-        """Tracebacks Voila rendered into output areas, then JavaScript errors."""
+        """Tracebacks rendered into output areas, then JavaScript errors."""
         try:
             rendered = self.page.locator('[data-mime-type="application/vnd.jupyter.stderr"]').all_inner_texts()
         except Exception as error:
@@ -285,3 +384,4 @@ class NotebookPage:
 
     def close(self) -> None:
         self.context.close()
+        self.server.after_page()
