@@ -112,24 +112,33 @@ def decode_and_score(image_space: ImageSpace, tokens: Tensor, labels: Sequence[i
 class DigitsQuality:
     """Class accuracy, digits-FID and its floor (lazymar.metrics); FID is NaN for fewer than 2 images. Images
     larger than 8x8 (the digits16 model) are brought back to 8x8 first by the exact inverse of their upsampling
-    (:func:`lazymar.digits.to_8x8`), so both models are scored by the same classifier and statistics."""
+    (:func:`lazymar.digits.to_8x8`), so both models are scored by the same classifier and statistics. Beside them,
+    quality at the images' own ``side`` (lazymar.metrics.evaluate_native): roughness against real digits', and for
+    side > 8 the FID of that side's classifier (``fid32`` for digits16), which sees the pixel noise to_8x8 removes."""
 
     name = "digits"
-    keys = ("accuracy", "fid", "fid_floor")
+    keys = ("accuracy", "fid", "fid_floor", "roughness", "roughness_real")  # side 8; an instance has its side's
+
+    def __init__(self, side: int = 8):
+        from ..metrics import native_quality_keys
+        self.side = side
+        self.keys = ("accuracy", "fid", "fid_floor") + native_quality_keys(side)
 
     def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]:
         from ..digits import to_8x8
-        from ..metrics import class_accuracy, evaluate_digits
+        from ..metrics import class_accuracy, evaluate_digits, evaluate_native
+        native = {k: v for k, v in evaluate_native(images).items() if k in self.keys}
         images = to_8x8(images)
         labels = torch.tensor([int(x) for x in labels])
         if len(images) < 2:
-            return {"accuracy": class_accuracy(images, labels), "fid": math.nan, "fid_floor": math.nan}
+            return {"accuracy": class_accuracy(images, labels), "fid": math.nan, "fid_floor": math.nan, **native}
         out = evaluate_digits(images, labels)
-        return {k: out[k] for k in self.keys}
+        return {**{k: out[k] for k in ("accuracy", "fid", "fid_floor")}, **native}
 
 
 EvaluatorFactory = Callable[[MAR, object], Optional[QualityEvaluator]]
-_FACTORIES: list[EvaluatorFactory] = [lambda model, vae: DigitsQuality() if is_digits_model(model.config) else None]
+_FACTORIES: list[EvaluatorFactory] = [lambda model, vae: DigitsQuality(model.config.img_size)
+                                       if is_digits_model(model.config) else None]
 
 
 def register_evaluator(factory: EvaluatorFactory) -> None:
