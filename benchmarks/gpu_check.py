@@ -197,7 +197,7 @@ def check_commands(device: str, sizes: dict) -> dict:
                           "--candidates", "1", "--measure-samples", "4", "--batch-size", "4", "--json"),
             # exit 1: no schedule met the floor, a result too; 200 samples is the command's minimum
             "search-quality": cli("search-quality", *digits, "--base", "lazymar", "--target-flops-ratio", "1.1",
-                                  "--candidates", "1", "--num-samples", "200", "--batch-size", "100", "--json"),
+                                  "--candidates", "1", "--num-samples", "200", "--batch-size", "200", "--json"),
         }
         runs = {}
         for name, argv in commands.items():
