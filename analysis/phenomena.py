@@ -127,22 +127,38 @@ def values_by_status(ds: xr.Dataset, layer: str, variable: str = "token_cosine",
 # --- token redundancy -------------------------------------------------------------------------------------
 def fraction_above(ds: xr.Dataset, thresholds: Sequence[float] = (0.95, 0.99), layers: Optional[Sequence[str]] = None,
                    variable: str = "token_cosine", kind: str = "output",
-                   statuses: Optional[Iterable[str]] = None) -> pd.DataFrame:
+                   statuses: Optional[Iterable[str]] = None, intervals: bool = False,
+                   resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per (layer, step): the number of finite values (``count``) and the fraction above each threshold
-    (``above_<t>``), over samples and positions. Steps where a layer has no value are dropped."""
+    (``above_<t>``), over samples and positions. Steps where a layer has no value are dropped.
+
+    ``intervals``: also ``above_<t>_ci_low`` / ``_ci_high``, 95 % bootstrap intervals over samples (the samples
+    resampled, their positions kept together: lazymar.stats.ratio_intervals), and ``n_samples``. The per-sample
+    counts are reduced chunk by chunk (only positions are summed), so the recording stays out of core."""
     layers = _check_layers(ds, layers)
     da = statistic_values(ds, variable, kind, statuses).sel(layer=layers)
-    over = ("sample", "position")
+    over = ("position",) if intervals else ("sample", "position")
     columns = {"count": da.count(over)}
     for t in thresholds:
         columns[f"above_{t:g}"] = (da > t).sum(over)
-    table = compute_small(xr.Dataset(columns)).transpose("layer", "step")
+    table = compute_small(xr.Dataset(columns))
+    if intervals:
+        per_sample = table.transpose("layer", "step", "sample")
+        table = per_sample.sum("sample")
+    table = table.transpose("layer", "step")
     count = table["count"].values
     df = pd.DataFrame({"count": count.ravel().astype(int)},
                       index=pd.MultiIndex.from_product([layers, table["step"].values], names=["layer", "step"]))
     with np.errstate(invalid="ignore", divide="ignore"):
         for t in thresholds:
             df[f"above_{t:g}"] = (table[f"above_{t:g}"].values / count).ravel()
+    if intervals:
+        from lazymar.stats import ratio_intervals
+        for t in thresholds:
+            low, high = ratio_intervals(per_sample[f"above_{t:g}"].values, per_sample["count"].values,
+                                        resamples, seed)
+            df[f"above_{t:g}_ci_low"], df[f"above_{t:g}_ci_high"] = low.ravel(), high.ravel()
+        df["n_samples"] = int(ds.sizes["sample"])
     return df[df["count"] > 0]
 
 
@@ -235,23 +251,42 @@ def step_layer_matrix(ds: xr.Dataset, statistic: str = "mean", variable: str = "
 
 
 def encoder_vs_decoder(ds: xr.Dataset, kind: str = "output",
-                       statuses: Optional[Iterable[str]] = ("buffer", "known")) -> pd.DataFrame:
+                       statuses: Optional[Iterable[str]] = ("buffer", "known"), intervals: bool = False,
+                       resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per step: the mean cosine of the encoder layers and of the decoder layers over the same positions
-    (by default the buffer and the known tokens, which both see at s and s-1), and 1 - mean (the change)."""
+    (by default the buffer and the known tokens, which both see at s and s-1), and 1 - mean (the change).
+    ``intervals``: also ``<group>_cosine_ci_low/high`` and ``<group>_change_ci_low/high``, 95 % bootstrap
+    intervals over samples (per-sample sums reduced chunk by chunk), and ``n_samples``."""
     da = statistic_values(ds, "token_cosine", kind, statuses)
     layers = [str(x) for x in ds["layer"].values]
-    rows = {}
+    rows, bands = {}, {}
     for group in ("encoder", "decoder"):
         members = [x for x in layers if layer_group(x) == group]
         if not members:
             raise AnalysisError(f"the recording has no {group} layers")
+        part = da.sel(layer=members)
+        if intervals:
+            sums = compute_small(xr.Dataset({"sum": part.sum(("layer", "position"), skipna=True),
+                                             "count": part.count(("layer", "position"))})).transpose("step", "sample")
+            from lazymar.stats import ratio_intervals
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rows[f"{group}_cosine"] = sums["sum"].values.sum(1) / sums["count"].values.sum(1)
+            bands[group] = ratio_intervals(sums["sum"].values, sums["count"].values, resamples, seed)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            rows[f"{group}_cosine"] = compute_small(da.sel(layer=members).mean(("sample", "layer", "position"),
-                                                                          skipna=True)).values
-    df = pd.DataFrame(rows, index=pd.Index(ds["step"].values, name="step")).dropna(how="all")
+            rows[f"{group}_cosine"] = compute_small(part.mean(("sample", "layer", "position"), skipna=True)).values
+    df = pd.DataFrame(rows, index=pd.Index(ds["step"].values, name="step"))
+    for group, (low, high) in bands.items():
+        df[f"{group}_cosine_ci_low"], df[f"{group}_cosine_ci_high"] = low, high
+    df = df.dropna(how="all", subset=[f"{g}_cosine" for g in ("encoder", "decoder")])
     for group in ("encoder", "decoder"):
         df[f"{group}_change"] = 1.0 - df[f"{group}_cosine"]
+        if group in bands:
+            df[f"{group}_change_ci_low"] = 1.0 - df[f"{group}_cosine_ci_high"]
+            df[f"{group}_change_ci_high"] = 1.0 - df[f"{group}_cosine_ci_low"]
+    if intervals:
+        df["n_samples"] = int(ds.sizes["sample"])
     return df
 
 

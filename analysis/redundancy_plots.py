@@ -139,11 +139,19 @@ def plot_step_layer_heatmap(matrix: xr.DataArray, title: str = "", colorbar_labe
     return fig
 
 
+def _n_note(df: pd.DataFrame) -> str:
+    """", n = N samples, 95 % bands" when the table carries intervals over its N samples."""
+    if "n_samples" not in df.columns or df.empty:
+        return ""
+    return f" (n = {int(df['n_samples'].iloc[0])} samples, 95 % bands)"
+
+
 def plot_fraction_above(fractions: pd.DataFrame, layers: Optional[Sequence[str]] = None) -> Figure:
     """Fraction of positions whose cosine to the previous step exceeds each threshold, per step, for the given
-    layers (``fractions`` from analysis.phenomena.fraction_above)."""
+    layers (``fractions`` from analysis.phenomena.fraction_above); with its ``intervals`` columns, 95 % bands over
+    samples and n in the title."""
     layers = list(layers) if layers is not None else list(dict.fromkeys(fractions.index.get_level_values("layer")))
-    thresholds = [c for c in fractions.columns if c.startswith("above_")]
+    thresholds = [c for c in fractions.columns if c.startswith("above_") and not c.endswith(("_ci_low", "_ci_high"))]
     fig, ax = subplots(figsize=(7, 3.4), constrained_layout=True)
     styles = ["-", "--", ":", "-."]
     colors = matplotlib.colormaps["tab10"]
@@ -152,9 +160,12 @@ def plot_fraction_above(fractions: pd.DataFrame, layers: Optional[Sequence[str]]
         for j, column in enumerate(thresholds):
             ax.plot(part.index, part[column], styles[j % len(styles)], color=colors(i % 10),
                     label=f"{layer}, cos > {column.removeprefix('above_')}")
+            if f"{column}_ci_low" in part.columns:
+                ax.fill_between(part.index, part[f"{column}_ci_low"], part[f"{column}_ci_high"], color=colors(i % 10),
+                                alpha=0.15, linewidth=0)
     ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel("fraction of positions")
-    ax.set_title("Positions nearly unchanged since the previous step", fontsize=10)
+    ax.set_title("Positions nearly unchanged since the previous step" + _n_note(fractions), fontsize=10)
     ax.legend(fontsize=7, ncols=2)
     return fig
 
@@ -164,10 +175,13 @@ def plot_encoder_vs_decoder(df: pd.DataFrame, floor: float = FLOOR) -> Figure:
     fig, ax = subplots(figsize=(7, 3.2), constrained_layout=True)
     for group, color in (("encoder", "#9467bd"), ("decoder", "#8c564b")):
         ax.plot(df.index, np.maximum(df[f"{group}_change"], floor), color=color, label=group)
+        if f"{group}_change_ci_low" in df.columns:
+            ax.fill_between(df.index, np.maximum(df[f"{group}_change_ci_low"], floor),
+                            np.maximum(df[f"{group}_change_ci_high"], floor), color=color, alpha=0.2, linewidth=0)
     ax.set_yscale("log")
     ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel("1 − mean cosine to step s−1")
-    ax.set_title("Encoder vs decoder on the same positions (buffer + known tokens)", fontsize=10)
+    ax.set_title("Encoder vs decoder on the same positions (buffer + known tokens)" + _n_note(df), fontsize=10)
     ax.legend(fontsize=8)
     return fig
 

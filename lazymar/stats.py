@@ -22,6 +22,7 @@ which remove what is left, so they cover the population difference (tests/test_s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -242,3 +243,22 @@ def compare(arrays: dict[str, dict], strata: Sequence[int], metrics: Sequence[Me
             verdicts.append(v)
         out[name]["verdict"] = "baseline" if name == baseline else overall_verdict(verdicts)
     return out
+
+
+def ratio_intervals(numerators: np.ndarray, denominators: np.ndarray, resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = DEFAULT_SEED, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile intervals over samples (the last axis, n) of sum(numerators) / sum(denominators) for every
+    leading index at once: e.g. the fraction of positions above a threshold per (layer, step), from per-sample
+    counts. Returns (low, high) of the leading shape; NaN where a resample has no denominator."""
+    numerators, denominators = np.asarray(numerators, np.float64), np.asarray(denominators, np.float64)
+    n = numerators.shape[-1]
+    counts = resample_counts(np.zeros(n), resamples, seed).astype(np.float64)
+    top = np.einsum("bn,...n->...b", counts, numerators)
+    bottom = np.einsum("bn,...n->...b", counts, denominators)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = top / bottom
+    alpha = (1.0 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: no value at that index
+        low, high = np.nanquantile(values, [alpha, 1 - alpha], axis=-1)
+    return low, high

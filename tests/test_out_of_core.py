@@ -180,3 +180,33 @@ def test_histogram_tables_match_every_value(stores):
         np.testing.assert_allclose(ecdf[status].values, expected, atol=1e-12)
         assert ecdf.attrs["count"][status] == means.loc[status, "count"] == v.size
         assert means.loc[status, "mean"] == pytest.approx(float(v.astype(np.float64).mean()), rel=1e-6)
+
+
+def test_intervals_over_samples_stay_out_of_core(stores):
+    """fraction_above and encoder_vs_decoder with intervals: the same values as without, 95 % bands over the
+    samples around them, lazy equal to in-memory, no task result over two chunks; the figures draw the bands and
+    state n."""
+    lazy, eager = stores
+    chunk = _chunk_bytes(lazy["token_cosine"])
+    watch = LargestResult()
+    with watch:
+        fractions = phenomena.fraction_above(lazy, (0.95, 0.99), layers=["decoder.0", "z"], intervals=True)
+        evd = phenomena.encoder_vs_decoder(lazy, intervals=True)
+    assert watch.tasks > 0 and watch.largest <= 2 * chunk
+    pd.testing.assert_frame_equal(fractions, phenomena.fraction_above(eager, (0.95, 0.99), layers=["decoder.0", "z"],
+                                                                      intervals=True))
+    plain = phenomena.fraction_above(eager, (0.95, 0.99), layers=["decoder.0", "z"])
+    pd.testing.assert_frame_equal(fractions[plain.columns], plain)
+    for t in ("0.95", "0.99"):
+        assert (fractions[f"above_{t}_ci_low"] <= fractions[f"above_{t}"] + 1e-12).all()
+        assert (fractions[f"above_{t}"] <= fractions[f"above_{t}_ci_high"] + 1e-12).all()
+    assert (fractions["above_0.99_ci_high"] > fractions["above_0.99_ci_low"]).all()  # all cosines pass 0.95 here
+    assert (fractions["n_samples"] == SAMPLES).all()
+    np.testing.assert_allclose(evd["decoder_cosine"], phenomena.encoder_vs_decoder(eager)["decoder_cosine"],
+                               rtol=1e-6)
+    assert ((evd["decoder_change_ci_low"] <= evd["decoder_change"] + 1e-12)
+            & (evd["decoder_change"] <= evd["decoder_change_ci_high"] + 1e-12)).all()
+    fig = redundancy_plots.plot_fraction_above(fractions)
+    assert len(fig.axes[0].collections) == 4 and f"n = {SAMPLES} samples" in fig.axes[0].get_title()
+    fig = redundancy_plots.plot_encoder_vs_decoder(evd)
+    assert len(fig.axes[0].collections) == 2 and f"n = {SAMPLES}" in fig.axes[0].get_title()
