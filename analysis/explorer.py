@@ -220,7 +220,7 @@ class ScheduleExplorer:
         """The sweep's points and front with the current schedule's predicted FLOPs ratio (dashed line) and,
         after a check, its measured point."""
         from lazymar.sweep import pareto_front
-        fig, ax = plots.subplots(figsize=(6.4, 3.6))
+        fig, ax = plots.subplots(figsize=(8.0, 4.6))
         measured = None
         if self.last_measured is not None:
             measured = {"flops_ratio": self.last_measured["flops_ratio"], "psnr": self.last_measured["psnr"],

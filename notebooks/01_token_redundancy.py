@@ -13,13 +13,16 @@
 STATS = "../data/stats/digits.nc"   # a recording made with `lazymar record`: a .nc file or a .zarr store (read
                                     # lazily, chunk by chunk: a store larger than memory works)
 MODEL = "digits"                    # "digits" or a path to an official MAR checkpoint (live step x step matrix)
+VAE = None                          # path to the KL-16 VAE of an official MAR checkpoint (None: none)
+DEVICE = "cpu"                      # torch device of the live measurement
+ARCH = None                         # architecture of a checkpoint that does not name it (e.g. "mar_base")
 KIND = "output"                     # feature kind for the distributions: "output", "k" or "v"
 FOCUS_LAYER = "decoder.3"           # the layer quoted in the prose
 THRESHOLDS = (0.95, 0.99)
 LIVE_SAMPLES = 4                    # samples generated for the step x step matrix
 LIVE_LAYER = "z"                    # "decoder.i" or "z"
 SEED = 0
-FIGURES = None                      # folder to also save the figures into (None: display only)
+FIGURES = "../runs/figures/01"      # folder to also save the figures into (None: display only)
 
 # %%
 import numpy as np
@@ -125,12 +128,12 @@ display(Markdown(
 # layer's features at every step (conditional branch), and the matrix shows the mean cosine between any two steps.
 
 # %%
-from lazymar.checkpoint import load_model
 from lazymar.runs import balanced_labels
 
-model = load_model(MODEL)
+model, vae = workbook.load_model(MODEL, VAE, DEVICE, ARCH)
 labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)
-features = phenomena.capture_step_features(model, labels, settings, layers=[LIVE_LAYER], seed=SEED)[LIVE_LAYER]
+features = phenomena.capture_step_features(model, labels, settings, layers=[LIVE_LAYER], seed=SEED,
+                                          progress=True)[LIVE_LAYER]
 cond = features[:, :LIVE_SAMPLES]  # rows are [cond; uncond] under CFG
 similarity = phenomena.step_similarity_matrix(cond)
 save(redundancy_plots.plot_step_similarity(similarity, LIVE_LAYER), "nb_token_step_similarity");

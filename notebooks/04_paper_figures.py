@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 04 · Paper figures
 #
-# Regenerates every figure (PNG and PDF) and table (CSV and Markdown) of the write-up into `FIGURES`:
+# Regenerates every figure (PNG and PDF) and table (CSV and Markdown) of the write-up into `FIGURES` (by default
+# the ignored `runs/figures`; the committed `data/figures` are made by `make figures`, which pins the settings):
 # token redundancy, condition redundancy, the schedules, the speed/quality table (none / lazymar / derived), and
 # the ablations (each cache mechanism alone; similarity vs random selection; refresh interval). The ablations are
 # measured here on `ABLATION_SAMPLES` samples at the recording's settings; FID needs more samples than that, so
@@ -11,9 +12,13 @@
 # %% tags=["parameters"]
 STATS = "../data/stats/digits.nc"
 SWEEP = "../data/sweeps/digits.csv"        # speed/quality from the sweep when present, else measured here
-SCHEDULES = "../data/schedules"            # derived schedules <MODEL>_*.json to include; none: derive with defaults
-MODEL = "digits"
-FIGURES = "../data/figures"
+SCHEDULES = "../data/schedules"            # derived schedules <model name>_*.json to include (the model name: MODEL,
+                                           # or a checkpoint's file stem); none: derive with defaults
+MODEL = "digits"                           # "digits", "digits16" or a path to an official MAR checkpoint
+VAE = None                                 # path to the KL-16 VAE of an official MAR (images, PSNR); None: none
+DEVICE = "cpu"
+ARCH = None                                # architecture of a checkpoint that does not name it (e.g. "mar_base")
+FIGURES = "../runs/figures"                # the ignored runs/; `make figures` writes the committed data/figures
 LIVE_SAMPLES = 4                           # live captures (step x step matrix, absolute changes)
 ABLATION_SAMPLES = 10                      # measured runs of the ablations (one per class for digits)
 REFRESH_INTERVALS = (3, 5, 9, 16)          # refresh every k steps after the warm-up (9 = released at 64 steps)
@@ -27,14 +32,12 @@ COMPARE = {                                # models side by side: name -> (recor
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
 from analysis import measure, model_comparison, phenomena, plots, redundancy_plots, workbook
 from lazymar.cache.schedule import CacheSchedule, lazymar_schedule
-from lazymar.checkpoint import load_model
 from lazymar.recording import load_stats
 from lazymar.runs import balanced_labels
 from lazymar.schedules import RedundancyProfile, derive_schedule, schedule_matrix
@@ -47,7 +50,7 @@ save, save_table = writer.figure, writer.table
 ds = load_stats(STATS)
 settings = phenomena.sampling_settings(ds.attrs)
 display(Markdown(workbook.describe_recording(ds, STATS)))
-model = load_model(MODEL)
+model, vae = workbook.load_model(MODEL, VAE, DEVICE, ARCH)
 live_labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)
 
 # %% [markdown]
@@ -65,7 +68,8 @@ save(redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds, "m
 fractions = phenomena.fraction_above(ds, (0.95, 0.99), layers=[decoder_layers[0], decoder_layers[-1], "z"])
 save(redundancy_plots.plot_fraction_above(fractions), "token_fraction_above");
 save(redundancy_plots.plot_encoder_vs_decoder(phenomena.encoder_vs_decoder(ds)), "token_encoder_vs_decoder");
-captured = phenomena.capture_step_features(model, live_labels, settings, layers=(decoder_layers[0], "z"), seed=SEED)
+captured = phenomena.capture_step_features(model, live_labels, settings, layers=(decoder_layers[0], "z"), seed=SEED,
+                                          progress=True)
 similarity = phenomena.step_similarity_matrix(captured["z"][:, :LIVE_SAMPLES])
 save(redundancy_plots.plot_step_similarity(similarity, "z"), "token_step_similarity");
 save_table(phenomena.group_summary(ds, (0.95, 0.99)), "token_group_summary")
@@ -78,7 +82,7 @@ unknown = ["to_predict", "masked"]
 not_encoder = [layer for layer in map(str, ds.layer.values) if not layer.startswith("encoder.")]
 save(redundancy_plots.plot_step_layer_heatmap(
     phenomena.step_layer_matrix(ds, "mean", variable="cfg_residual_cosine", statuses=unknown, layers=not_encoder),
-    title="cos(r_s, r_{s−1}) of the CFG residual, unknown positions", colorbar_label="mean cosine"),
+    title=r"$\cos(r_s, r_{s-1})$ of the CFG residual, unknown positions", colorbar_label="mean cosine"),
     "condition_residual_heatmap");
 relative = save_table(phenomena.branch_vs_residual(ds, statistic="median"), "condition_relative_change")
 save(redundancy_plots.plot_change_ratio(relative, ylabel="branch / residual relative change"), "condition_relative_ratio");
@@ -86,7 +90,7 @@ absolute = {layer: phenomena.absolute_change(f) for layer, f in captured.items()
 ratios = pd.DataFrame({layer: phenomena.overall_change_ratio(df) for layer, df in absolute.items()}).T
 ratios.index.name = "layer"
 save_table(ratios, "condition_absolute_ratio")
-save(redundancy_plots.plot_branch_vs_residual(absolute["z"], ylabel="‖x_s − x_{s−1}‖ (mean over positions)",
+save(redundancy_plots.plot_branch_vs_residual(absolute["z"], ylabel=r"$\|x_s - x_{s-1}\|$ (mean over positions)",
                                    title=f"Absolute change per step at z ({LIVE_SAMPLES} live samples)"),
      "condition_absolute_change");
 save(redundancy_plots.plot_head_change(phenomena.head_change_profile(ds, statistic="median")), "head_change");
@@ -101,7 +105,7 @@ display(Markdown(
 # %%
 profile = RedundancyProfile.from_stats(ds)
 derived = {}
-for path in sorted(Path(SCHEDULES).glob(f"{MODEL}_*.json")) if Path(SCHEDULES).is_dir() else []:
+for path in sorted(Path(SCHEDULES).glob(f"{workbook.model_label(MODEL)}_*.json")) if Path(SCHEDULES).is_dir() else []:
     schedule = CacheSchedule.from_dict(json.loads(path.read_text()))
     if schedule.num_iter == settings.num_iter:
         derived[f"derived ({path.stem})"] = schedule
@@ -110,7 +114,7 @@ if not derived:
     derived[f"derived ({default.schedule.name})"] = default.schedule
 released = lazymar_schedule(settings.num_iter, model.config)
 shown = {"lazymar": released, **derived}
-fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.9 * len(shown)), constrained_layout=True)
+fig, axes = plots.subplots(len(shown), 1, figsize=(8, 1.9 * len(shown)))
 for ax, (name, schedule) in zip(np.atleast_1d(axes), shown.items()):
     plots.plot_schedule(schedule_matrix(schedule), title=name, ax=ax)
 save(fig, "schedules");
@@ -130,7 +134,8 @@ if Path(SWEEP).is_file():
     save(plots.plot_tradeoff(sweep, label="name", front=pareto_front(sweep)), "tradeoff");
 else:
     labels = balanced_labels(ABLATION_SAMPLES, model.config.class_num)
-    runs = measure.measure_schedules(model, {"lazymar": released, **derived}, labels, settings, seed=SEED)
+    runs = measure.measure_schedules(model, {"lazymar": released, **derived}, labels, settings, seed=SEED,
+                                     progress=True, vae=vae)
     table = runs.table[["flops_ratio", "wall_ratio", "psnr", "accuracy"]]
     source = f"measured here on {ABLATION_SAMPLES} samples (no sweep at `{SWEEP}`; FID needs more samples)"
 save_table(table, "speed_quality")
@@ -148,7 +153,8 @@ selection = {f"token cache, {k} selection": s for k, s in measure.selection_sche
                                                                                       seed=SEED).items()}
 intervals = {f"refresh every {k}": measure.refresh_interval_schedule(model.config, settings.num_iter, k)
              for k in REFRESH_INTERVALS}
-runs = measure.measure_schedules(model, {**mechanisms, **selection, **intervals}, labels, settings, seed=SEED)
+runs = measure.measure_schedules(model, {**mechanisms, **selection, **intervals}, labels, settings, seed=SEED,
+                                 progress=True, vae=vae)
 table = runs.table
 save_table(table, "ablations")
 save(plots.plot_ablation(table.loc[list(mechanisms)], metrics, title="Cache mechanisms alone and together"),

@@ -167,3 +167,116 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
         # the model comparison: digits is committed (digits16 is skipped until its recording is)
         assert {"models_token_redundancy.png", "models_selection_layer.csv", "models_summary.md",
                 "models_tradeoff.pdf", "models_condition_redundancy.png"} <= written
+
+
+# --- a clean checkout: default outputs go to the ignored runs/, JupyterLab saves output-free twins ---------------
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_default_outputs_go_to_ignored_folders(path):
+    """A notebook run with its defaults writes only into git-ignored folders (runs/), never data/figures."""
+    import ast
+    nb = read_notebook(path.with_suffix(".py"))
+    defaults = {}
+    for node in ast.parse(next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    outputs = [defaults[name] for name in ("FIGURES", "SAVE_TO") if defaults.get(name)]
+    assert outputs, f"{path.name}: FIGURES defaults to nothing"
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for output in outputs:
+        target = (NOTEBOOK_DIR / output).resolve().relative_to(REPO)
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(target / "x.png")], cwd=REPO)
+        assert ignored.returncode == 0 and target.parts[0] == "runs", f"{path.name}: {output} is not under runs/"
+
+
+def test_jupyterlab_saves_paired_notebooks_output_free(tmp_path):
+    """`make lab` loads jupyter_server_config.py: a notebook saved with outputs, execution counts and widget state
+    (as JupyterLab's autosave does after Run All) is written clean, and jupytext still writes its .py twin."""
+    import asyncio
+
+    from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
+    from jupytext.async_contentsmanager import build_async_jupytext_contents_manager_class
+    from traitlets.config.loader import PyFileConfigLoader
+
+    assert "--config=jupyter_server_config.py" in (REPO / "Makefile").read_text()
+    config = PyFileConfigLoader("jupyter_server_config.py", path=str(REPO)).load_config()
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(NOTEBOOK_DIR / "jupytext.toml", tmp_path / "notebooks")
+    manager = build_async_jupytext_contents_manager_class(AsyncLargeFileManager)(root_dir=str(tmp_path), config=config)
+    nb = read_notebook(NOTEBOOK_DIR / "03_cache_schedules.py")
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=i + 1)]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    asyncio.run(manager.save({"type": "notebook", "content": nb}, "notebooks/03_cache_schedules.ipynb"))
+    saved = nbformat.read(tmp_path / "notebooks" / "03_cache_schedules.ipynb", as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in saved.cells if c.cell_type == "code")
+    assert set(saved.metadata) == {"kernelspec", "language_info"}
+    assert _cells(saved) == _cells(nbformat.read(NOTEBOOK_DIR / "03_cache_schedules.ipynb", as_version=4))
+    assert (tmp_path / "notebooks" / "03_cache_schedules.py").read_text() == \
+        (NOTEBOOK_DIR / "03_cache_schedules.py").read_text()
+
+
+# --- an official-format checkpoint through every notebook ----------------------------------------------------------
+OFFICIAL_PARAMETERS = {  # per notebook: what differs for a 2+2-block model recorded on 4 steps
+    "01_token_redundancy": {"FOCUS_LAYER": "decoder.1", "LIVE_SAMPLES": 2},
+    "02_condition_redundancy": {"LIVE_LAYERS": ("decoder.0", "z"), "LIVE_SAMPLES": 2},
+    "03_cache_schedules": {"SWEEP": None, "CHECK_SAMPLES": 2},
+    "04_paper_figures": {"SWEEP": "no_sweep.csv", "LIVE_SAMPLES": 2, "ABLATION_SAMPLES": 2, "REFRESH_INTERVALS": (2,),
+                         "COMPARE": {}},
+}
+# appended to notebook 03: press Measure (the VAE makes images, so the sample grid is drawn) and save the schedule
+CHECK_CELL = """result = explorer.run_check(timeout=600)
+assert explorer.error is None, explorer.error
+assert result is not None and explorer.samples.value[:4] == b"\\x89PNG", explorer.status.value
+explorer.save_schedule(SAVE_TO)"""
+
+
+@pytest.fixture(scope="module")
+def official_tiny(tmp_path_factory):
+    """The tiny official-format MAR checkpoint (tests/test_loading.py's fixture), a recording of it on 4 steps with
+    CFG, and a tiny KL VAE saved as MAR's kl16.ckpt is (key "model")."""
+    import torch
+
+    from builders import tiny_vae
+    from conftest import reference_dir
+    checkpoint = reference_dir() / "mar_tiny_a.pth"
+    if not checkpoint.is_file():
+        pytest.skip(f"no {checkpoint}")
+    folder = tmp_path_factory.mktemp("official")
+    vae = folder / "kl_tiny.ckpt"
+    torch.save({"model": tiny_vae().state_dict()}, vae)
+    stats = folder / "tiny.nc"
+    record = subprocess.run([sys.executable, "-m", "lazymar.cli", "record", "--model", str(checkpoint), "--num-iter", "4",
+                             "--cfg", "2.0", "--num-samples", "2", "--seed", "0", "--out", str(stats), "--no-progress"],
+                            capture_output=True, text=True, timeout=600)
+    assert record.returncode == 0, record.stderr[-3000:]
+    return {"MODEL": str(checkpoint), "VAE": str(vae), "STATS": str(stats), "folder": folder}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_on_an_official_checkpoint_with_a_vae(path, official_tiny, tmp_path):
+    """Each notebook's code paths on an official-format checkpoint (MODEL a path, VAE a path, DEVICE, ARCH):
+    recording, live capture, the explorer's measured check and save, the schedules and ablations of 04."""
+    if os.environ.get("LAZYMAR_SKIP_NOTEBOOKS") == "1":
+        pytest.skip("LAZYMAR_SKIP_NOTEBOOKS=1")
+    if importlib.util.find_spec("ipykernel") is None:
+        pytest.skip("ipykernel is not installed")
+    from analysis.run_notebook import execute
+    values = {"MODEL": official_tiny["MODEL"], "VAE": official_tiny["VAE"], "STATS": official_tiny["STATS"],
+              "DEVICE": "cpu", "ARCH": None, "FIGURES": str(tmp_path / "figures"), **OFFICIAL_PARAMETERS[path.stem]}
+    if path.stem == "03_cache_schedules":
+        values["SAVE_TO"] = str(tmp_path / "saved.json")
+    if path.stem == "04_paper_figures":
+        values["SCHEDULES"] = str(tmp_path)
+    nb = inject_parameters(read_notebook(path.with_suffix(".py")), values)
+    if path.stem == "03_cache_schedules":
+        nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL))
+    before = _git_status()
+    execute(nb, timeout=TIMEOUT_S, progress=False)
+    assert _git_status() == before, f"{path.name} changed the checkout"
+    written = {p.name for p in (tmp_path / "figures").iterdir()} if (tmp_path / "figures").is_dir() else set()
+    if path.stem == "03_cache_schedules":
+        assert (tmp_path / "saved.json").is_file() and (tmp_path / "saved.md").is_file()
+    else:
+        assert any(name.endswith(".png") for name in written), f"{path.name} saved no figure"

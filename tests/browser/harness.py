@@ -247,7 +247,9 @@ class JupyterLabServer(NotebookServer):
                 f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
                 "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root_dir}",
                 "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
-                "jupyterlab.NeverCheckForUpdate"]
+                "jupyterlab.NeverCheckForUpdate",
+                # checkpoints (made when a notebook opens) go beside the log, not into the served checkout
+                f"--FileCheckpoints.checkpoint_dir={self.log_path.parent / 'checkpoints'}"]
 
     pages = 0
 
