@@ -186,6 +186,8 @@ class InceptionStats:
     feature_sum: Optional[CompensatedSum] = None   # sum of features (D,)
     outer_sum: Optional[CompensatedSum] = None     # sum of feature outer products (D, D)
     logits: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first sample index, (n, C) float32)
+    keep_features: bool = False  # also keep each sample's features (float32, 8 kB each at D = 2048): resampling
+    features: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first sample index, (n, D) float32)
 
     def add(self, features: Tensor, logits: Tensor, start: Optional[int] = None) -> None:
         """Add (n, D) features and (n, C) logits of samples ``start .. start + n`` (default: after the last ones)."""
@@ -203,6 +205,8 @@ class InceptionStats:
         self.feature_sum.add(x.sum(axis=0))
         self.outer_sum.add(x.T @ x)
         self.logits.append((start, z))
+        if self.keep_features:
+            self.features.append((start, x.astype(np.float32)))
         self.count += len(x)
 
     def add_images(self, extractor: FeatureExtractor, images: Tensor, start: Optional[int] = None) -> None:
@@ -214,7 +218,8 @@ class InceptionStats:
     @classmethod
     def merged(cls, parts: Iterable["InceptionStats"]) -> "InceptionStats":
         """One accumulator holding the samples of all ``parts`` (e.g. ``gather_objects`` of every rank's)."""
-        out = cls()
+        parts = list(parts)
+        out = cls(keep_features=bool(parts) and all(part.keep_features for part in parts))
         for part in parts:
             if part.count == 0:
                 continue
@@ -226,6 +231,7 @@ class InceptionStats:
             out.feature_sum.add(part.feature_sum.hi, part.feature_sum.lo)
             out.outer_sum.add(part.outer_sum.hi, part.outer_sum.lo)
             out.logits.extend(part.logits)
+            out.features.extend(part.features)
             out.count += part.count
         return out
 
@@ -247,14 +253,13 @@ class InceptionStats:
 
     def ordered_logits(self) -> np.ndarray:
         """(N, C) logits in sample order; the chunks must cover samples 0..N-1 exactly once."""
-        chunks = sorted(self.logits, key=lambda chunk: chunk[0])
-        expected = 0
-        for start, z in chunks:
-            if start != expected:
-                raise ImageNetMetricsError(f"logits of samples {expected}..{start - 1} are missing or added twice "
-                                           f"(chunk starting at sample {start})")
-            expected += len(z)
-        return np.concatenate([z for _, z in chunks])
+        return _in_sample_order(self.logits, "logits")
+
+    def ordered_features(self) -> np.ndarray:
+        """(N, D) float32 features in sample order (kept with ``keep_features``): per-sample values for resampling."""
+        if not self.keep_features:
+            raise ImageNetMetricsError("these statistics did not keep per-sample features (keep_features=False)")
+        return _in_sample_order(self.features, "features")
 
     def inception_score(self, splits: int = IS_SPLITS, shuffle_seed: Optional[int] = IS_SHUFFLE_SEED
                         ) -> tuple[float, float]:
@@ -284,6 +289,18 @@ class InceptionStats:
         return out
 
 
+def _in_sample_order(chunks: list[tuple[int, np.ndarray]], what: str) -> np.ndarray:
+    """The rows of (first sample index, rows) chunks in sample order; they must cover 0..N-1 exactly once."""
+    chunks = sorted(chunks, key=lambda chunk: chunk[0])
+    expected = 0
+    for start, z in chunks:
+        if start != expected:
+            raise ImageNetMetricsError(f"{what} of samples {expected}..{start - 1} are missing or added twice "
+                                       f"(chunk starting at sample {start})")
+        expected += len(z)
+    return np.concatenate([z for _, z in chunks])
+
+
 # --- the quality evaluator of VAE models (lazymar.runs seam) ---------------------------------------------
 class ImageNetQuality:
     """FID against ``reference`` and IS of a run's decoded images, through ``extractor``: the runs core's quality
@@ -304,7 +321,7 @@ class ImageNetQuality:
         reference = load_reference_stats(fid_stats)
         return cls(load_inception(device, weights_path), reference)
 
-    def stream(self) -> "_ImageNetStream":
+    def stream(self, labels: Optional[Sequence[int]] = None) -> "_ImageNetStream":
         return _ImageNetStream(self)
 
     def __call__(self, images: Tensor, labels: Sequence[int]) -> dict[str, float]:
@@ -314,11 +331,19 @@ class ImageNetQuality:
 
 
 class _ImageNetStream:
+    """This rank's :class:`InceptionStats` (per-sample features kept); ``merge`` joins every rank's (lazymar.runs)."""
+
     def __init__(self, quality: ImageNetQuality):
-        self.quality, self.stats = quality, InceptionStats()
+        self.quality, self.stats = quality, InceptionStats(keep_features=True)
 
     def add(self, images: Tensor, start: int) -> None:
         self.stats.add_images(self.quality.extractor, images, start=start)
+
+    def state(self) -> InceptionStats:
+        return self.stats
+
+    def merge(self, states: Sequence[InceptionStats]) -> None:
+        self.stats = InceptionStats.merged(states)
 
     def scores(self) -> dict[str, float]:
         return {k: v for k, v in self.stats.scores(self.quality.reference, splits=min(IS_SPLITS, self.stats.count)

@@ -57,9 +57,43 @@ def plan_run() -> dict:
             "inception_score": merged.inception_score(splits=2)}
 
 
+def runs_core() -> dict:
+    """The runs core scoring on every rank: the digits model's reference and lazymar run (accuracy, digits-FID,
+    PSNR, token MSE and their per-sample values), and a tiny latent MAR with a tiny VAE scored by ImageNetQuality
+    with the stand-in extractor (FID, IS, per-sample features); every rank returns the same numbers."""
+    import numpy as np
+    from lazymar import imagenet
+    from lazymar.cache.schedule import load_schedule
+    from lazymar.checkpoint import load_model
+    from lazymar.imagenet import ImageNetQuality
+    from lazymar.runs import Reference, sample_squared_errors
+    from builders import tiny_vae
+    out = {}
+    digits, settings = load_model("digits"), SamplingSettings(num_iter=4, cfg=3.0)
+    reference = Reference(digits, SamplePlan.balanced(10, 10, seed=5, batch_size=3), settings)
+    run, row = reference.measure(load_schedule("lazymar", 4, digits.config))
+    base = reference.row()
+    out["digits"] = {"row": {k: row[k] for k in ("psnr", "token_mse", "accuracy", "fid", "flops_ratio")},
+                     "base": {k: base[k] for k in ("accuracy", "fid", "psnr", "token_mse")},
+                     "errors": sample_squared_errors(run, reference.run),
+                     "per_sample": run.quality_stream.per_sample()}
+    latent, vae = plan_model(), tiny_vae(z_channels=16, ch_mult=(1, 2))
+    stats = ReferenceStats(np.random.default_rng(0).normal(size=64) * 0.1, np.eye(64) * 0.05, "test")
+    imagenet.use_imagenet_quality(ImageNetQuality(StandInExtractor(), stats))
+    reference = Reference(latent, PLAN, SETTINGS, vae=vae)
+    run, row = reference.measure(load_schedule("lazymar", SETTINGS.num_iter, latent.config))
+    imagenet.use_imagenet_quality(None)
+    out["imagenet"] = {"row": {k: row[k] for k in ("psnr", "token_mse", "fid", "inception_score")},
+                       "base": reference.quality(),
+                       "features": run.quality_stream.stats.ordered_features()}
+    everyone = distributed.gather_objects(repr(out["digits"]["row"]) + repr(out["imagenet"]["row"]), dst=None)
+    out["ranks_agree"] = len(set(everyone)) == 1
+    return out
+
+
 def main(out: str) -> None:
     with distributed.launched("cpu"):
-        result = {**gathers(), **plan_run()}
+        result = {**gathers(), **plan_run(), **runs_core()}
         if distributed.is_main():
             torch.save(result, out)
 

@@ -95,9 +95,11 @@ def test_reference_measures_psnr_streamed_as_on_kept_images(device, imagenet_qua
     run_k, row_k = kept.measure(schedule)
     assert run_s.images is None and run_k.images is not None
     assert torch.equal(run_s.tokens, run_k.tokens)
-    assert row_k["psnr"] == psnr(run_k.images, kept.images, data_range=2.0)
+    # per-sample float64 sums (equal for any number of ranks) against numpy's float32 mean over all of them
+    assert row_k["psnr"] == pytest.approx(psnr(run_k.images, kept.images, data_range=2.0), rel=1e-6)
     assert math.isclose(row_s["psnr"], row_k["psnr"], rel_tol=1e-6) and math.isfinite(row_s["psnr"])
-    assert row_s["token_mse"] == token_mse(run_s.tokens, streamed.tokens) > 0
+    assert row_s["token_mse"] == pytest.approx(token_mse(run_s.tokens, streamed.tokens), rel=1e-6)
+    assert row_s["token_mse"] > 0
     assert row_s["fid"] == pytest.approx(row_k["fid"], rel=1e-6)
     assert streamed.row()["psnr"] == math.inf and streamed.quality()["fid"] > 0
 

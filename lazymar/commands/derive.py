@@ -63,20 +63,31 @@ def _reference(args: argparse.Namespace, profile):
 
 
 def _measurer(reference, quiet: bool):
-    """reference.psnr, reporting each measurement on stderr (they take a while)."""
+    """reference.psnr, reporting each measurement on stderr (they take a while; rank 0 under torchrun)."""
     import sys
+    from .. import distributed
 
     def measure(schedule) -> float:
-        psnr = reference.psnr(schedule)
-        if not quiet:
+        psnr = reference.psnr(schedule)  # every rank measures its share and gets the merged PSNR: same search
+        if not quiet and distributed.is_main():
             print(f"  measured {schedule.name}: PSNR {psnr:.2f} dB", file=sys.stderr, flush=True)
         return psnr
     return measure
 
 
 def cmd_derive(args: argparse.Namespace) -> int:
-    derive = schedules
+    """Under torchrun the measured searches sample every candidate on all ranks (lazymar.runs: each rank its
+    share, the PSNR merged on every rank, so every rank takes the same path); rank 0 prints and writes."""
+    from .measuring import launched
     check_outputs(derive_outputs(args.out), args.force)
+    with launched(args):
+        return _derive(args)
+
+
+def _derive(args: argparse.Namespace) -> int:
+    from .. import distributed
+    derive = schedules
+    quiet = args.json or not distributed.is_main()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.target_flops_ratio is not None and args.min_psnr is not None:
@@ -96,16 +107,16 @@ def cmd_derive(args: argparse.Namespace) -> int:
                 derive.search_budget(profile, args.target_flops_ratio, None, grid=grid,  # impossible budget: fail now
                                      flops_batch_size=args.flops_batch_size)
                 reference = _reference(args, profile)
-                measure = _measurer(reference, args.json)
+                measure = _measurer(reference, quiet)
             result = derive.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
-                                          grid=grid, progress=not args.json, flops_batch_size=args.flops_batch_size)
+                                          grid=grid, progress=not quiet, flops_batch_size=args.flops_batch_size)
         else:
             mode = "fidelity"
             if args.no_measure:
                 raise ArgumentError("--min-psnr needs measured PSNR; drop --no-measure")
             reference = _reference(args, profile)
-            result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, args.json), grid=grid,
-                                            progress=not args.json, flops_batch_size=args.flops_batch_size)
+            result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, quiet), grid=grid,
+                                            progress=not quiet, flops_batch_size=args.flops_batch_size)
         derived, measured, considered = result.best, result.measured, result.considered
     else:
         derived = derive.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
@@ -135,6 +146,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
         best = [m for m in measured if m["name"] == derived.schedule.name]
         out["measured_psnr"] = best[0]["psnr"] if best else None
         out["measure_samples"], out["search_seed"] = args.measure_samples, args.seed
+    if not distributed.is_main():
+        return 0
     if args.out:
         path, report = write_derived(schedule, out, args.out)
         out["out"], out["report"] = str(path), str(report)

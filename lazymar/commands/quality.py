@@ -11,6 +11,15 @@ from .common import add_model_args, load_model_from_args, print_json, sampling_f
 
 
 def cmd_search_quality(args: argparse.Namespace) -> int:
+    """Under torchrun every candidate samples on all ranks (lazymar.runs: each rank decodes and scores its share,
+    the quality and PSNR merged on every rank, so every rank makes the same choices); rank 0 prints and writes."""
+    from .measuring import launched
+    with launched(args):
+        return _search_quality(args)
+
+
+def _search_quality(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..cache.schedule import load_schedule
     from ..runs import DEFAULT, Reference, SamplePlan
     from ..schedules import quality
@@ -25,12 +34,15 @@ def cmd_search_quality(args: argparse.Namespace) -> int:
     candidates = quality.with_head_policies(bases) + bases
     floor = load_schedule(args.floor, settings.num_iter, model.config)
     plan = SamplePlan.balanced(args.num_samples, model.config.class_num, args.seed, args.batch_size)
-    reference = Reference(model, plan, settings, evaluator=DEFAULT, progress=not args.json)
+    quiet = args.json or not distributed.is_main()
+    reference = Reference(model, plan, settings, evaluator=DEFAULT, progress=not quiet)
     objective = quality.QualityObjective(margin_psnr=args.margin_psnr, margin_accuracy=args.margin_accuracy,
                                          margin_fid=args.margin_fid, resamples=args.bootstrap,
                                          bootstrap_seed=args.bootstrap_seed)
     result = quality.quality_search(reference, floor, candidates, model.config, args.target_flops_ratio, objective,
-                                    max_measured=args.candidates, progress=not args.json)
+                                    max_measured=args.candidates, progress=not quiet)
+    if not distributed.is_main():
+        return 0 if result.best is not None else 1
     record = result.search_record(args.seed, args.num_samples, objective.describe(args.floor))
     out = {"search": record, "measured": result.measured,
            "best": result.best.name if result.best is not None else None}

@@ -8,7 +8,9 @@
   seconds); ``memory_ratio``: candidate / reference peak memory (None where not measured);
 - quality (accuracy, FID, ...): each run's own, from the model's quality evaluator (runs.images).
 
-Under torchrun the comparison is made on rank 0, which holds the gathered tokens; other ranks get None metrics.
+Under torchrun every rank compares its own samples of the two runs and the per-sample squared errors are gathered
+to every rank (:func:`sample_squared_errors`), so every rank gets the run's metrics, equal to one process's.
+PSNR and token MSE are sums of per-sample float64 sums taken in sample order, whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from ..errors import LazymarError
 from ..model import MAR
 from ..sampling import SamplingSettings
 from .execute import Run
-from .images import IMAGE_DATA_RANGE, ImageSpace, QualityEvaluator, decode_and_score, quality_evaluator
+from torch import Tensor
+
+from .images import IMAGE_DATA_RANGE, ImageSpace, QualityEvaluator, quality_evaluator, segment_chunks
 from .plan import SamplePlan
 
 DEFAULT = object()  # "the model's own quality evaluator"
@@ -34,35 +38,61 @@ class RunError(LazymarError):
 
 def fidelity(candidate: Run, reference: Run) -> dict:
     """The candidate's numbers relative to the reference (both sampled and finished, same plan)."""
-    from ..metrics import psnr, token_mse
     if candidate.plan != reference.plan:
         raise RunError("a candidate is compared with the reference of the same plan (labels, seed, batch size)")
     c, r = candidate.summary(), reference.summary()
-    tokens = candidate.tokens is not None and reference.tokens is not None  # False on ranks other than 0
-    if candidate.images is not None and reference.images is not None:
-        image_psnr = psnr(candidate.images, reference.images, data_range=IMAGE_DATA_RANGE)
-    else:
-        space = candidate.image_space or reference.image_space
-        image_psnr = streamed_psnr(space, candidate.tokens, reference.tokens,
-                                   (candidate.settings.precision, reference.settings.precision)) \
-            if tokens and space is not None and space.available else None
+    errors = sample_squared_errors(candidate, reference)
     return {"flops_ratio": r["flops"] / c["flops"] if c["flops"] else None,
             "wall_ratio": r["seconds"] / c["seconds"], "cpu_time_ratio": r["cpu_seconds"] / c["cpu_seconds"],
             "memory_ratio": (c["peak_memory_mb"] / r["peak_memory_mb"]
                              if c["peak_memory_mb"] and r["peak_memory_mb"] else None),
-            "psnr": image_psnr, "token_mse": token_mse(candidate.tokens, reference.tokens) if tokens else None}
+            "psnr": None if errors.get("images") is None else
+            psnr_of(float(errors["images"].sum()) / (len(errors["images"]) * errors["image_elements"])),
+            "token_mse": None if errors.get("tokens") is None else
+            float(errors["tokens"].sum()) / (len(errors["tokens"]) * errors["token_elements"])}
 
 
-def streamed_psnr(space: ImageSpace, tokens, reference_tokens, precisions: tuple[str, str] = ("fp32", "fp32")
-                  ) -> float:
-    """PSNR (data range 2) of the images of ``tokens`` against those of ``reference_tokens``, decoded chunk by
-    chunk (each under its run's precision); the squared errors summed in float64."""
-    total, count = 0.0, 0
-    for (_, a), (_, b) in zip(space.chunks(tokens, precisions[0]), space.chunks(reference_tokens, precisions[1])):
-        total += float(((a.double() - b.double()) ** 2).sum())
-        count += a.numel()
-    mse = total / count
+def psnr_of(mse: float) -> float:
+    """10 log10(IMAGE_DATA_RANGE^2 / mse); inf for equal images."""
     return math.inf if mse == 0.0 else 10.0 * math.log10(IMAGE_DATA_RANGE ** 2 / mse)
+
+
+def _sums(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample float64 sums of squared differences of two equally shaped (n, ...) tensors."""
+    return ((a.double() - b.double()) ** 2).flatten(1).sum(dim=1)
+
+
+def sample_squared_errors(candidate: Run, reference: Run) -> dict:
+    """Per-sample sums of squared differences (float64, in sample order, on every rank) of the candidate's tokens
+    against the reference's (``tokens``) and of their images (``images``; None without an image space), and the
+    number of elements per sample of each (``token_elements``, ``image_elements``). Each rank compares its own
+    samples (the images kept, or decoded again chunk by chunk) and the arrays are gathered to every rank."""
+    from .. import distributed
+    (tokens, segments), (ref_tokens, ref_segments) = candidate.mine(), reference.mine()
+    if tokens is None or ref_tokens is None:
+        return {}
+    if segments != ref_segments or tokens.shape != ref_tokens.shape:
+        raise RunError("the two runs hold different samples on this rank")
+    index = [start + i for start, count in segments for i in range(count)]
+    out = {"tokens": _sums(tokens, ref_tokens), "token_elements": math.prod(tokens.shape[1:]), "images": None}
+    elements = 0  # per image; 0 on a rank without samples (the others tell)
+    if candidate.images is not None and reference.images is not None:
+        out["images"], elements = _sums(candidate.images, reference.images), math.prod(candidate.images.shape[1:])
+    else:
+        space = candidate.image_space or reference.image_space
+        if space is not None and space.available:
+            parts = []
+            for (_, a), (_, b) in zip(segment_chunks(space, tokens, segments, candidate.settings.precision),
+                                      segment_chunks(space, ref_tokens, segments, reference.settings.precision)):
+                parts.append(_sums(a, b))
+                elements = math.prod(a.shape[1:])
+            out["images"] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    for key in ("tokens", "images"):
+        if out[key] is not None:
+            out[key] = distributed.gather_samples(out[key], index, dst=None).numpy()
+    if out["images"] is not None:
+        out["image_elements"] = max(distributed.gather_objects(elements, dst=None))
+    return out
 
 
 class Reference:
@@ -104,9 +134,8 @@ class Reference:
 
     def quality(self) -> dict:
         """The reference's own quality (scored on first use)."""
-        if not self._scored and self.evaluator is not None and self.run.tokens is not None:
-            self.run.quality = decode_and_score(self.image_space, self.run.tokens, self.plan.labels,
-                                                self.evaluator, self.run.settings.precision)[1]
+        if not self._scored and self.evaluator is not None:
+            self.run.score(self.evaluator)
         self._scored = True
         return dict(self.run.quality)
 

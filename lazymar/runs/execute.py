@@ -4,11 +4,14 @@ Batch k is generated with ``torch.Generator(device).manual_seed(batch.seed)`` (t
 when a schedule is given, its own fresh ``CacheEngine(schedule)``; the FLOPs ledgers of the batches are merged.
 ``rank``/``world_size`` pick this process's batches (round robin) so that a multi-process layer reuses it.
 
-Under torchrun (lazymar.distributed) a :class:`Run` generates this rank's share and gathers it: the tokens in
-sample order on rank 0 (the other ranks hold none, and decode, score and compare nothing), the FLOPs ledgers of
-all ranks merged. Timing: the ranks start together (barrier) and each times its own share, CUDA synchronised; a
-repetition's ``seconds`` is the slowest rank's (the wall time of the parallel run), ``cpu_seconds`` the sum over
-ranks (the CPU work), ``peak_memory_mb`` the largest rank's. One rank and N ranks give the same tokens.
+Under torchrun (lazymar.distributed) a :class:`Run` generates this rank's share and keeps it (``local_tokens``,
+the samples of ``segments``); each rank decodes and scores its own samples and the quality statistics are merged
+on every rank (runs.images.score_images), as are the fidelity metrics (runs.compare); the tokens themselves are
+gathered (in sample order, on rank 0) only for a run made with ``gather_tokens`` (a command that writes them).
+The FLOPs ledgers of all ranks are merged. Timing: the ranks start together (barrier) and each times its own
+share, CUDA synchronised; a repetition's ``seconds`` is the slowest rank's (the wall time of the parallel run),
+``cpu_seconds`` the sum over ranks (the CPU work), ``peak_memory_mb`` the largest rank's. One rank and N ranks
+give the same tokens and the same metrics.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from ..cache.flops import FlopsLedger
 from ..cache.schedule import CacheSchedule
 from ..model import MAR
 from ..sampling import SamplingSettings, generate
-from .images import ImageSpace, QualityEvaluator, decode_and_score
+from .images import ImageSpace, QualityEvaluator, score_images
 from .memory import PeakMemory
 from .plan import SamplePlan
 
@@ -51,9 +54,11 @@ def generate_tokens(model: MAR, plan: SamplePlan, settings: SamplingSettings,
 
 @dataclass
 class Run:
-    """A plan sampled under a schedule: its tokens (CPU; rank 0 only under torchrun), the FLOPs of all batches, the
-    wall and process CPU seconds and peak memory (MiB) of every timed repetition, and, once :meth:`finish` ran, its
-    images (when the image space keeps them) and quality."""
+    """A plan sampled under a schedule: its tokens (CPU; under torchrun only on rank 0 and with ``gather_tokens``)
+    and this rank's (``local_tokens``, the samples of ``segments``: all of them on one process), the FLOPs of all
+    batches, the wall and process CPU seconds and peak memory (MiB) of every timed repetition, and, once
+    :meth:`finish` ran, its images (this rank's, when the image space keeps them), its quality (the whole run's,
+    on every rank) and the evaluator's merged stream (``quality_stream``: per-sample values)."""
 
     name: str
     plan: SamplePlan
@@ -70,6 +75,18 @@ class Run:
     quality: dict = field(default_factory=dict)
     image_space: Optional[ImageSpace] = None
     world_size: int = 1
+    gather_tokens: bool = False
+    local_tokens: Optional[Tensor] = None
+    segments: list[tuple[int, int]] = field(default_factory=list)  # (first sample, count) of local_tokens' rows
+    quality_stream: Optional[object] = None
+
+    def mine(self) -> tuple[Optional[Tensor], list[tuple[int, int]]]:
+        """This rank's tokens and their segments: ``local_tokens``, or for a run made from tokens, all of them."""
+        if self.local_tokens is not None:
+            return self.local_tokens, self.segments
+        if self.tokens is not None:
+            return self.tokens, [(0, len(self.tokens))]
+        return None, []
 
     def repeat(self, model: MAR, cpu_baseline_mb: Optional[float] = None, progress: bool = False,
                timed: bool = True) -> "Run":
@@ -86,15 +103,20 @@ class Run:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        index = [i for batch in self.plan.batches(rank, self.world_size) for i in range(batch.start, batch.stop)]
-        tokens = distributed.gather_samples(tokens.detach(), index)  # None on ranks other than 0
-        parts = distributed.gather_objects((ledger, seconds, cpu_seconds, memory.peak_mb), dst=None)
-        tokens = None if tokens is None else tokens.cpu()
+        segments = [(batch.start, batch.stop - batch.start) for batch in self.plan.batches(rank, self.world_size)]
+        tokens = tokens.detach().cpu()
+        identical = self.repetitions == 0 or torch.equal(self.local_tokens, tokens)
+        parts = distributed.gather_objects((ledger, seconds, cpu_seconds, memory.peak_mb, identical), dst=None)
         if self.repetitions == 0:
-            self.tokens, self.flops = tokens, FlopsLedger()
+            self.local_tokens, self.segments, self.flops = tokens, segments, FlopsLedger()
+            if not distributed.active():
+                self.tokens = tokens
+            elif self.gather_tokens:  # None on ranks other than 0
+                index = [start + i for start, count in segments for i in range(count)]
+                self.tokens = distributed.gather_samples(tokens, index)
             for part in parts:
                 self.flops = self.flops.merge(part[0])
-        elif tokens is not None and not torch.equal(self.tokens, tokens):
+        elif not all(part[4] for part in parts):
             self.repeats_identical = False
         self.repetitions += 1
         if timed:
@@ -106,16 +128,21 @@ class Run:
         return self
 
     def finish(self, images: ImageSpace, evaluator: Optional[QualityEvaluator] = None) -> "Run":
-        """Decode the images and score them with ``evaluator`` (if any), streamed (runs.images.decode_and_score);
-        the images are kept when ``images.keep``. Nothing to do on ranks other than 0 under torchrun."""
+        """Decode this rank's images and score them with ``evaluator`` (if any), streamed and merged over the
+        ranks (runs.images.score_images); the images are kept when ``images.keep``."""
         if not self.repetitions:
             raise RuntimeError(f"run {self.name!r} has not been sampled yet")
         self.image_space = images
-        if self.tokens is not None:
-            self.images, quality = decode_and_score(images, self.tokens, self.plan.labels, evaluator,
-                                                    self.settings.precision)
-            self.quality = quality if evaluator is not None else self.quality
+        self.score(evaluator)
         return self
+
+    def score(self, evaluator: Optional[QualityEvaluator]) -> dict:
+        """Decode (images kept when the image space keeps them) and score; the run's quality, on every rank."""
+        tokens, segments = self.mine()
+        self.images, quality, self.quality_stream = score_images(self.image_space, tokens, self.plan.labels,
+                                                                 evaluator, segments, self.settings.precision)
+        self.quality = quality if evaluator is not None else self.quality
+        return self.quality
 
     @property
     def median_seconds(self) -> float:
