@@ -70,3 +70,17 @@ def test_sample_on_two_ranks_writes_the_same_grid_as_one_process(tmp_path):
         assert (result["world_size"], result["num_samples"]) == (ranks, 6)
         grids.append(matplotlib.image.imread(out))
     np.testing.assert_array_equal(grids[0], grids[1])
+
+
+def test_measured_derive_on_two_ranks_takes_the_same_path(tiny_recording, tmp_path):
+    """Every rank measures its share of each candidate and gets the merged PSNR, so the ranks search alike and
+    rank 0 writes the schedule one process writes."""
+    outs = [tmp_path / f"derived{ranks}.json" for ranks in (1, 2)]
+    results = [json_of(lazymar(["derive", "--model", "digits", "--stats", str(tiny_recording), "--num-iter", "4",
+                                "--target-flops-ratio", "1.5", "--measure-samples", "6", "--batch-size", "3",
+                                "--candidates", "1", "--out", str(out), "--json"], ranks))
+               for ranks, out in zip((1, 2), outs)]
+    one, two = results
+    assert one["name"] == two["name"] and len(one["measured"]) >= 2
+    assert [(m["name"], m["psnr"]) for m in one["measured"]] == [(m["name"], m["psnr"]) for m in two["measured"]]
+    assert json.loads(outs[0].read_text()) == json.loads(outs[1].read_text())

@@ -61,6 +61,8 @@ class ImageSpace:
             return None
         if self.vae is None:
             return self.model.unpatchify(tokens).detach().cpu().float()
+        if len(tokens) == 0:  # e.g. a rank without batches
+            return torch.zeros(0, *self.shape())
         return torch.cat([images for _, images in self.chunks(tokens, precision)])
 
     @torch.no_grad()
