@@ -1,10 +1,10 @@
 """The torchrun layer: one process or N ranks, the same code path.
 
-Under ``torchrun --nproc_per_node N`` each rank generates its share of a run's batches
-(``SamplePlan.batches(rank(), world_size())``), the results are gathered in sample order on rank 0
-(:func:`gather_samples`, :func:`gather_objects`) and rank 0 prints and writes. Outside torchrun every function is a
-no-op that behaves as a world of one: ``rank() == 0``, ``gather_tensors(x) == x``. Communication uses NCCL when
-this rank computes on CUDA and gloo on the CPU::
+Under ``torchrun --nproc_per_node N`` each rank generates, decodes and scores its share of a run's batches
+(``SamplePlan.batches(rank(), world_size())``); small results (statistics, per-sample values) are gathered in sample
+order on rank 0 or on every rank (:func:`gather_samples`, :func:`gather_objects`) and rank 0 prints and writes.
+Outside torchrun every function is a no-op that behaves as a world of one: ``rank() == 0``,
+``gather_tensors(x) == x``. Communication uses NCCL when this rank computes on CUDA and gloo on the CPU::
 
     with distributed.launched(args.device) as device:   # init() ... shutdown()
         ...

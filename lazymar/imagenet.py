@@ -12,14 +12,16 @@ images (:func:`to_uint8`) go straight to the same extractor, batch by batch and 
     stats = InceptionStats()
     for batch in plan.batches(rank, world_size):        # images in [-1, 1] (lazymar.vae.tokens_to_images)
         stats.add_images(extractor, images, start=batch.start)
-    stats = InceptionStats.merged(gather_objects(stats))  # on rank 0: one accumulator for the whole run
+    stats = InceptionStats.merged(gather_objects(stats, dst=None))  # every rank: one accumulator for the run
     stats.scores(reference)                             # {'fid', 'inception_score', 'inception_score_std', ...}
 
 Memory. FID keeps float64 sums of the features and of their outer products (2048 x 2048), each carried with its
 round-off (double-double), so that the order in which batches and ranks are added does not change the result: one
 process and N ranks give the same FID. IS keeps every sample's float32 logits (N x 1008, 200 MB at 50k) with its
 sample index: torch-fidelity shuffles the samples before cutting the splits, so running per-split sums in arrival
-order could not reproduce its number.
+order could not reproduce its number. The runs core's stream also keeps each sample's float32 features
+(``keep_features``: 8 kB per sample, 400 MB at 50k) for resampling; under torchrun the statistics of all ranks are
+merged on every rank.
 """
 from __future__ import annotations
 

@@ -74,3 +74,11 @@ def test_commands_run_on_cuda(device, tmp_path, capsys):
                  "--no-progress"]) == 0
     assert main(["sweep", *small, "--no-defaults", "--schedule", "lazymar", "--num-samples", "4", "--batch-size",
                  "4", "--json"]) == 0
+
+
+def test_eval_help_names_what_it_reports_for_each_model_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "accuracy and digits-FID for the embedded digits models" in text
+    assert "FID and Inception Score for ImageNet (VAE) models" in text

@@ -5,7 +5,8 @@ head steps) reads nothing back from its tensors.
 On a GPU every such read (``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``, ``.cpu()``, ``nonzero``, a boolean
 index) waits for the device. Here, without one, an observer arms a guard at the first step and disarms it after
 the last: a torch dispatch mode that rejects the ATen operations behind those reads (``_local_scalar_dense``,
-``nonzero``, indexing with boolean masks, ``masked_select``) and patched ``Tensor.tolist/numpy/cpu``.
+``nonzero``, indexing with boolean masks, ``masked_select``) and patched ``Tensor.tolist/numpy/cpu``. On a machine
+with a GPU, torch's sync debug mode is armed over the same window as well.
 """
 from __future__ import annotations
 
@@ -129,3 +130,32 @@ def test_no_host_reads_with_other_selection_rules_and_gtr(digits, monkeypatch, r
     schedule = replace(load_schedule("lazymar", settings.num_iter, digits.config), selection=rule)
     expected = generate(digits, [1, 4, 7], settings, seed=3, runner=CacheEngine(schedule))
     assert torch.equal(guarded_generate(digits, settings, CacheEngine(schedule), monkeypatch), expected)
+
+
+class CudaSyncGuard(StepObserver):
+    """On a GPU: torch's own sync debug mode, set to raise between the first step's start and the last step's end."""
+
+    def on_step_start(self, ctx) -> None:
+        if ctx.step == 0:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_step_end(self, ctx) -> None:
+        if ctx.step == ctx.num_iter - 1:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("schedule", ["plain", "lazymar"])
+def test_no_synchronising_cuda_call_in_the_step_loop(digits, schedule):
+    model = load_model("digits", device="cuda")
+    settings = SamplingSettings(num_iter=6, cfg=3.0)
+    runner_of = (lambda: None) if schedule == "plain" else \
+        (lambda: CacheEngine(load_schedule(schedule, settings.num_iter, model.config)))  # noqa: E731
+    generator = lambda: torch.Generator("cuda").manual_seed(3)  # noqa: E731
+    expected = generate(model, [1, 4, 7], settings, seed=generator(), runner=runner_of())  # warm: tables on the GPU
+    try:
+        with observe_steps(CudaSyncGuard()):
+            tokens = generate(model, [1, 4, 7], settings, seed=generator(), runner=runner_of())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(tokens, expected)

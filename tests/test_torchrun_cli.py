@@ -84,3 +84,17 @@ def test_measured_derive_on_two_ranks_takes_the_same_path(tiny_recording, tmp_pa
     assert one["name"] == two["name"] and len(one["measured"]) >= 2
     assert [(m["name"], m["psnr"]) for m in one["measured"]] == [(m["name"], m["psnr"]) for m in two["measured"]]
     assert json.loads(outs[0].read_text()) == json.loads(outs[1].read_text())
+
+
+def test_bench_on_two_ranks_equals_one_process():
+    """Each rank compares its own samples of the two runs; the merged fidelity and quality equal one process's."""
+    args = ["bench", "--model", "digits", "--schedule", "lazymar", "--num-samples", "10", "--batch-size", "5",
+            "--num-iter", "4", "--repeats", "1", "--seed", "2", "--json"]
+    one, two = json_of(lazymar(args, 1)), json_of(lazymar(args, 2))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for key in ("flops_ratio", "psnr", "token_mse"):
+        assert one[key] == two[key], key
+    for run in ("baseline", "cached"):
+        for key in ("flops", "accuracy", "fid", "repeats_identical"):
+            assert one[run][key] == two[run][key], (run, key)
+    assert one["token_mse"] > 0 and one["flops_ratio"] > 1
