@@ -18,6 +18,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, check_state_dict, read_checkpoint
 from .download import resolve as resolve_download
 from .model import MAR
+from .precision import autocast
 
 # MAR scales the VAE's latents by this factor for training; tokens are divided by it before decoding.
 LATENT_SCALE = 0.2325
@@ -294,7 +295,6 @@ def tokens_to_images(model: MAR, tokens: Tensor, vae: Optional[AutoencoderKL] = 
     latents = model.unpatchify(tokens)
     if vae is None:
         return latents
-    from .precision import autocast
     weight = next(vae.parameters())
     with autocast(precision, weight.device):
         return vae.decode(latents.to(weight.device, weight.dtype) / LATENT_SCALE)
