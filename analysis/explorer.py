@@ -140,7 +140,7 @@ class ScheduleExplorer:
         self.status.add_class(STATUS_CLASS)
         self.results = widgets.HTML()
         self.results.add_class(RESULTS_CLASS)
-        self.samples = widgets.Image(format="png", layout=widgets.Layout(display="none", width="auto",
+        self.samples = widgets.Image(format="png", layout=widgets.Layout(display="none", align_self="flex-start",
                                                                           max_width="100%"))
         self.samples.add_class(SAMPLES_CLASS)
         # figures: PNG images, drawn without pyplot
