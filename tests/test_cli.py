@@ -80,3 +80,18 @@ def test_bench_of_a_latent_model_without_vae_compares_tokens(capsys):
     assert code == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     assert result["psnr"] is None and result["token_mse"] >= 0 and result["flops_ratio"] > 1
+
+
+def test_eval_pools_seeds_with_intervals(capsys):
+    """--seeds: each seed's scores under per_seed, the pooled accuracy their mean (equal sample counts), 95 %
+    intervals around the pooled numbers."""
+    common = ["--num-samples", "6", "--batch-size", "6", "--num-iter", "2", "--bootstrap", "200", "--json"]
+    assert main(["eval", "--seeds", "5", "6", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seeds"] == [5, 6] and result["num_samples"] == 12 and set(result["per_seed"]) == {"5", "6"}
+    per_seed = [result["per_seed"][s]["accuracy"] for s in ("5", "6")]
+    assert result["accuracy"] == pytest.approx(sum(per_seed) / 2)
+    for key in ("accuracy", "fid"):
+        assert result[f"{key}_ci_low"] <= result[key] <= result[f"{key}_ci_high"]
+    assert main(["eval", "--seed", "6", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == result["per_seed"]["6"]["accuracy"]

@@ -16,7 +16,7 @@ from analysis import measure, phenomena, plots, redundancy_plots  # noqa: E402
 from analysis.phenomena import AnalysisError  # noqa: E402
 from lazymar import MAR, get_config  # noqa: E402
 from lazymar.cache.flops import estimate_generation_flops  # noqa: E402
-from lazymar.cache.schedule import LAZYMAR_REFRESH, lazymar_schedule, none_schedule  # noqa: E402
+from lazymar.cache.schedule import LAZYMAR_REFRESH, exact_schedule, lazymar_schedule, none_schedule  # noqa: E402
 from lazymar.recording import STATUS_CODES  # noqa: E402
 from lazymar.recording.dataset import make_dataset  # noqa: E402
 from lazymar.sampling import SamplingSettings, generate  # noqa: E402
@@ -236,13 +236,13 @@ def test_capture_step_features_matches_the_sampler(tiny):
 def test_measure_schedules_against_the_flops_estimate(tiny):
     settings = SamplingSettings(num_iter=8, cfg=2.0)
     labels = [0, 1, 2]
-    schedules = {"exact copy": none_schedule(8), "lazymar": lazymar_schedule(8, tiny.config)}
+    schedules = {"exact copy": exact_schedule(8), "lazymar": lazymar_schedule(8, tiny.config)}  # the reference's
     result = measure.measure_schedules(tiny, schedules, labels, settings, seed=1)
     table = result.table
     assert list(table.index) == ["none", "exact copy", "lazymar"]
     assert table.loc["none", "flops_ratio"] == 1.0 and table["psnr"].isna().all()  # latent tokens, no VAE: no images
     assert table.loc["exact copy", "token_mse"] == 0.0 < table.loc["lazymar", "token_mse"]
-    predicted = (estimate_generation_flops(tiny.config, none_schedule(8), batch_size=3).total
+    predicted = (estimate_generation_flops(tiny.config, exact_schedule(8), batch_size=3).total
                  / estimate_generation_flops(tiny.config, lazymar_schedule(8, tiny.config), batch_size=3).total)
     assert table.loc["lazymar", "flops_ratio"] == pytest.approx(predicted)
     assert np.isnan(table.loc["lazymar", "accuracy"])  # not the digits model
