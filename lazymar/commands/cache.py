@@ -83,7 +83,8 @@ def _bench(args: argparse.Namespace) -> int:
                                                       f"token MSE {result['token_mse']:.3g} (no images: no VAE)"))
         for name in ("baseline", "cached"):
             r = result[name]
-            quality = ", ".join(f"{k} {r[k]:.4g}" for k in ("accuracy", "fid", "inception_score")
+            quality = ", ".join(f"{k} {r[k]:.4g}" for k in ("accuracy", "fid", "inception_score", "fid32",
+                                                                     "roughness", "roughness_real")
                                 if r.get(k) is not None)
             print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB" + (f", {quality}" if quality else ""))
     return 0
