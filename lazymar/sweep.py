@@ -86,10 +86,16 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def front_markdown(df: pd.DataFrame, columns: Sequence[str] = ("name", "family", "flops_ratio", "wall_ratio",
-                                                               "psnr", "accuracy", "fid")) -> str:
+NATIVE_QUALITY = ("fid32", "roughness", "roughness_real")  # quality at the model's own resolution, where measured
+
+
+def front_markdown(df: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> str:
     """Rows as a markdown table (numbers rounded; ``value [low, high]`` where the table has the column's
-    ``_ci_low``/``_ci_high``: the 95 % interval)."""
+    ``_ci_low``/``_ci_high``: the 95 % interval). Default columns: name, family, FLOPs and wall ratios, PSNR,
+    accuracy, FID, and those of :data:`NATIVE_QUALITY` the table has."""
+    if columns is None:
+        columns = ["name", "family", "flops_ratio", "wall_ratio", "psnr", "accuracy", "fid",
+                   *[c for c in NATIVE_QUALITY if c in df.columns]]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
         cells = []
@@ -98,9 +104,10 @@ def front_markdown(df: pd.DataFrame, columns: Sequence[str] = ("name", "family",
             if f"{c}_ci_low" in row.index and isinstance(v, (float, np.floating)) and not np.isnan(v):
                 from .runs.intervals import cell
                 cells.append(cell(float(v), row[f"{c}_ci_low"], row[f"{c}_ci_high"],
-                                  3 if c in ("accuracy", "token_mse") else 2))
+                                  3 if c in ("accuracy", "token_mse", "roughness", "roughness_real") else 2))
             elif isinstance(v, (float, np.floating)):
-                cells.append("inf" if math.isinf(v) else f"{v:.3f}" if c in ("accuracy", "token_mse") else f"{v:.2f}")
+                cells.append("inf" if math.isinf(v) else f"{v:.3f}" if c in ("accuracy", "token_mse", "roughness",
+                                                                            "roughness_real") else f"{v:.2f}")
             else:
                 cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")

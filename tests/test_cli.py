@@ -65,6 +65,7 @@ def test_eval_and_the_bench_baseline_see_the_same_samples(capsys):
     result = json.loads(capsys.readouterr().out)
     baseline = result["baseline"]
     assert (baseline["accuracy"], baseline["fid"]) == (evaluated["accuracy"], evaluated["fid"])
+    assert (baseline["roughness"], baseline["roughness_real"]) == (evaluated["roughness"], evaluated["roughness_real"])
     # CPU memory comes from one more, untimed repetition per run: one timing each, tokens still identical
     for run in (baseline, result["cached"]):
         assert len(run["seconds_all"]) == 1 and run["repeats_identical"]

@@ -124,3 +124,16 @@ def test_native_quality_and_the_evaluator_at_both_resolutions():
     assert scores["fid32"] == native["fid32"] and scores["roughness"] == native["roughness"]
     noisy = evaluator16(_uniform_noise(big, 0.2), labels)
     assert noisy["fid32"] > 5 * scores["fid32"] and noisy["roughness"] > 1.5 * scores["roughness"]
+
+
+def test_sweep_tables_show_the_native_quality_where_measured():
+    import pandas as pd
+    from lazymar.sweep import front_markdown
+    row = {"name": "lazymar", "family": "lazymar", "flops_ratio": 2.6, "wall_ratio": 2.0, "psnr": 30.0,
+           "accuracy": 0.97, "fid": 2.5}
+    plain = front_markdown(pd.DataFrame([row])).splitlines()
+    assert plain[0] == "| name | family | flops_ratio | wall_ratio | psnr | accuracy | fid |"
+    native = front_markdown(pd.DataFrame([{**row, "fid32": 4.0, "roughness": 0.1234, "roughness_real": 0.0958}]))
+    head, _, body = native.splitlines()
+    assert head.endswith("| fid | fid32 | roughness | roughness_real |")
+    assert body.endswith("| 2.50 | 4.00 | 0.123 | 0.096 |")

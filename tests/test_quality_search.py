@@ -136,3 +136,21 @@ def test_cli_refuses_an_evaluation_seed_in_one_line(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "evaluation seed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_reports_the_native_quality_beside_the_objective():
+    """fid32 and roughness (digits16) pass through to the measured rows, the record and the report table."""
+    from lazymar.commands.quality import _report
+    native = {"fid32": 4.0, "roughness": 0.12, "roughness_real": 0.096}
+    base = load_schedule("data/schedules/digits_3.5x.json", 64, CONFIG)
+    rows = {"lazymar": {**FLOOR, **native}, base.name: {**FLOOR, **native, "flops_ratio": 3.6, "fid32": 5.0}}
+    result = quality_search(FakeReference(rows), load_schedule("lazymar", 64, CONFIG), [base], CONFIG, 3.5)
+    assert result.measured[0]["fid32"] == 5.0 and result.floor["roughness"] == 0.12
+    assert result.search_record(101, 200, "o")["floor"]["fid32"] == 4.0
+    args = types.SimpleNamespace(seed=101, num_samples=200, batch_size=100, base=[base.name], floor="lazymar",
+                                 target_flops_ratio=3.5)
+    table = [line for line in _report(result.best.with_changes(search={"objective": "o", "seeds": [101]}),
+                                      result, args).splitlines() if line.startswith("|")]
+    assert "| fid32 | roughness | roughness_real | feasible |" in table[0]
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "| 5.00 | 0.120 | 0.096 | True |" in table[-1]

@@ -103,7 +103,8 @@ def _bench(args: argparse.Namespace) -> int:
         for name in ("baseline", "cached"):
             r = result[name]
             quality = ", ".join(f"{k} {cell(r[k], r.get(k + '_ci_low'), r.get(k + '_ci_high'), 4 if k == 'accuracy' else 3)}"
-                                for k in ("accuracy", "fid", "inception_score") if r.get(k) is not None)
+                                for k in ("accuracy", "fid", "inception_score", "fid32", "roughness", "roughness_real")
+                                if r.get(k) is not None)
             print(f"  {name:8s} peak memory {r['peak_memory_mb']} MiB" + (f", {quality}" if quality else ""))
         verdicts = [f"{k} {cell(result[f'd_{k}'], result[f'd_{k}_ci_low'], result[f'd_{k}_ci_high'], 4 if k == 'accuracy' else 3)}"
                     f" ({result[f'verdict_{k}']})" for k in ("accuracy", "fid") if f"verdict_{k}" in result]

@@ -58,7 +58,13 @@ def _search_quality(args: argparse.Namespace) -> int:
     return 0 if result.best is not None else 1
 
 
+def _native_cells(row: dict, keys) -> list[str]:
+    return [f"{row[k]:.3f} | " if k.startswith("roughness") else f"{row[k]:.2f} | " for k in keys]
+
+
 def _report(schedule, result, args) -> str:
+    from ..schedules.quality import NATIVE_QUALITY
+    native = [k for k in NATIVE_QUALITY if k in result.floor]
     lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
              f"Searched by `lazymar search-quality` on calibration seed {args.seed} ({args.num_samples} samples, "
              f"batch {args.batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
@@ -66,12 +72,13 @@ def _report(schedule, result, args) -> str:
              f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
              f"- every seed that shaped it: {schedule.search['seeds']}"
              + (" (with its base's own search)" if "base_search" in schedule.search else ""), "",
-             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | d_psnr [95% CI] | "
-             "d_accuracy [95% CI] | d_fid [95% CI] | verdict | feasible |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | "
+             + "".join(f"{k} | " for k in native) + "d_psnr [95% CI] | d_accuracy [95% CI] | d_fid [95% CI] | "
+             "verdict | feasible |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(native) + "---|---|---|---|---|",
              f"| {result.floor['name']} (floor) | | {result.floor['flops_ratio']:.2f} | "
              f"{result.floor['wall_ratio']:.2f} | {result.floor['psnr']:.2f} | {result.floor['accuracy']:.3f} | "
-             f"{result.floor['fid']:.2f} | | | | | |"]
+             f"{result.floor['fid']:.2f} | " + "".join(_native_cells(result.floor, native)) + " | | | | |"]
     from ..runs.intervals import cell
     for r in result.measured:
         diffs = " | ".join(cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"),
@@ -79,7 +86,7 @@ def _report(schedule, result, args) -> str:
                            for m in ("psnr", "accuracy", "fid"))
         lines.append(f"| {r['name']} | {r['predicted_flops_ratio']:.2f} | {r['flops_ratio']:.2f} | "
                      f"{r['wall_ratio']:.2f} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fid']:.2f} | "
-                     f"{diffs} | {r.get('verdict', '')} | {r['feasible']} |")
+                     + "".join(_native_cells(r, native)) + f"{diffs} | {r.get('verdict', '')} | {r['feasible']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,9 +114,13 @@ class QualitySearchResult:
         return record
 
 
+NATIVE_QUALITY = ("fid32", "roughness", "roughness_real")  # reported where the evaluator measures them
+
+
 def _numbers(row: dict) -> dict:
     return {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
-            for k in ("name", "flops_ratio", "wall_ratio", "psnr", "accuracy", "fid")}
+            for k in ("name", "flops_ratio", "wall_ratio", "psnr", "accuracy", "fid",
+                      *[k for k in NATIVE_QUALITY if k in row])}
 
 
 def quality_search(reference, floor_schedule: CacheSchedule, candidates: Sequence[CacheSchedule],
@@ -145,7 +149,8 @@ def quality_search(reference, floor_schedule: CacheSchedule, candidates: Sequenc
         run, result = reference.measure(schedule, name=schedule.name)
         arrays = run if isinstance(run, dict) else intervals.sample_arrays(run, reference.run, reference.evaluator)
         return ({"name": schedule.name, **{k: float(result[k]) for k in
-                                           ("flops_ratio", "wall_ratio", "psnr", "accuracy", "fid")}}, arrays)
+                                           ("flops_ratio", "wall_ratio", "psnr", "accuracy", "fid")},
+                 **{k: float(result[k]) for k in NATIVE_QUALITY if result.get(k) is not None}}, arrays)
 
     floor, floor_arrays = measure(floor_schedule)
     result = QualitySearchResult(best=None, floor=floor, considered=len(candidates))
