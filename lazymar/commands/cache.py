@@ -74,9 +74,8 @@ def _bench(args: argparse.Namespace) -> int:
         per_seed[run_seed] = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
                                        cpu_memory=torch.device(args.device).type == "cpu",
                                        progress=distributed.is_main(), runs_out=runs)  # stderr; stdout: the JSON
-        if distributed.is_main():
-            arrays[run_seed] = {name: intervals.sample_arrays(run, runs["baseline"], evaluator)
-                                for name, run in runs.items()}
+        arrays[run_seed] = {name: intervals.sample_arrays(run, runs["baseline"], evaluator)
+                            for name, run in runs.items()}  # collective: every rank
     if not distributed.is_main():
         return 0
     result = intervals.pooled_bench(per_seed, arrays, intervals.IntervalOptions.from_args(args), evaluator)

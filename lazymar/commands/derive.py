@@ -315,9 +315,8 @@ def _sweep(args: argparse.Namespace) -> int:
         runs: dict = {}
         per_seed[run_seed] = sweep.run_sweep(reference, points, quality=not args.no_quality,
                                              progress=not args.json and distributed.is_main(), runs=runs)
-        if distributed.is_main():
-            arrays[run_seed] = {name: intervals.sample_arrays(run, reference.run, reference.evaluator)
-                                for name, run in runs.items()}
+        arrays[run_seed] = {name: intervals.sample_arrays(run, reference.run, reference.evaluator)
+                            for name, run in runs.items()}  # collective: every rank
     if not distributed.is_main():
         return 0
     df = intervals.annotate_table(per_seed, arrays, options, reference.evaluator,

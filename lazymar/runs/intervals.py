@@ -87,33 +87,27 @@ def real_statistics(evaluator) -> Optional[stats.RealStatistics]:
 
 
 def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
-    """Per-sample arrays of a finished ``run``: ``sq_err`` against ``reference``'s images (None without images),
-    and, with the digits evaluator, ``correct`` and ``features``. ImageNet runs: ``sq_err`` only (their
-    per-sample Inception features are not kept)."""
+    """Per-sample arrays of a finished ``run``, in sample order and on every rank: ``sq_err`` (mean squared image
+    error per sample) against ``reference`` (None without images) and, with the digits evaluator, ``correct`` and
+    ``features``. Under torchrun each rank contributes its own samples (runs.compare.sample_squared_errors, the
+    evaluator's merged stream), as one process computes them: a collective call, made on every rank. ImageNet runs:
+    ``sq_err`` only."""
+    from .compare import sample_squared_errors
     out: dict = {"sq_err": None, "correct": None, "features": None}
-    images = _images(run)
-    if images is None:
-        return out
-    ref = images if reference is run else (_images(reference) if reference is not None else None)
-    if ref is not None:
-        out["sq_err"] = ((images.double() - ref.double()) ** 2).flatten(1).mean(1).numpy()
+    if reference is not None:
+        errors = sample_squared_errors(run, reference)
+        if errors.get("images") is not None:
+            out["sq_err"] = errors["images"] / errors["image_elements"]
     if isinstance(evaluator, DigitsQuality):
-        from ..digits import to_8x8
-        from ..metrics import _classifier_input, load_classifier
-        x = _classifier_input(to_8x8(images))
-        classifier = load_classifier()
-        out["correct"] = (classifier.predict(x) == np.asarray(run.plan.labels)).astype(np.float64)
-        out["features"] = classifier.hidden(x)
+        stream = getattr(run, "quality_stream", None)
+        if stream is None or not hasattr(stream, "per_sample"):  # not scored yet: score this run's samples now
+            run.score(evaluator)
+            stream = run.quality_stream
+        if stream is not None:
+            per_sample = stream.per_sample()
+            out["correct"] = np.asarray(per_sample["correct"], dtype=np.float64)
+            out["features"] = per_sample["features"]
     return out
-
-
-def _images(run: Run):
-    if run.images is not None:
-        return run.images
-    space = run.image_space
-    if run.tokens is None or space is None or not space.available:
-        return None
-    return space(run.tokens)
 
 
 def pool(per_seed: Sequence[dict[str, dict]]) -> tuple[dict[str, dict], np.ndarray]:
