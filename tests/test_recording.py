@@ -115,6 +115,13 @@ def expected_statistics(model: MAR, cap: Capture, B: int) -> dict[str, np.ndarra
     L = E + len(model.decoder_blocks) + 1
     token = np.full((B, S, L, 3, P), np.nan)
     cfg = np.full((B, S, L, 4, P), np.nan)
+    norm = np.full((B, S, L, P), np.nan)
+    for s in range(S):  # the output norm of every step, step 0 included
+        for layer in range(L):
+            now = _by_position(model, cap.steps[s], layer, "z" if layer == L - 1 else "output", B)
+            for b in range(B):
+                for p, h in now[0][b].items():
+                    norm[b, s, layer, p] = np.linalg.norm(h.ravel())
     for s in range(1, S):
         for layer in range(L):
             for kind, what in enumerate(("output", "k", "v")):
@@ -131,7 +138,7 @@ def expected_statistics(model: MAR, cap: Capture, B: int) -> dict[str, np.ndarra
                             c, u, pc, pu = (d[b][p].ravel() for d in (now[0], now[1], before[0], before[1]))
                             cfg[b, s, layer, :, p] = [_cos(c - u, pc - pu), _rel(c - u, pc - pu), _rel(c, pc),
                                                       _rel(u, pu)]
-    return {"token_cosine": token, "cfg": cfg}
+    return {"token_cosine": token, "cfg": cfg, "token_norm": norm}
 
 
 def expected_head(model: MAR, cap: Capture, B: int) -> np.ndarray:
@@ -184,6 +191,8 @@ def test_statistics_equal_a_direct_computation(tiny):
     _, ds, cap = record_with_capture(tiny, [4, 7], SETTINGS)
     want = expected_statistics(tiny, cap, B)
     np.testing.assert_allclose(ds["token_cosine"].values, want["token_cosine"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds["token_norm"].values, want["token_norm"], rtol=1e-5)
+    assert np.isfinite(ds["token_norm"].sel(layer="decoder.0").values).all()  # every position, every step
     for k, name in enumerate(("residual_cosine", "residual_change", "cond_change", "uncond_change")):
         np.testing.assert_allclose(ds[f"cfg_{name}"].values, want["cfg"][:, :, :, k], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ds["head_change"].values, expected_head(tiny, cap, B), rtol=1e-4, atol=1e-6)
@@ -263,6 +272,7 @@ def test_row_contract_of_step_runners(tiny):
     _, ds, cap = record_with_capture(tiny, [1, 5], SETTINGS, runner=SubsetRunner())
     want = expected_statistics(tiny, cap, B)
     np.testing.assert_allclose(ds["token_cosine"].values, want["token_cosine"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds["token_norm"].values, want["token_norm"], rtol=1e-5)  # NaN where not computed
     np.testing.assert_allclose(ds["cfg_residual_change"].values, want["cfg"][:, :, :, 1], rtol=1e-4, atol=1e-5)
     dec = ds["token_cosine"].sel(layer="decoder.1", kind="output")
     P = dec.sizes["position"]

@@ -59,7 +59,7 @@ class LayerFeatures:
     cond - uncond and the norms of cond, uncond and the residual (L, B, P) (CFG statistics). ``valid`` (L, R, P).
     Memory per layer: B (K/V: 2 kinds x B) rows of units, plus 4B rows for outputs with CFG."""
 
-    __slots__ = ("step", "layers", "units", "features", "valid", "residual_units", "norms")
+    __slots__ = ("step", "layers", "units", "features", "valid", "residual_units", "norms", "cond_norms")
 
     def __init__(self, step: int, layers: tuple[int, ...], full: Optional[Tensor], valid: Tensor, B: int,
                  with_cfg: bool):
@@ -68,6 +68,7 @@ class LayerFeatures:
         if full is None:  # filled by rows()
             return
         self.units, cond_norm = unit(full[:, :B])
+        self.cond_norms = cond_norm                                                     # (L, B, P, K, G)
         if with_cfg:
             self.features = h = full.flatten(3)                                         # (L, 2B, P, C)
             residual_units, residual_norm = unit(h[:, :B] - h[:, B:])
@@ -78,7 +79,7 @@ class LayerFeatures:
     def rows(self, index: list[int]) -> "LayerFeatures":
         """The layers at ``index``."""
         part = LayerFeatures(self.step, tuple(self.layers[i] for i in index), None, self.valid[index], 0, False)
-        part.units = self.units[index]
+        part.units, part.cond_norms = self.units[index], self.cond_norms[index]
         if self.features is not None:
             part.features, part.residual_units = self.features[index], self.residual_units[index]
             part.norms = self.norms[:, index]

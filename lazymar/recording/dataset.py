@@ -35,6 +35,8 @@ VARIABLES: dict[str, tuple[str, ...]] = {
     "head_change": ("sample", "step", "head_step", "head_part"),
     "tokens": ("sample", "token", "channel"),
 }
+# recorded since issue 21; recordings made before lack them (they load, without them)
+OPTIONAL_VARIABLES: dict[str, tuple[str, ...]] = {"token_norm": ("sample", "step", "layer", "position")}
 COORDS: dict[str, tuple[str, ...]] = {
     "sample": ("sample",), "label": ("sample",), "batch": ("sample",),
     "step": ("step",), "mask_ratio": ("step",), "cfg_scale": ("step",),
@@ -59,6 +61,9 @@ DESCRIPTIONS = {
                    "(cond eps - uncond eps) or of a res-block's residual update (output - input, cond rows); "
                    "mean over the tokens the sample decodes at the MAR step",
     "tokens": "the generated tokens",
+    "token_norm": "||h_s|| of a position's block output at step s (cond branch): with token_cosine and the norm at "
+                  "s-1 it gives the absolute change, ||h_s - h_{s-1}||^2 = ||h_s||^2 + ||h_{s-1}||^2 - "
+                  "2 ||h_s|| ||h_{s-1}|| cos",
 }
 
 
@@ -79,6 +84,9 @@ def make_dataset(variables: dict[str, np.ndarray], samples: np.ndarray, labels: 
     data_vars = {}
     for name, dims in VARIABLES.items():
         data_vars[name] = xr.Variable(dims, variables[name], attrs={"description": DESCRIPTIONS[name]})
+    for name, dims in OPTIONAL_VARIABLES.items():
+        if name in variables:
+            data_vars[name] = xr.Variable(dims, variables[name], attrs={"description": DESCRIPTIONS[name]})
     data_vars["status"].attrs.update(flag_values=np.arange(len(STATUS_NAMES), dtype=np.int8),
                                      flag_meanings=" ".join(STATUS_NAMES))
     coords = {
@@ -144,7 +152,7 @@ def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
 # Compact files: cosines keep 14 mantissa bits (absolute error < 3.1e-5 for values in [0.5, 1)), relative changes
 # 9 bits (relative error < 1e-3); about 40% of the size of exact float32 after compression.
 COMPACT_BITS = {"token_cosine": 14, "cfg_residual_cosine": 14, "cfg_residual_change": 9, "cfg_cond_change": 9,
-                "cfg_uncond_change": 9, "head_change": 9}
+                "cfg_uncond_change": 9, "head_change": 9, "token_norm": 14}
 
 
 def parse_keep_bits(value: Optional[str | int | dict]) -> Optional[dict[str, int]]:
@@ -232,13 +240,14 @@ def validate(ds: xr.Dataset, source: str = "dataset") -> xr.Dataset:
             raise ValueError("not an object")
     except (TypeError, ValueError) as err:
         raise RecordingError(f"{source}: attribute 'config' is not a JSON model configuration ({err})") from None
-    for name, dims in {**VARIABLES, **COORDS}.items():
+    optional = {name: dims for name, dims in OPTIONAL_VARIABLES.items() if name in ds.variables}
+    for name, dims in {**VARIABLES, **optional, **COORDS}.items():
         if name not in ds.variables:
             raise RecordingError(f"{source} lacks variable {name!r} {dims}")
         if ds[name].dims != dims:
             raise RecordingError(f"{source}: variable {name!r} has dims {ds[name].dims}, expected {dims}")
         kind = ds[name].dtype.kind
-        expected = "f" if name in VARIABLES and name != "status" else _COORD_KINDS.get(name, "iu")
+        expected = "f" if (name in VARIABLES or name in optional) and name != "status" else _COORD_KINDS.get(name, "iu")
         if name == "status":
             expected = "iu"
         if kind not in expected:

@@ -72,6 +72,7 @@ class _StepBuffers:
         nan = float("nan")
         self.step = ctx.step
         self.token_cosine = torch.full((B, num_layers, len(FEATURE_KINDS), num_positions), nan, device=device)
+        self.token_norm = torch.full((B, num_layers, num_positions), nan, device=device)
         self.cfg = torch.full((B, num_layers, len(CFG_STATS), num_positions), nan, device=device)
         n = ctx.num_to_predict                              # the head's rows: sample by sample, n tokens each
         self.head_samples = torch.arange(B, device=device).repeat_interleave(n)  # sample of each head row
@@ -179,6 +180,7 @@ class RedundancyRecorder(StepObserver):
         self._arrays = {
             "status": np.full((B, S, P), -1, dtype=np.int8),
             "token_cosine": np.full((B, S, L, len(FEATURE_KINDS), P), np.nan, dtype=np.float32),
+            "token_norm": np.full((B, S, L, P), np.nan, dtype=np.float32),
             "cfg": np.full((B, S, L, len(CFG_STATS), P), np.nan, dtype=np.float32),
             "head_change": np.full((B, S, T, H), np.nan, dtype=np.float32),
         }
@@ -225,6 +227,7 @@ class RedundancyRecorder(StepObserver):
         buf.head_stash = []
         arrays = self._device_arrays
         arrays["token_cosine"][:, s] = buf.token_cosine
+        arrays["token_norm"][:, s] = buf.token_norm
         arrays["cfg"][:, s] = buf.cfg
         # head: mean over the tokens each sample decodes at this step
         B = ctx.batch_size
@@ -326,6 +329,9 @@ class RedundancyRecorder(StepObserver):
         valid = valid.expand(len(members), -1, -1)
         layers = tuple(layer for layer, _, _ in members)
         current = LayerFeatures(step, layers, full, valid, B, with_cfg=len(keep) == 2)
+        if kinds == OUTPUT:  # the norms of every step (absolute change = norms and cosine)
+            norms = torch.where(valid[:, :B], current.cond_norms.flatten(2), float("nan"))  # (L, B, P)
+            buf.token_norm[:, list(layers)] = norms.transpose(0, 1)
         for i, layer in enumerate(layers):
             self._previous[(layer, kinds.start)] = (current, i)
         earlier = [previous.pop((layer, kinds.start), (None, 0)) for layer in layers]
