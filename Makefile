@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the embedded digits model: a sample grid and its quality. Output goes to the ignored runs/, so the
 # checkout stays clean (README's command table says how to regenerate the committed data/figures/digits_samples.png).
-# The eval (500 samples of 64 steps) is the long part: a few minutes on a laptop CPU.
+# The eval (500 samples of 64 steps, then scored) is the long part; the last line says what its numbers mean.
 demo: setup
 	$(BIN)/lazymar sample --model digits --labels 0-9 --per-label 8 --seed 0 --out runs/digits_samples.png --force
 	$(BIN)/lazymar eval --model digits --num-samples 500 --seed 0 --json | tee runs/demo_eval.json

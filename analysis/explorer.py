@@ -318,7 +318,7 @@ class ScheduleExplorer:
 
             with observe_steps(_StepCounter(step, self._cancel)):
                 result = measure_schedules(self.model, schedules, labels, settings, seed=self.seed,
-                                           baseline=self.baseline, vae=self.vae)
+                                           baseline=self.baseline, vae=self.vae, keep_images=True)
             self._finish(number, derived, params, result, labels, time.perf_counter() - start)
         except MeasurementCancelled:
             self._set_progress(self.progress.value, f"check {number} cancelled after "

@@ -48,12 +48,14 @@ class Measurement:
 
 def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Sequence[int], settings,
                       seed: int = 0, batch_size: Optional[int] = None, progress: bool = False,
-                      baseline: Optional[Measurement] = None, vae=None) -> Measurement:
+                      baseline: Optional[Measurement] = None, vae=None,
+                      keep_images: Optional[bool] = None) -> Measurement:
     """Run the uncached sampler and each schedule on ``labels`` (one plan: lazymar.runs); one row per run with
     flops_per_image, flops_ratio (uncached / this), seconds, wall_ratio, psnr and token_mse against the
     uncached run, and accuracy (the model's quality evaluator: the digits model only, else NaN). Schedules
     identical up to their name run once and share the row. ``baseline``: an earlier Measurement of the same model,
-    labels, settings and seed whose uncached run is reused instead of run again."""
+    labels, settings and seed whose uncached run is reused instead of run again. ``keep_images``: keep the decoded
+    images of a VAE model too (runs.images.ImageSpace; default: pixel models only)."""
     if not schedules:
         raise AnalysisError("no schedules to measure")
     if "none" in schedules:
@@ -64,7 +66,8 @@ def measure_schedules(model, schedules: Mapping[str, CacheSchedule], labels: Seq
     if baseline is not None and baseline.reusable_for(model, labels, settings, seed, batch_size):
         reference = baseline.reference
     else:
-        reference = Reference(model, SamplePlan.of(labels, seed, batch_size or len(labels)), settings, vae=vae)
+        reference = Reference(model, SamplePlan.of(labels, seed, batch_size or len(labels)), settings, vae=vae,
+                              keep_images=keep_images)
     rows = {"none": reference.row()}
     images = {"none": reference.images}
     done: dict[str, str] = {}  # schedule content -> the name it was measured under

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 SERVERS = {"voila": VoilaServer, "jupyterlab": JupyterLabServer}
 
 # Each target: a notebook (relative to the repository root), the slider to move by its description, the summary.
-SLIDER_FIXTURE = WidgetTarget("tests/browser/slider_fixture.ipynb", slider="tau_token", summary=".lazymar-summary")
+SLIDER_FIXTURE = WidgetTarget("tests/browser/slider_fixture.ipynb", slider="tau_token", summary=".lazymar-summary",
+                              load_timeout_s=120)
 NOTEBOOK_03 = WidgetTarget("notebooks/03_cache_schedules.ipynb", slider="tau_token", summary=".lazymar-summary",
                            load_timeout_s=180)
 EXPLORER = WidgetTarget("tests/browser/explorer_fixture.ipynb", slider="tau_token", summary=".lazymar-summary",

@@ -121,9 +121,10 @@ class NotebookServer:
             raise FileNotFoundError(f"notebook not found: {self.root_dir / notebook}")
         return f"{self.base_url}/{self.page_path(quote(Path(notebook).as_posix()))}" + (f"?{query}" if query else "")
 
-    def open(self, page, notebook: str, query: str = "") -> None:
-        """Load the notebook's page and have it run (Voila runs it on load)."""
-        page.goto(self.url_for(notebook, query), wait_until="domcontentloaded")
+    def open(self, page, notebook: str, query: str = "", timeout_s: float = 120.0) -> None:
+        """Load the notebook's page and have it run (Voila runs it on load, and may take long on a busy machine
+        to send the first bytes: the wait is the target's load time, not Playwright's default 30 s)."""
+        page.goto(self.url_for(notebook, query), wait_until="commit", timeout=timeout_s * 1000)
 
     def after_page(self) -> None:
         """Called when a test's page closes."""
@@ -259,7 +260,7 @@ class JupyterLabServer(NotebookServer):
         return f"lab/workspaces/test{JupyterLabServer.pages}/tree/{notebook}"
 
     def open(self, page, notebook: str, query: str = "", timeout_s: float = 120.0) -> None:
-        page.goto(self.url_for(notebook, "reset"), wait_until="domcontentloaded")
+        page.goto(self.url_for(notebook, "reset"), wait_until="commit", timeout=timeout_s * 1000)
         page.wait_for_function(
             "(path) => window.jupyterapp && window.jupyterapp.shell.currentWidget"
             " && window.jupyterapp.shell.currentWidget.sessionContext"
@@ -331,7 +332,7 @@ class NotebookPage:
             self.errors.append(f"console: {message.text}")
 
     def open(self, query: str = "") -> None:
-        self.server.open(self.page, self.target.notebook, query)
+        self.server.open(self.page, self.target.notebook, query, timeout_s=self.target.load_timeout_s)
 
     @property
     def summary(self):
