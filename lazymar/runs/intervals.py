@@ -21,8 +21,9 @@ import numpy as np
 from .. import stats
 from .execute import Run
 from .images import DigitsQuality
+from .native_intervals import NATIVE_METRICS, native_metrics, native_sample_arrays
 
-METRICS = ("psnr", "accuracy", "fid")
+METRICS = ("psnr", "accuracy", "fid") + NATIVE_METRICS
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
         classifier = load_classifier()
         out["correct"] = (classifier.predict(x) == np.asarray(run.plan.labels)).astype(np.float64)
         out["features"] = classifier.hidden(x)
+        out.update(native_sample_arrays(images, evaluator.side))  # roughness, fid32 features (native_intervals)
     return out
 
 
@@ -122,7 +124,7 @@ def pool(per_seed: Sequence[dict[str, dict]]) -> tuple[dict[str, dict], np.ndarr
     pooled: dict[str, dict] = {}
     for name in names:
         pooled[name] = {}
-        for key in ("sq_err", "correct", "features"):
+        for key in ("sq_err", "correct", "features", "roughness", "features_native"):
             parts = [part[name].get(key) for part in per_seed]
             pooled[name][key] = None if any(p is None for p in parts) else np.concatenate(parts)
     sizes = [_size(part[names[0]]) for part in per_seed] if names else []
@@ -145,6 +147,8 @@ def intervals(per_seed: Sequence[dict[str, dict]], options: IntervalOptions, eva
     if not pooled or len(strata) == 0:
         return {}
     metrics = options.metrics(real_statistics(evaluator))
+    if isinstance(evaluator, DigitsQuality):
+        metrics += native_metrics(evaluator.side, options.margin_fid)
     return stats.compare(pooled, strata, metrics, baseline=baseline, resamples=options.resamples,
                          seed=options.seed)
 
@@ -163,7 +167,7 @@ def cell(value, low=None, high=None, digits: int = 2) -> str:
 
 
 def digits_of(metric: str) -> int:
-    return 3 if metric in ("accuracy", "d_accuracy", "token_mse") else 2
+    return 3 if metric in ("accuracy", "d_accuracy", "token_mse", "roughness_gap", "d_roughness_gap") else 2
 
 
 # --- tables: one row per run, pooled over seeds, with intervals, differences and verdicts ---------------------
