@@ -5,9 +5,10 @@ seeds; lazymar.runs.Reference, which computes every metric): ``flops_ratio`` (un
 flops-module accounting of what ran), ``wall_ratio`` (uncached seconds / the point's, same process, one timed run
 each: on a shared CPU it is indicative only), ``psnr`` (image space, data range 2) and ``token_mse`` against the
 uncached run, and ``accuracy`` and ``fid`` (digits classifier and digits-FID; FID on ~100 samples is noisy: compare
-points of one sweep, not with other sample sizes). For a VAE model with ``--fid-stats`` the quality columns are
-ImageNet ``fid``, ``inception_score`` and ``inception_score_std`` instead (lazymar.imagenet), and PSNR is taken on
-the VAE-decoded images, decoded again chunk by chunk rather than kept.
+points of one sweep, not with other sample sizes), beside ``roughness`` and ``roughness_real`` and, for digits16,
+``fid32`` (quality at the model's own resolution, lazymar.metrics). For a VAE model with ``--fid-stats`` the
+quality columns are ImageNet ``fid``, ``inception_score`` and ``inception_score_std`` instead (lazymar.imagenet),
+and PSNR is taken on the VAE-decoded images, decoded again chunk by chunk rather than kept.
 
 Families: ``none`` (the reference itself), ``lazymar`` (the preset), ``derived`` (lazymar.schedules), and the
 baselines ``fewer_steps`` (no cache, fewer MAR steps at about the same FLOPs), ``fixed_interval`` (refresh every k

@@ -142,8 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="quality of generated samples (digits: accuracy, digits-FID; ImageNet: FID, IS)",
                        description="Generate balanced class-conditional samples and score them with the model's "
                                    "quality evaluator: class accuracy and digits-FID for the embedded digits "
-                                   "models; FID and Inception Score for ImageNet (VAE) models, given --vae and "
-                                   "--fid-stats. Under torchrun every rank samples, decodes and scores its share.")
+                                   "models, beside roughness and (digits16) fid32 at their own resolution; FID "
+                                   "and Inception Score for ImageNet (VAE) models, given --vae and --fid-stats. "
+                                   "Under torchrun every rank samples, decodes and scores its share.")
     add_model_args(p)
     add_sampling_args(p)
     add_schedule_arg(p)

@@ -21,8 +21,9 @@ import numpy as np
 from .. import stats
 from .execute import Run
 from .images import DigitsQuality
+from .native_intervals import NATIVE_METRICS, native_metrics, native_sample_arrays
 
-METRICS = ("psnr", "accuracy", "fid")
+METRICS = ("psnr", "accuracy", "fid") + NATIVE_METRICS
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,11 @@ def real_statistics(evaluator) -> Optional[stats.RealStatistics]:
 def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
     """Per-sample arrays of a finished ``run``, in sample order and on every rank: ``sq_err`` (mean squared image
     error per sample) against ``reference`` (None without images) and, with the digits evaluator, ``correct`` and
-    ``features``. Under torchrun each rank contributes its own samples (runs.compare.sample_squared_errors, the
+    ``features``, and ``roughness`` and ``features_native`` (lazymar.runs.native_intervals). Under torchrun each rank contributes its own samples (runs.compare.sample_squared_errors, the
     evaluator's merged stream), as one process computes them: a collective call, made on every rank. ImageNet runs:
     ``sq_err`` only."""
     from .compare import sample_squared_errors
-    out: dict = {"sq_err": None, "correct": None, "features": None}
+    out: dict = {"sq_err": None, "correct": None, "features": None, "roughness": None, "features_native": None}
     if reference is not None:
         errors = sample_squared_errors(run, reference)
         if errors.get("images") is not None:
@@ -107,6 +108,7 @@ def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
             per_sample = stream.per_sample()
             out["correct"] = np.asarray(per_sample["correct"], dtype=np.float64)
             out["features"] = per_sample["features"]
+            out.update(native_sample_arrays(stream.images(), evaluator.side))  # roughness, fid32 features
     return out
 
 
@@ -117,7 +119,7 @@ def pool(per_seed: Sequence[dict[str, dict]]) -> tuple[dict[str, dict], np.ndarr
     pooled: dict[str, dict] = {}
     for name in names:
         pooled[name] = {}
-        for key in ("sq_err", "correct", "features"):
+        for key in ("sq_err", "correct", "features", "roughness", "features_native"):
             parts = [part[name].get(key) for part in per_seed]
             pooled[name][key] = None if any(p is None for p in parts) else np.concatenate(parts)
     sizes = [_size(part[names[0]]) for part in per_seed] if names else []
@@ -140,6 +142,8 @@ def intervals(per_seed: Sequence[dict[str, dict]], options: IntervalOptions, eva
     if not pooled or len(strata) == 0:
         return {}
     metrics = options.metrics(real_statistics(evaluator))
+    if isinstance(evaluator, DigitsQuality):
+        metrics += native_metrics(evaluator.side, options.margin_fid)
     return stats.compare(pooled, strata, metrics, baseline=baseline, resamples=options.resamples,
                          seed=options.seed)
 
@@ -158,7 +162,7 @@ def cell(value, low=None, high=None, digits: int = 2) -> str:
 
 
 def digits_of(metric: str) -> int:
-    return 3 if metric in ("accuracy", "d_accuracy", "token_mse") else 2
+    return 3 if metric in ("accuracy", "d_accuracy", "token_mse", "roughness_gap", "d_roughness_gap") else 2
 
 
 # --- tables: one row per run, pooled over seeds, with intervals, differences and verdicts ---------------------
