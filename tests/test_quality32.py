@@ -140,28 +140,25 @@ def test_sweep_tables_show_the_native_quality_where_measured():
 
 
 def test_intervals_and_verdicts_of_the_native_quality():
-    import types
     from lazymar.runs import intervals
     from lazymar.runs.native_intervals import ROUGHNESS_GAP_MARGIN
     images, labels = digits_split("held_out", 32)
     images, labels = images[:200], labels[:200].tolist()
     evaluator = DigitsQuality(32)
-
-    def run(x):
-        return types.SimpleNamespace(images=x, plan=types.SimpleNamespace(labels=labels))
-    clean, noisy = run(images), run(_uniform_noise(images, 0.1))
-    arrays = {name: intervals.sample_arrays(r, clean, evaluator) for name, r in (("clean", clean), ("noisy", noisy))}
+    noisy_images = _uniform_noise(images, 0.1)
+    arrays = {name: intervals.image_sample_arrays(x, labels, evaluator, reference_images=images)
+              for name, x in (("clean", images), ("noisy", noisy_images))}
     assert arrays["clean"]["features_native"].shape == (200, metrics.HIDDEN_UNITS)
-    np.testing.assert_array_equal(arrays["noisy"]["roughness"], per_image_roughness(noisy.images))
+    np.testing.assert_array_equal(arrays["noisy"]["roughness"], per_image_roughness(noisy_images))
     options = intervals.IntervalOptions(resamples=200, baseline="clean")
     found = intervals.intervals([arrays], options, evaluator, baseline="clean")
     c, n = found["clean"], found["noisy"]
     assert c["fid32"] == pytest.approx(digits_fid(images, side=32), rel=1e-5)
     assert 0 < c["fid32_ci_low"] < c["fid32_ci_high"] < n["fid32_ci_low"]  # (resampled FID sits above the point)
-    gap = abs(roughness(noisy.images) / roughness_real(32) - 1)
+    gap = abs(roughness(noisy_images) / roughness_real(32) - 1)
     assert n["roughness_gap"] == pytest.approx(gap) and gap > ROUGHNESS_GAP_MARGIN
     assert n["d_fid32_ci_low"] > 0 and n["verdict_fid32"] == "worse"
     assert n["verdict_roughness_gap"] == "worse" and n["verdict"] == "worse"
     # an 8x8 model's runs: the roughness gap only
-    small = intervals.sample_arrays(run(to_8x8(images)), None, DigitsQuality(8))
+    small = intervals.image_sample_arrays(to_8x8(images), labels, DigitsQuality(8))
     assert small["features_native"] is None and small["roughness"].shape == (200,)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import stats
 from .execute import Run
-from .images import DigitsQuality
+from .images import DigitsQuality, DigitsStream
 from .native_intervals import NATIVE_METRICS, native_metrics, native_sample_arrays
 
 METRICS = ("psnr", "accuracy", "fid") + NATIVE_METRICS
@@ -89,26 +89,46 @@ def real_statistics(evaluator) -> Optional[stats.RealStatistics]:
 
 def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
     """Per-sample arrays of a finished ``run``, in sample order and on every rank: ``sq_err`` (mean squared image
-    error per sample) against ``reference`` (None without images) and, with the digits evaluator, ``correct`` and
-    ``features``, and ``roughness`` and ``features_native`` (lazymar.runs.native_intervals). Under torchrun each rank contributes its own samples (runs.compare.sample_squared_errors, the
-    evaluator's merged stream), as one process computes them: a collective call, made on every rank. ImageNet runs:
-    ``sq_err`` only."""
+    error per sample) against ``reference`` (None without images) and the evaluator's arrays
+    (:func:`image_sample_arrays`). Under torchrun each rank contributes its own samples
+    (runs.compare.sample_squared_errors, the evaluator's merged stream), as one process computes them: a collective
+    call, made on every rank. ImageNet runs: ``sq_err`` only."""
     from .compare import sample_squared_errors
-    out: dict = {"sq_err": None, "correct": None, "features": None, "roughness": None, "features_native": None}
+    out = image_sample_arrays(None, [], None)
     if reference is not None:
         errors = sample_squared_errors(run, reference)
         if errors.get("images") is not None:
             out["sq_err"] = errors["images"] / errors["image_elements"]
     if isinstance(evaluator, DigitsQuality):
         stream = getattr(run, "quality_stream", None)
-        if stream is None or not hasattr(stream, "per_sample"):  # not scored yet: score this run's samples now
+        if not isinstance(stream, DigitsStream):  # not scored yet: score this run's samples now
             run.score(evaluator)
             stream = run.quality_stream
         if stream is not None:
-            per_sample = stream.per_sample()
-            out["correct"] = np.asarray(per_sample["correct"], dtype=np.float64)
-            out["features"] = per_sample["features"]
-            out.update(native_sample_arrays(stream.images(), evaluator.side))  # roughness, fid32 features
+            images = stream.images()
+            found = image_sample_arrays(images, stream.labels[:len(images)], evaluator)
+            out.update({k: v for k, v in found.items() if k != "sq_err"})
+    return out
+
+
+def image_sample_arrays(images: Optional[Tensor], labels: Sequence[int], evaluator=None,
+                        reference_images: Optional[Tensor] = None) -> dict:
+    """Per-sample arrays of all of a run's ``images`` (in sample order): ``sq_err`` against ``reference_images``
+    and, with the digits evaluator, ``correct`` and ``features`` (digits classifier at 8x8) and ``roughness`` and
+    ``features_native`` (lazymar.runs.native_intervals); None where not measured."""
+    out: dict = {"sq_err": None, "correct": None, "features": None, "roughness": None, "features_native": None}
+    if images is None:
+        return out
+    if reference_images is not None:
+        out["sq_err"] = ((images.double() - reference_images.double()) ** 2).flatten(1).mean(1).numpy()
+    if isinstance(evaluator, DigitsQuality):
+        from ..digits import to_8x8
+        from ..metrics import _classifier_input, load_classifier
+        x = _classifier_input(to_8x8(images))
+        classifier = load_classifier()
+        out["correct"] = (classifier.predict(x) == np.asarray(labels)).astype(np.float64)
+        out["features"] = classifier.hidden(x)
+        out.update(native_sample_arrays(images, evaluator.side))
     return out
 
 

@@ -45,6 +45,6 @@ def native_metrics(side: int, margin_fid: float) -> list[stats.Metric]:
     if side != 8:
         real: Optional[stats.RealStatistics] = stats.RealStatistics.of(*_train_statistics(side))
         metrics.insert(0, stats.Metric(f"fid{side}", lambda a, w: stats.fid_of_features(a["features_native"], real, w),
-                                       False, margin_fid / 100.0, relative=True, basic_difference=True,
+                                       False, margin_fid / 100.0, relative=True, biased=True,
                                        needs="features_native"))
     return metrics
