@@ -196,6 +196,7 @@ def annotate_table(per_seed_rows: dict[int, "object"], per_seed_arrays: dict[int
     import pandas as pd
     seeds = list(per_seed_rows)
     frames = [per_seed_rows[s].set_index("name") for s in seeds]
+    frames = [f[~f.index.duplicated()] for f in frames]  # e.g. --schedule none beside the reference: one row
     names = [n for n in frames[0].index if all(n in f.index for f in frames)]
     df = frames[0].loc[names].copy()
     if len(seeds) > 1:
