@@ -93,6 +93,8 @@ def fid_of_features(features: np.ndarray, real: RealStatistics, weights: np.ndar
     features = np.asarray(features, np.float64)
     weights = np.atleast_2d(np.asarray(weights, np.float64))
     n = features.shape[0]
+    if n < 2:  # no covariance from one sample: FID is undefined (NaN), as for the point estimate
+        return np.full(len(weights), np.nan)
     out = np.empty(len(weights))
     for start in range(0, len(weights), chunk):
         w = weights[start:start + chunk]

@@ -157,3 +157,9 @@ def test_sweep_table_pools_seeds_with_intervals_and_verdicts():
     table = front_markdown(df.reset_index(), ["name", "psnr"])
     assert f"{df.at['fast', 'psnr']:.2f} [{df.at['fast', 'psnr_ci_low']:.2f}, " in table
     assert "| fast | 3.01 [" in verdict_markdown(df.reset_index(), "lazymar", IntervalOptions())
+
+
+def test_fid_of_one_sample_is_undefined_not_an_error():
+    """One sample has no covariance: the bootstrap FID is NaN (as DigitsQuality's point FID), never a LinAlgError."""
+    real = stats.RealStatistics.of(np.zeros(3), np.eye(3))
+    assert np.isnan(stats.fid_of_features(np.ones((1, 3)), real, np.ones((4, 1)))).all()
