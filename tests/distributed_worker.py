@@ -68,6 +68,7 @@ def runs_core() -> dict:
     from lazymar.imagenet import ImageNetQuality
     from lazymar.runs import Reference, sample_squared_errors
     from builders import tiny_vae
+    from lazymar.runs.intervals import sample_arrays
     out = {}
     digits, settings = load_model("digits"), SamplingSettings(num_iter=4, cfg=3.0)
     reference = Reference(digits, SamplePlan.balanced(10, 10, seed=5, batch_size=3), settings)
@@ -76,7 +77,7 @@ def runs_core() -> dict:
     out["digits"] = {"row": {k: row[k] for k in ("psnr", "token_mse", "accuracy", "fid", "flops_ratio")},
                      "base": {k: base[k] for k in ("accuracy", "fid", "psnr", "token_mse")},
                      "errors": sample_squared_errors(run, reference.run),
-                     "per_sample": run.quality_stream.per_sample()}
+                     "per_sample": sample_arrays(run, None, reference.evaluator)}
     latent, vae = plan_model(), tiny_vae(z_channels=16, ch_mult=(1, 2))
     stats = ReferenceStats(np.random.default_rng(0).normal(size=64) * 0.1, np.eye(64) * 0.05, "test")
     imagenet.use_imagenet_quality(ImageNetQuality(StandInExtractor(), stats))

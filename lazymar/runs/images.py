@@ -229,16 +229,6 @@ class DigitsStream:
             expected += len(images)
         return torch.cat([images for _, images in chunks])
 
-    def per_sample(self) -> dict[str, "np.ndarray"]:
-        """Per-sample values for resampling: whether the classifier gets each sample's label (``correct``) and
-        its hidden features (``features``, the digits-FID's feature space), in sample order."""
-        import numpy as np
-        from ..digits import to_8x8
-        from ..metrics import _classifier_input, load_classifier
-        x = _classifier_input(to_8x8(self.images()))
-        classifier = load_classifier()
-        return {"correct": classifier.predict(x) == np.asarray(self.labels[:len(x)]), "features": classifier.hidden(x)}
-
     def scores(self) -> dict[str, float]:
         images = self.images()
         return self.evaluator(images, self.labels[:len(images)])
