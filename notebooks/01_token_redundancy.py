@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import phenomena, plots, redundancy_plots, workbook
+from analysis import phenomena, redundancy_plots, workbook
 from lazymar.recording import load_stats
 
 

@@ -63,7 +63,7 @@ def runs_core() -> dict:
     with the stand-in extractor (FID, IS, per-sample features); every rank returns the same numbers."""
     import numpy as np
     from lazymar import imagenet
-    from lazymar.cache.schedule import load_schedule
+    from lazymar.cache.schedule_file import load_schedule
     from lazymar.checkpoint import load_model
     from lazymar.imagenet import ImageNetQuality
     from lazymar.runs import Reference, sample_squared_errors

@@ -10,7 +10,7 @@ from lazymar import peers
 from lazymar.cache.attention_selection import attention_received, scoring_queries
 from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import estimate_generation_flops, step_counts
-from lazymar.cache.schedule import CacheSchedule, ScheduleError, none_schedule
+from lazymar.cache.schedule_file import CacheSchedule, ScheduleError, none_schedule
 from lazymar.config import SamplingSettings, get_config
 from lazymar.model import MAR
 from lazymar.orders import TwoStageOrder, checkerboard, generation_order

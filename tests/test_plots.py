@@ -12,11 +12,11 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from analysis import measure, phenomena, plots, redundancy_plots  # noqa: E402
+from analysis import figures, phenomena, redundancy_plots, schedule_plots, schedule_runs  # noqa: E402
 from analysis.phenomena import AnalysisError  # noqa: E402
 from lazymar import MAR, get_config  # noqa: E402
 from lazymar.cache.flops import estimate_generation_flops  # noqa: E402
-from lazymar.cache.schedule import LAZYMAR_REFRESH, exact_schedule, lazymar_schedule, none_schedule  # noqa: E402
+from lazymar.cache.schedule_file import LAZYMAR_REFRESH, exact_schedule, lazymar_schedule, none_schedule  # noqa: E402
 from lazymar.recording import STATUS_CODES  # noqa: E402
 from lazymar.recording.dataset import make_dataset  # noqa: E402
 from lazymar.sampling import SamplingSettings, generate  # noqa: E402
@@ -237,7 +237,7 @@ def test_measure_schedules_against_the_flops_estimate(tiny):
     settings = SamplingSettings(num_iter=8, cfg=2.0)
     labels = [0, 1, 2]
     schedules = {"exact copy": exact_schedule(8), "lazymar": lazymar_schedule(8, tiny.config)}  # the reference's
-    result = measure.measure_schedules(tiny, schedules, labels, settings, seed=1)
+    result = schedule_runs.measure_schedules(tiny, schedules, labels, settings, seed=1)
     table = result.table
     assert list(table.index) == ["none", "exact copy", "lazymar"]
     assert table.loc["none", "flops_ratio"] == 1.0 and table["psnr"].isna().all()  # latent tokens, no VAE: no images
@@ -246,30 +246,30 @@ def test_measure_schedules_against_the_flops_estimate(tiny):
                  / estimate_generation_flops(tiny.config, lazymar_schedule(8, tiny.config), batch_size=3).total)
     assert table.loc["lazymar", "flops_ratio"] == pytest.approx(predicted)
     assert np.isnan(table.loc["lazymar", "accuracy"])  # not the digits model
-    again = measure.measure_schedules(tiny, {"lazymar": lazymar_schedule(8, tiny.config),
+    again = schedule_runs.measure_schedules(tiny, {"lazymar": lazymar_schedule(8, tiny.config),
                                              "same, renamed": lazymar_schedule(8, tiny.config).with_changes(name="x")},
                                       labels, settings, seed=1, baseline=result)
     assert again.table.loc["lazymar", "token_mse"] == table.loc["lazymar", "token_mse"]  # reused baseline
     assert again.table.loc["same, renamed", "seconds"] == again.table.loc["lazymar", "seconds"]  # run once
     with pytest.raises(AnalysisError, match="baseline"):
-        measure.measure_schedules(tiny, {"none": none_schedule(8)}, labels, settings)
+        schedule_runs.measure_schedules(tiny, {"none": none_schedule(8)}, labels, settings)
 
 
 def test_ablation_schedules_switch_one_mechanism_each():
     config = get_config("digits")
-    abl = measure.ablation_schedules(config, 64)
+    abl = schedule_runs.ablation_schedules(config, 64)
     full = abl["all (lazymar)"]
     token, cond, head = abl["token cache only"], abl["condition cache only"], abl["head cache only"]
     assert full.refresh == token.refresh and not any(token.condition_cache) and not any(token.head_cache)
     assert all(cond.refresh) and cond.condition_cache == full.condition_cache and not any(cond.head_cache)
     assert all(head.refresh) and not any(head.condition_cache) and all(head.head_cache)
-    released = measure.refresh_interval_schedule(config, 64, 9)
+    released = schedule_runs.refresh_interval_schedule(config, 64, 9)
     assert [s for s in range(64) if released.refresh[s]] == sorted(LAZYMAR_REFRESH)
-    every4 = measure.refresh_interval_schedule(config, 64, 4)
+    every4 = schedule_runs.refresh_interval_schedule(config, 64, 4)
     assert [s for s in range(12) if every4.refresh[s]] == [0, 1, 2, 3, 4, 5, 9]
-    assert measure.selection_schedules(config, 64)["random"].selection == "random"
+    assert schedule_runs.selection_schedules(config, 64)["random"].selection == "random"
     with pytest.raises(AnalysisError, match="interval"):
-        measure.refresh_interval_schedule(config, 64, 0)
+        schedule_runs.refresh_interval_schedule(config, 64, 0)
 
 
 def test_speed_quality_from_sweep_keeps_reference_preset_and_front():
@@ -278,30 +278,30 @@ def test_speed_quality_from_sweep_keeps_reference_preset_and_front():
         "family": ["none", "lazymar", "derived", "derived", "fewer_steps"],
         "flops_ratio": [1.0, 2.6, 3.5, 2.0, 2.5], "psnr": [np.inf, 30.0, 33.0, 31.0, 12.0],
         "pareto": [True, False, True, False, False], "accuracy": [1.0, 0.98, 0.99, 1.0, 0.5]})
-    table = measure.speed_quality_from_sweep(sweep)
+    table = schedule_runs.speed_quality_from_sweep(sweep)
     assert list(table.index) == ["none", "lazymar", "d1"]  # by FLOPs ratio; d2 is off the front
     assert table.loc["d1", "psnr"] == 33.0 and "wall_ratio" not in table
     with pytest.raises(AnalysisError, match="pareto"):
-        measure.speed_quality_from_sweep(sweep.drop(columns="pareto"))
+        schedule_runs.speed_quality_from_sweep(sweep.drop(columns="pareto"))
 
 
 def test_schedule_heat_map_shows_computed_shares():
     from lazymar.schedules import schedule_matrix
     schedule = lazymar_schedule(64, get_config("digits"))
-    shares = plots.computed_share(schedule_matrix(schedule))
+    shares = schedule_plots.computed_share(schedule_matrix(schedule))
     assert list(shares.index) == ["full refresh", "decoder positions after selection layer", "unconditional branch",
                                   "diffusion head without cache"]
     assert shares[0].tolist() == [1.0, 1.0, 1.0, 0.0]   # refresh step: all computed, the head cache is on
     assert shares[6].tolist() == [0.0, 1.0, 0.0, 0.0]   # cached step 6: keep 100% (ratio 1.0 before step 20)
     assert shares[45].iloc[1] == pytest.approx(0.05)    # released ratio from step 40
     with pytest.raises(AnalysisError, match="unknown schedule component"):
-        plots.computed_share(pd.DataFrame({"bogus": [1.0]}))
+        schedule_plots.computed_share(pd.DataFrame({"bogus": [1.0]}))
 
 
 def test_markdown_table():
     df = pd.DataFrame({"psnr": [np.inf, 31.234567], "family": ["none", "a|b"]},
                       index=pd.Index(["none", "lazymar"], name="name"))
-    assert plots.markdown_table(df).splitlines() == [
+    assert figures.markdown_table(df).splitlines() == [
         "| name | psnr | family |", "|---|---|---|", "| none | inf | none |", "| lazymar | 31.23 | a\\|b |"]
 
 
@@ -338,40 +338,40 @@ def test_every_figure_has_labelled_axes():
         redundancy_plots.plot_branch_vs_residual(phenomena.branch_vs_residual(ds, by="step", layers=["z"])),
         redundancy_plots.plot_change_ratio(phenomena.branch_vs_residual(ds)),
         redundancy_plots.plot_head_change(phenomena.head_change_profile(ds)),
-        plots.plot_schedule(pd.DataFrame([[1, 0.5, 0.0], [1, 1, 0]], index=["decoder", "head"])),
-        plots.plot_schedule(schedule_matrix(lazymar_schedule(8, get_config("digits")))),
-        plots.plot_tradeoff(pd.DataFrame({"schedule": ["none", "lazymar"], "flops_ratio": [1.0, 2.5],
+        schedule_plots.plot_schedule(pd.DataFrame([[1, 0.5, 0.0], [1, 1, 0]], index=["decoder", "head"])),
+        schedule_plots.plot_schedule(schedule_matrix(lazymar_schedule(8, get_config("digits")))),
+        schedule_plots.plot_tradeoff(pd.DataFrame({"schedule": ["none", "lazymar"], "flops_ratio": [1.0, 2.5],
                                           "psnr": [np.inf, 30.0]}), highlight={"flops_ratio": 2.0, "psnr": 33.0}),
-        plots.plot_ablation(pd.DataFrame({"flops_ratio": [1.3, 2.6], "psnr": [38.0, 31.0]}, index=["a", "b"])),
-        plots.plot_metric_lines(pd.DataFrame({"k": [3, 9], "psnr": [33.0, 31.0]}), "k", [("psnr", "PSNR (dB)")],
+        schedule_plots.plot_ablation(pd.DataFrame({"flops_ratio": [1.3, 2.6], "psnr": [38.0, 31.0]}, index=["a", "b"])),
+        schedule_plots.plot_metric_lines(pd.DataFrame({"k": [3, 9], "psnr": [33.0, 31.0]}), "k", [("psnr", "PSNR (dB)")],
                                 "refresh interval (steps)"),
     ]
     for fig in figures:
         _labelled(fig)
-    grid = plots.plot_sample_comparison({"uncached": torch.zeros(3, 1, 8, 8), "cached": torch.ones(3, 1, 8, 8)},
+    grid = schedule_plots.plot_sample_comparison({"uncached": torch.zeros(3, 1, 8, 8), "cached": torch.ones(3, 1, 8, 8)},
                                         labels=[0, 1, 2])
     assert len(grid.axes) == 6 and grid.axes[0].get_ylabel() == "uncached"
     with pytest.raises(AnalysisError, match="layer, step"):
         redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds).T)
     with pytest.raises(AnalysisError, match="no column"):
-        plots.plot_tradeoff(pd.DataFrame({"x": [1.0]}))
+        schedule_plots.plot_tradeoff(pd.DataFrame({"x": [1.0]}))
 
 
 def test_save_figure_writes_png_and_pdf_reproducibly(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     ax.set_xlabel("step"), ax.set_ylabel("value")
-    paths = plots.save_figure(fig, "demo", tmp_path)
+    paths = figures.save_figure(fig, "demo", tmp_path)
     assert [p.name for p in paths] == ["demo.png", "demo.pdf"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
     first = [p.read_bytes() for p in paths]
-    plots.save_figure(fig, "demo", tmp_path)
+    figures.save_figure(fig, "demo", tmp_path)
     assert [p.read_bytes() for p in paths] == first  # no timestamps in the files
     for bad in ("../escape", "demo.png", ""):
         with pytest.raises(ValueError, match="plain file stem"):
-            plots.save_figure(fig, bad, tmp_path)
+            figures.save_figure(fig, bad, tmp_path)
     with pytest.raises(ValueError, match="format"):
-        plots.save_figure(fig, "demo", tmp_path, formats=("jpg",))
+        figures.save_figure(fig, "demo", tmp_path, formats=("jpg",))
 
 
 # --- the schedule explorer of notebook 03 ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from lazymar import imagenet
 from lazymar.imagenet import ImageNetQuality, InceptionStats, ReferenceStats
 from lazymar.metrics import psnr, token_mse
 from lazymar.runs import ImageSpace, Reference, Run, SamplePlan, decode_and_score, quality_evaluator
-from lazymar.cache.schedule import load_schedule
+from lazymar.cache.schedule_file import load_schedule
 from lazymar.sampling import SamplingSettings
 from lazymar.vae import tokens_to_images
 from builders import tiny_mar, tiny_vae

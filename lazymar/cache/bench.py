@@ -16,7 +16,7 @@ from ..model import MAR
 from ..runs import (DEFAULT, ImageSpace, Run, SamplePlan, cpu_memory_measurement, fidelity, quality_evaluator,
                     resident_mb, weights_mb)
 from ..sampling import SamplingSettings
-from .schedule import CacheSchedule, exact_schedule
+from .schedule_file import CacheSchedule, exact_schedule
 
 
 def benchmark_runs(model: MAR, plan: SamplePlan, settings: SamplingSettings, schedule: CacheSchedule,

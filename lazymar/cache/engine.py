@@ -37,8 +37,8 @@ from .condition import ConditionCache
 from .decoder import DecoderTokenCache
 from .encoder import EncoderCache
 from .head import HeadCache
-from .schedule import CacheSchedule
-from .store import CACHE_DTYPE
+from .schedule_file import CacheSchedule
+from .buffers import CACHE_DTYPE
 
 
 class CacheEngine(StepRunner):

@@ -78,7 +78,7 @@ def _measurer(reference, quiet: bool):
 def cmd_derive(args: argparse.Namespace) -> int:
     """Under torchrun the measured searches sample every candidate on all ranks (lazymar.runs: each rank its
     share, the PSNR merged on every rank, so every rank takes the same path); rank 0 prints and writes."""
-    from .measuring import launched
+    from .launch import launched
     check_outputs(derive_outputs(args.out), args.force)
     with launched(args):
         return _derive(args)
@@ -222,7 +222,7 @@ def default_points(profile, reference_settings, config, derive, sweep, extra: li
     small grid of derived thresholds, and the baselines: fewer MAR steps at the FLOPs of lazymar and of the
     fastest schedule, fixed-interval reuse every 4 and 8 steps, and random token selection in place of the
     similarity ranking for lazymar and for the derived schedule closest to lazymar's FLOPs."""
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     use_cfg = reference_settings.cfg != 1.0
     lazymar = sweep.SweepPoint("lazymar", "lazymar", load_schedule("lazymar", reference_settings.num_iter, config),
                                params={"preset": "lazymar"})
@@ -265,7 +265,7 @@ DERIVED_GRID = [
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Under torchrun every point samples its batches on all ranks (lazymar.runs.Run); rank 0 decodes, scores,
     compares, prints and writes the CSV."""
-    from .measuring import launched
+    from .launch import launched
     with launched(args):
         return _sweep(args)
 
@@ -274,8 +274,8 @@ def _sweep(args: argparse.Namespace) -> int:
     derive = schedules
     from .. import distributed
     from ..runs import DEFAULT, Reference, SamplePlan
-    from ..cache.schedule import load_schedule
-    from .measuring import image_space_from_args
+    from ..cache.schedule_file import load_schedule
+    from .imagenet_options import image_space_from_args
     check_outputs([args.out], args.force)
     if args.stats is None and not args.no_defaults:
         args.stats = default_stats(args.model)
@@ -345,7 +345,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _baseline_point(spec, points: list, settings, config):
     """The sweep point ``--baseline`` names: a point of the sweep by name, else the schedule (preset or JSON file)
     it names, added; None for 'none' (the uncached reference row)."""
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     if spec is None or spec == "none":
         return None
     for point in points:
@@ -447,5 +447,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sweep, cfg=None, cfg_schedule=None, temperature=None)
     from ..runs.intervals import add_interval_args
     add_interval_args(p)
-    from .measuring import add_imagenet_args
-    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
+    from .imagenet_options import add_imagenet_args
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.imagenet_options)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..cache.schedule import CacheSchedule, exact_schedule
+from ..cache.schedule_file import CacheSchedule, exact_schedule
 from ..errors import LazymarError
 from ..model import MAR
 from ..sampling import SamplingSettings
@@ -97,7 +97,7 @@ def sample_squared_errors(candidate: Run, reference: Run) -> dict:
 
 class Reference:
     """The uncached run of a plan and candidates measured against it. The uncached run is the fastest exact sampler
-    (cache.schedule.exact_schedule: the head's invariants hoisted, as the cached schedules do), FLOPs counted.
+    (cache.schedule_file.exact_schedule: the head's invariants hoisted, as the cached schedules do), FLOPs counted.
 
     ``evaluator``: the quality evaluator of the runs (default: the model's own, see runs.images; None: no quality).
     ``psnr(schedule)`` is the measure that schedule searches (lazymar derive) expect."""

@@ -27,7 +27,7 @@ from ..config import MARConfig
 from ..errors import LazymarError
 
 SELECTION_RULES = ("similarity", "random", "status", "attention")  # attention: MARché (cache/attention_selection)
-ALWAYS_KEEP = ("to_predict", "new", "buffer")
+KEEPABLE_STATUSES = ("to_predict", "new", "buffer")  # what a schedule's always_keep may name
 ENCODER_POLICIES = ("full", "incremental", "new-tokens")
 FORMAT = "lazymar-cache-schedule/1"
 SEED_LIMIT = 2**63  # the random selection seeds torch.Generator
@@ -152,10 +152,11 @@ class CacheSchedule:
             raise ScheduleError(f"unknown selection rule {self.selection!r}; known: {', '.join(SELECTION_RULES)}")
         if _integer(self.selection_layer, "selection_layer") < 0:
             raise ScheduleError(f"selection_layer must be an integer >= 0, got {self.selection_layer!r}")
-        set_("always_keep", tuple(_sequence(self.always_keep, "always_keep", f"of statuses ({', '.join(ALWAYS_KEEP)})")))
-        unknown = [k for k in self.always_keep if not isinstance(k, str) or k not in ALWAYS_KEEP]
+        keepable = ", ".join(KEEPABLE_STATUSES)
+        set_("always_keep", tuple(_sequence(self.always_keep, "always_keep", f"of statuses ({keepable})")))
+        unknown = [k for k in self.always_keep if not isinstance(k, str) or k not in KEEPABLE_STATUSES]
         if unknown:
-            raise ScheduleError(f"unknown always_keep status {unknown[0]!r}; known: {', '.join(ALWAYS_KEEP)}")
+            raise ScheduleError(f"unknown always_keep status {unknown[0]!r}; known: {keepable}")
         if not isinstance(self.encoder, str) or self.encoder not in ENCODER_POLICIES:
             raise ScheduleError(f"unknown encoder policy {self.encoder!r}; known: {', '.join(ENCODER_POLICIES)}")
         if not 0 <= _integer(self.seed, "seed") < SEED_LIMIT:

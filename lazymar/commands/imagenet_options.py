@@ -1,12 +1,8 @@
-"""What the measuring commands (``eval``, ``bench``, ``sweep``) share: the ImageNet options (--vae, --fid-stats,
---inception-weights) and running under torchrun (each rank samples its share of the batches, rank 0 reports)."""
+"""The ImageNet options of the commands that score images (``eval``, ``bench``, ``sweep``, ``search-quality``):
+--vae, --fid-stats and --inception-weights, turned into the image space and quality evaluator of a run."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-from typing import Iterator
-
-import torch
 
 from ..model import MAR
 from ..errors import ArgumentError
@@ -46,12 +42,3 @@ def image_space_from_args(model: MAR, args: argparse.Namespace, need_images: boo
     imagenet.use_imagenet_quality(quality)  # None: an earlier command's evaluator does not linger
     return ImageSpace(model, vae)
 
-
-@contextlib.contextmanager
-def launched(args: argparse.Namespace) -> Iterator[torch.device]:
-    """Join torchrun's process group when launched by it (lazymar.distributed) and set ``args.device`` to this
-    rank's device (``cuda`` -> ``cuda:LOCAL_RANK``)."""
-    from .. import distributed
-    with distributed.launched(args.device) as device:
-        args.device = str(device)
-        yield device
