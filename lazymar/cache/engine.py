@@ -28,10 +28,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..head_steps import sample_head
 from ..model import MAR
 from ..precision import cache_dtype as matching_cache_dtype
-from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner
+from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner, sample_head
 from . import flops as F
 from .condition import ConditionCache
 from .decoder import DecoderTokenCache

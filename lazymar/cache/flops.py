@@ -17,7 +17,7 @@ from typing import Optional
 from ..config import MARConfig
 from ..diffusion import space_timesteps
 from ..head_steps import head_step_allocation
-from ..sampling import mask_length
+from ..orders import mask_length
 from .schedule_file import CacheSchedule, HeadCachePolicy
 
 COMPONENTS = ("encoder", "decoder", "head")
