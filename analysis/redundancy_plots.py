@@ -205,7 +205,7 @@ def plot_branch_vs_residual(per_step: pd.DataFrame, title: str = "", ylabel: str
                             log: bool = True) -> Figure:
     """Per step: the change of the cond branch, the uncond branch and their residual r = cond - uncond
     (columns cond_change, uncond_change, residual_change; from phenomena.branch_vs_residual(by="step") for one
-    layer, or phenomena.absolute_change)."""
+    layer, or live_features.absolute_change)."""
     index = per_step.index.get_level_values("step") if "step" in per_step.index.names else per_step.index
     fig, ax = subplots(figsize=(7, 3.2), constrained_layout=True)
     for column, color in BRANCH_COLORS.items():

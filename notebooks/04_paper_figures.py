@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import figures, model_comparison, phenomena, redundancy_plots, schedule_plots, schedule_runs, workbook
+from analysis import (figures, live_features, model_comparison, phenomena, redundancy_plots, schedule_plots, schedule_runs,
+                      workbook)
 from lazymar.cache.schedule_file import CacheSchedule, lazymar_schedule
 from lazymar.recording import load_stats
 from lazymar.runs import balanced_labels
@@ -68,9 +69,9 @@ save(redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds, "m
 fractions = phenomena.fraction_above(ds, (0.95, 0.99), layers=[decoder_layers[0], decoder_layers[-1], "z"])
 save(redundancy_plots.plot_fraction_above(fractions), "token_fraction_above");
 save(redundancy_plots.plot_encoder_vs_decoder(phenomena.encoder_vs_decoder(ds)), "token_encoder_vs_decoder");
-captured = phenomena.capture_step_features(model, live_labels, settings, layers=(decoder_layers[0], "z"), seed=SEED,
+captured = live_features.capture_step_features(model, live_labels, settings, layers=(decoder_layers[0], "z"), seed=SEED,
                                           progress=True)
-similarity = phenomena.step_similarity_matrix(captured["z"][:, :LIVE_SAMPLES])
+similarity = live_features.step_similarity_matrix(captured["z"][:, :LIVE_SAMPLES])
 save(redundancy_plots.plot_step_similarity(similarity, "z"), "token_step_similarity");
 save_table(phenomena.group_summary(ds, (0.95, 0.99)), "token_group_summary")
 
@@ -86,8 +87,8 @@ save(redundancy_plots.plot_step_layer_heatmap(
     "condition_residual_heatmap");
 relative = save_table(phenomena.branch_vs_residual(ds, statistic="median"), "condition_relative_change")
 save(redundancy_plots.plot_change_ratio(relative, ylabel="branch / residual relative change"), "condition_relative_ratio");
-absolute = {layer: phenomena.absolute_change(f) for layer, f in captured.items()}
-ratios = pd.DataFrame({layer: phenomena.overall_change_ratio(df) for layer, df in absolute.items()}).T
+absolute = {layer: live_features.absolute_change(f) for layer, f in captured.items()}
+ratios = pd.DataFrame({layer: live_features.overall_change_ratio(df) for layer, df in absolute.items()}).T
 ratios.index.name = "layer"
 save_table(ratios, "condition_absolute_ratio")
 save(redundancy_plots.plot_branch_vs_residual(absolute["z"], ylabel=r"$\|x_s - x_{s-1}\|$ (mean over positions)",

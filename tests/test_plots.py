@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from analysis import figures, phenomena, redundancy_plots, schedule_plots, schedule_runs  # noqa: E402
+from analysis import figures, live_features, phenomena, redundancy_plots, schedule_plots, schedule_runs  # noqa: E402
 from analysis.phenomena import AnalysisError  # noqa: E402
 from lazymar import MAR, get_config  # noqa: E402
 from lazymar.cache.flops import estimate_generation_flops  # noqa: E402
@@ -158,7 +158,7 @@ def test_branch_vs_residual_ratio():
     per_step = phenomena.branch_vs_residual(ds, statistic="mean", by="step", layers=["decoder.0"])
     assert per_step.loc[("decoder.0", 2), "residual_change"] == pytest.approx(0.02)
     assert per_step.loc[("decoder.0", 1), "cond_over_residual"] == pytest.approx(20.0)
-    assert phenomena.overall_change_ratio(per_step)["cond_over_residual"] == pytest.approx(0.4 / 0.03)
+    assert live_features.overall_change_ratio(per_step)["cond_over_residual"] == pytest.approx(0.4 / 0.03)
 
 
 def test_absolute_change_of_branches_and_residual():
@@ -166,14 +166,14 @@ def test_absolute_change_of_branches_and_residual():
     f = torch.zeros(2, 2, 1, 2)
     f[1, 0, 0] = torch.tensor([3.0, 4.0])   # cond moves by 5
     f[1, 1, 0] = torch.tensor([0.0, 4.0])   # uncond moves by 4; residual [0,0] -> [3,0] moves by 3
-    df = phenomena.absolute_change(f)
+    df = live_features.absolute_change(f)
     assert list(df.index) == [1]
     assert df.loc[1, "cond_change"] == pytest.approx(5.0)
     assert df.loc[1, "uncond_change"] == pytest.approx(4.0)
     assert df.loc[1, "residual_change"] == pytest.approx(3.0)
     assert df.loc[1, "cond_over_residual"] == pytest.approx(5 / 3)
     with pytest.raises(AnalysisError, match="CFG"):
-        phenomena.absolute_change(torch.zeros(2, 3, 1, 2))
+        live_features.absolute_change(torch.zeros(2, 3, 1, 2))
 
 
 def test_head_change_profile_means_over_samples_and_steps():
@@ -201,11 +201,11 @@ def test_log10_change_and_resolution():
 
 def test_step_similarity_matrix_by_hand():
     f = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]], [[[0.0, 2.0]]]])  # 3 steps, 1 row, 1 position
-    sim = phenomena.step_similarity_matrix(f)
+    sim = live_features.step_similarity_matrix(f)
     expected = np.array([[1, 2 ** -0.5, 0], [2 ** -0.5, 1, 2 ** -0.5], [0, 2 ** -0.5, 1]])
     np.testing.assert_allclose(sim, expected, atol=1e-12)
     with pytest.raises(AnalysisError, match="steps, rows, positions, dim"):
-        phenomena.step_similarity_matrix(torch.zeros(3, 2))
+        live_features.step_similarity_matrix(torch.zeros(3, 2))
 
 
 # --- live capture and measured runs on a tiny model ----------------------------------------------------------
@@ -217,20 +217,20 @@ def tiny() -> MAR:
 def test_capture_step_features_matches_the_sampler(tiny):
     settings = SamplingSettings(num_iter=4, cfg=2.0)
     plain = generate(tiny, [1, 2], settings, seed=3)
-    captured = phenomena.capture_step_features(tiny, [1, 2], settings, layers=("decoder.1", "z"), seed=3)
+    captured = live_features.capture_step_features(tiny, [1, 2], settings, layers=("decoder.1", "z"), seed=3)
     total = tiny.buffer_size + tiny.seq_len
     assert captured["decoder.1"].shape == (4, 4, total, tiny.config.decoder_embed_dim)  # steps, [cond; uncond]
     assert captured["z"].shape == (4, 4, tiny.seq_len, tiny.config.decoder_embed_dim)
     # z at the last step is the decoder's last block output through decoder_output
     torch.testing.assert_close(captured["z"][-1], tiny.decoder_output(captured["decoder.1"][-1]))
     assert torch.equal(generate(tiny, [1, 2], settings, seed=3), plain)  # hooks removed, nothing changed
-    sim = phenomena.step_similarity_matrix(captured["z"])
+    sim = live_features.step_similarity_matrix(captured["z"])
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-9)
     np.testing.assert_allclose(sim, sim.T, atol=1e-12)
     with pytest.raises(AnalysisError, match="decoder.i and z"):
-        phenomena.capture_step_features(tiny, [1], settings, layers=("encoder.0",))
+        live_features.capture_step_features(tiny, [1], settings, layers=("encoder.0",))
     with pytest.raises(AnalysisError, match="out of range"):
-        phenomena.capture_step_features(tiny, [1], settings, layers=("decoder.7",))
+        live_features.capture_step_features(tiny, [1], settings, layers=("decoder.7",))
 
 
 def test_measure_schedules_against_the_flops_estimate(tiny):
