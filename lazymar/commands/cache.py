@@ -188,7 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "bootstrap stratum, per-seed results under per_seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p, baseline=None)  # the differences are against the uncached run
     add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.imagenet_options)
 

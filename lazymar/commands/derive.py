@@ -445,7 +445,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sweep, cfg=None, cfg_schedule=None, temperature=None)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p)
     from .imagenet_options import add_imagenet_args
     add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.imagenet_options)

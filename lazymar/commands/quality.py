@@ -112,5 +112,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search_quality, cfg=None, cfg_schedule=None, temperature=None)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p, baseline=None)  # the floor is the baseline of the verdicts
