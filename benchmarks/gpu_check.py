@@ -140,7 +140,7 @@ def check_precision(device: str, sizes: dict, seed: int = 7) -> dict:
 def check_mar_base(device: str, sizes: dict) -> dict:
     from dataclasses import replace
 
-    from lazymar.cache.bench import benchmark
+    from lazymar.runs.bench import benchmark
     from lazymar.cache.schedule_file import load_schedule
     from lazymar.commands.cache import random_model
     from lazymar.precision import default_precision

@@ -14,7 +14,7 @@ from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from ..validation import seed as seed_type
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
-from .imagenet_options import add_imagenet_args, image_space_from_args
+from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
 from .launch import launched
 
 COMPUTE_BOUND = dict(arch="mar_base", batch_size=8, num_iter=16, cfg=3.0)
@@ -42,7 +42,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..cache.bench import benchmark
+    from ..runs.bench import benchmark
     from ..cache.schedule_file import load_schedule
     from ..runs import SamplePlan
     if args.compute_bound and args.num_iter is not None:  # the random model's token count, before building it
@@ -64,15 +64,16 @@ def _bench(args: argparse.Namespace) -> int:
     num_samples = 200 if args.num_samples is None else args.num_samples
     batch_size = 100 if args.batch_size is None else args.batch_size
     images = image_space_from_args(model, args, need_images=False)
+    evaluator = quality_from_args(model, args)
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
-    from ..runs import intervals, quality_evaluator
-    evaluator = quality_evaluator(model, images.vae)
+    from ..runs import intervals
     seeds = args.seeds or [args.seed]
     per_seed, arrays = {}, {}
     for run_seed in seeds:
         plan = SamplePlan.balanced(num_samples, model.config.class_num, run_seed, batch_size)
         runs: dict = {}
         per_seed[run_seed] = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
+                                       evaluator=evaluator,
                                        cpu_memory=torch.device(args.device).type == "cpu",
                                        progress=distributed.is_main(), runs_out=runs)  # stderr; stdout: the JSON
         arrays[run_seed] = {name: intervals.sample_arrays(run, runs["baseline"], evaluator)

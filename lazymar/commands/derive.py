@@ -273,9 +273,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     derive = schedules
     from .. import distributed
-    from ..runs import DEFAULT, Reference, SamplePlan
+    from ..runs import Reference, SamplePlan
     from ..cache.schedule_file import load_schedule
-    from .imagenet_options import image_space_from_args
+    from .imagenet_options import image_space_from_args, quality_from_args
     check_outputs([args.out], args.force)
     if args.stats is None and not args.no_defaults:
         args.stats = default_stats(args.model)
@@ -300,6 +300,7 @@ def _sweep(args: argparse.Namespace) -> int:
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
     images = image_space_from_args(model, args, need_images=False)
+    quality = quality_from_args(model, args)
     for family in args.family or []:
         points += peers.family_points(family, settings, model.config)
     from ..runs import intervals
@@ -311,7 +312,7 @@ def _sweep(args: argparse.Namespace) -> int:
     per_seed, arrays = {}, {}
     for run_seed in seeds:  # one reference per seed; the seed is the bootstrap's stratum
         plan = SamplePlan.balanced(args.num_samples, model.config.class_num, run_seed, args.batch_size)
-        reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else DEFAULT)
+        reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else quality)
         runs: dict = {}
         per_seed[run_seed] = sweep.run_sweep(reference, points, quality=not args.no_quality,
                                              progress=not args.json and distributed.is_main(), runs=runs)

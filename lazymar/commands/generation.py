@@ -7,11 +7,11 @@ from pathlib import Path
 
 from ..errors import ArgumentError
 from ..grid import parse_labels, save_sample_grid
-from ..runs import Run, SamplePlan, generate_tokens, quality_evaluator
+from ..runs import Run, SamplePlan, generate_tokens
 from ..validation import check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
-from .imagenet_options import add_imagenet_args, image_space_from_args
+from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
 from .launch import launched
 
 
@@ -68,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     images_of = image_space_from_args(model, args)
-    evaluator = quality_evaluator(model, images_of.vae)
+    evaluator = quality_from_args(model, args)
     if evaluator is None:
         raise ArgumentError("no quality evaluator fits this model (the digits model: accuracy and digits-FID; a VAE "
                          "model: --vae with --fid-stats for ImageNet FID/IS)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
-from ..model import MAR
 from ..errors import ArgumentError
-from ..runs import ImageSpace
+from ..model import MAR
+from ..runs import ImageSpace, QualityEvaluator, quality_evaluator
 
 
 def add_imagenet_args(parser: argparse.ArgumentParser, vae: bool = True) -> None:
@@ -24,21 +25,23 @@ def add_imagenet_args(parser: argparse.ArgumentParser, vae: bool = True) -> None
 
 
 def image_space_from_args(model: MAR, args: argparse.Namespace, need_images: bool = True) -> ImageSpace:
-    """Tokens to images with the --vae decoder, and with --fid-stats the ImageNet quality evaluator made the VAE
-    models' one (lazymar.imagenet); everything loaded and checked now, before any sampling. ``need_images``
-    False (comparisons): a latent model without --vae has no image space, and only token MSE is compared."""
+    """Tokens to images with the --vae decoder, loaded and checked now, before any sampling. ``need_images`` False
+    (comparisons): a latent model without --vae has no image space, and only token MSE is compared."""
     from ..vae import check_vae_fits, load_vae
     vae = load_vae(args.vae, device=args.device) if getattr(args, "vae", None) else None
     if need_images or vae is not None:
         check_vae_fits(model, vae)
-    from .. import imagenet
-    quality = None
-    if getattr(args, "fid_stats", None):
-        if vae is None:
-            raise ArgumentError("--fid-stats scores VAE-decoded ImageNet samples: pass the model's --vae too")
-        from ..download import resolve
-        quality = imagenet.ImageNetQuality.load(resolve(args.fid_stats, "fid-stats"), args.device,
-                                                args.inception_weights)
-    imagenet.use_imagenet_quality(quality)  # None: an earlier command's evaluator does not linger
+    if getattr(args, "fid_stats", None) and vae is None:
+        raise ArgumentError("--fid-stats scores VAE-decoded ImageNet samples: pass the model's --vae too")
     return ImageSpace(model, vae)
 
+
+def quality_from_args(model: MAR, args: argparse.Namespace) -> Optional[QualityEvaluator]:
+    """The quality evaluator of the command's runs, chosen here and passed to them: with --fid-stats ImageNet FID and
+    IS of the VAE-decoded images (lazymar.imagenet, loaded now, before any sampling), else the model's own
+    (lazymar.runs.quality_evaluator: the digits classifier's, or None)."""
+    if getattr(args, "fid_stats", None):
+        from ..download import resolve
+        from ..imagenet import ImageNetQuality
+        return ImageNetQuality.load(resolve(args.fid_stats, "fid-stats"), args.device, args.inception_weights)
+    return quality_evaluator(model)

@@ -107,7 +107,7 @@ class Reference:
                  progress: bool = False, keep_images: Optional[bool] = None):
         self.model, self.plan, self.settings = model, plan, settings
         self.image_space = ImageSpace(model, vae, keep=keep_images)
-        self.evaluator = quality_evaluator(model, vae) if evaluator is DEFAULT else evaluator
+        self.evaluator = quality_evaluator(model) if evaluator is DEFAULT else evaluator
         self.cpu_baseline_mb, self.progress = cpu_baseline_mb, progress
         self.schedule = exact_schedule(settings.num_iter)
         self.run = self.sample("none", self.schedule, quality=False)
