@@ -326,7 +326,8 @@ def lazymar_selection_layer(decoder_depth: int) -> int:
 
 def lazymar_schedule(num_iter: int = LAZYMAR_STEPS, config: Optional[MARConfig] = None,
                      hoist_invariants: bool = True) -> CacheSchedule:
-    """The released LazyMAR scheme (REFERENCE.md section 2); exact at 64 steps for the released models.
+    """The scheme of the released LazyMAR code (refresh steps, keep ratios, head blocks); exact at 64 steps for the
+    released models.
 
     Other step counts map by step fraction: step s covers [s/N, (s+1)/N) of the generation and refreshes if that
     interval holds a released refresh step; its keep ratio is the released one at floor(64 s / N). The "+ 15" of
@@ -381,7 +382,7 @@ def load_schedule(name_or_path: str | Path, num_iter: int, config: Optional[MARC
         schedule = none_schedule(num_iter)
     elif key in ("lazymar", "lazymar-released"):
         schedule = lazymar_schedule(num_iter, config, hoist_invariants=key == "lazymar")
-    elif key == "lazymar-new-tokens":  # the encoder policy the released code's cache sizing suggests (REFERENCE.md)
+    elif key == "lazymar-new-tokens":  # the encoder policy the released code's cache sizing suggests
         schedule = lazymar_schedule(num_iter, config).with_changes(encoder="new-tokens", name=key)
     else:
         path = Path(name_or_path)

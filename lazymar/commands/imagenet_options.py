@@ -1,4 +1,4 @@
-"""The ImageNet options of the commands that score images (``eval``, ``bench``, ``sweep``, ``search-quality``):
+"""The ImageNet options of the commands that score images (``eval``, ``bench``, ``sweep``):
 --vae, --fid-stats and --inception-weights, turned into the image space and quality evaluator of a run."""
 from __future__ import annotations
 
