@@ -64,7 +64,11 @@ def import_cycles(*packages: str) -> list[list[str]]:
 def broken_contracts(config: Path, capsys) -> str:
     """import-linter's report on the contracts of ``config`` when one is broken, else ""."""
     capsys.readouterr()
-    status = lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    path = list(sys.path)
+    try:
+        status = lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    finally:
+        sys.path[:] = path  # lint_imports puts the working directory first on the import path
     report = capsys.readouterr().out
     return "" if status == EXIT_STATUS_SUCCESS else report
 
