@@ -6,7 +6,7 @@ derive` does (JSON + markdown report), ready for `lazymar bench --schedule PATH`
 
 Why it is built this way: JupyterLab 4 sends widget messages over kernel subshells, which ipykernel 7 handles in
 their own threads, so callbacks may run concurrently. Every figure is therefore a plain matplotlib ``Figure``
-(analysis.plots.subplots, no pyplot state), rendered to PNG bytes and shown in an ``ipywidgets.Image``; widget
+(analysis.figures.subplots, no pyplot state), rendered to PNG bytes and shown in an ``ipywidgets.Image``; widget
 state is written under one lock; nothing uses ``Output`` capture, which follows the thread that runs it.
 
 Slider ranges come from the recording: tau_token spans the lower tail of the selection layer's V similarity, so
@@ -31,8 +31,8 @@ from lazymar.runs import balanced_labels
 from lazymar.sampling import SamplingSettings, StepObserver, observe_steps
 from lazymar.schedules import DerivationError, DerivedSchedule, RedundancyProfile, derive_schedule, schedule_matrix
 
-from . import plots
-from .measure import Measurement, measure_schedules
+from . import figures, schedule_plots
+from .schedule_runs import Measurement, measure_schedules
 from .phenomena import sampling_settings
 
 SUMMARY_CLASS = "lazymar-summary"
@@ -211,22 +211,22 @@ class ScheduleExplorer:
             d = self.derived
             self.summary.value = (f"{head}<br>predicted FLOPs ratio <b>{d.predicted_flops_ratio:.2f}x</b> &middot; "
                                   f"{html.escape(d.summary())}")
-            self.heatmap.value = plots.figure_png(plots.plot_schedule(schedule_matrix(d.schedule),
+            self.heatmap.value = figures.figure_png(schedule_plots.plot_schedule(schedule_matrix(d.schedule),
                                                                       title=d.schedule.name))
-            self.tradeoff.value = plots.figure_png(self.tradeoff_figure())
+            self.tradeoff.value = figures.figure_png(self.tradeoff_figure())
             return d
 
     def tradeoff_figure(self) -> Figure:
         """The sweep's points and front with the current schedule's predicted FLOPs ratio (dashed line) and,
         after a check, its measured point."""
         from lazymar.sweep import pareto_front
-        fig, ax = plots.subplots(figsize=(8.0, 4.6))
+        fig, ax = figures.subplots(figsize=(8.0, 4.6))
         measured = None
         if self.last_measured is not None:
             measured = {"flops_ratio": self.last_measured["flops_ratio"], "psnr": self.last_measured["psnr"],
                         "label": f"measured: {self.last_measured['schedule']}"}
         if self.sweep is not None and len(self.sweep):
-            plots.plot_tradeoff(self.sweep, label="name", front=pareto_front(self.sweep), highlight=measured, ax=ax)
+            schedule_plots.plot_tradeoff(self.sweep, label="name", front=pareto_front(self.sweep), highlight=measured, ax=ax)
         else:
             ax.text(0.5, 0.5, "no sweep CSV: measure points with `lazymar sweep`", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8)
@@ -287,7 +287,7 @@ class ScheduleExplorer:
                 self.status.value += " cancelling&hellip;"
 
     def _run_check(self, number: int, derived: DerivedSchedule, params: dict) -> None:
-        from lazymar.cache.schedule import lazymar_schedule
+        from lazymar.cache.schedule_file import lazymar_schedule
         start = time.perf_counter()
         try:
             if self.model is None:
@@ -365,9 +365,9 @@ class ScheduleExplorer:
             self.results.value = self.history_table().to_html(float_format=lambda v: f"{v:.3f}", index=False,
                                                                border=0, na_rep="")
             if grid is not None:
-                self.samples.value = plots.figure_png(grid)
+                self.samples.value = figures.figure_png(grid)
                 self.samples.layout.display = None
-            self.tradeoff.value = plots.figure_png(self.tradeoff_figure())
+            self.tradeoff.value = figures.figure_png(self.tradeoff_figure())
             self.progress.value, self.progress.bar_style = 1.0, "success"
             self.status.value = (f"check {number}: measured <code>{html.escape(derived.schedule.name)}</code> on "
                                  f"{len(labels)} samples in {seconds:.0f} s"
@@ -376,7 +376,7 @@ class ScheduleExplorer:
 
     def sample_figure(self, images: dict, labels) -> Figure:
         """The measured runs' samples side by side (the grid a browser test counts)."""
-        return plots.plot_sample_comparison(images, labels=labels)
+        return schedule_plots.plot_sample_comparison(images, labels=labels)
 
     def history_table(self) -> pd.DataFrame:
         """Every measured run so far: check number, schedule name, its thresholds and the metrics."""

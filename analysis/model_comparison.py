@@ -27,7 +27,7 @@ from lazymar.sweep import load_sweep, pareto_front
 
 from . import phenomena
 from .phenomena import AnalysisError
-from .plots import STEP_LABEL, subplots
+from .figures import STEP_LABEL, subplots
 
 SKIPPABLE = tuple(s for s in STATUS_NAMES if s not in ALWAYS_KEPT)  # positions a token cache may reuse
 UNKNOWN = ("to_predict", "masked")                                 # positions the CFG residual acts on

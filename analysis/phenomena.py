@@ -1,6 +1,5 @@
 """The redundancy phenomena as numbers: tables computed from a recording (lazymar.recording layout). A live
-capture of per-step features, for what a recording does not keep, is in :mod:`analysis.live_features` (its
-functions are re-exported here).
+capture of per-step features, for what a recording does not keep, is in :mod:`analysis.live_features`.
 
 Conventions: NaN marks a value that was not computed (a position absent at s or s-1) and is excluded from every
 count; "fraction above t" is (#values > t) / (#finite values); statuses are the recording's (buffer, known, new,
@@ -364,7 +363,3 @@ def head_change_profile(ds: xr.Dataset, statistic: str = "mean") -> pd.DataFrame
     df.columns.name = "head_part"
     return df.dropna(how="all")
 
-
-# live capture (what a recording does not keep): analysis.live_features, re-exported for the notebooks
-from .live_features import (absolute_change, capture_step_features, overall_change_ratio,  # noqa: E402,F401
-                            step_similarity_matrix)

@@ -1,5 +1,5 @@
 """Figures of the redundancy phenomena (notebooks 01 and 02): every function takes a recording or the tables of
-analysis.phenomena and returns a matplotlib Figure with labelled axes (save it with ``plots.save_figure``).
+analysis.phenomena and returns a matplotlib Figure with labelled axes (save it with ``figures.save_figure``).
 
 Cosines of adjacent steps sit very close to 1, so distributions are drawn as 1 - cosine on a log axis; values
 at or below ``floor`` (exact repeats, or the rounding of a compact recording) are drawn at the floor.
@@ -19,7 +19,7 @@ from matplotlib.patches import Patch
 from lazymar.recording import STATUS_NAMES
 
 from .phenomena import AnalysisError, ecdfs_by_status, histograms_by_status, resolution
-from .plots import STEP_LABEL, subplots
+from .figures import STEP_LABEL, subplots
 
 STATUS_COLORS = {"buffer": "#7f7f7f", "known": "#1f77b4", "new": "#d62728", "to_predict": "#ff7f0e",
                  "masked": "#2ca02c"}
@@ -205,7 +205,7 @@ def plot_branch_vs_residual(per_step: pd.DataFrame, title: str = "", ylabel: str
                             log: bool = True) -> Figure:
     """Per step: the change of the cond branch, the uncond branch and their residual r = cond - uncond
     (columns cond_change, uncond_change, residual_change; from phenomena.branch_vs_residual(by="step") for one
-    layer, or phenomena.absolute_change)."""
+    layer, or live_features.absolute_change)."""
     index = per_step.index.get_level_values("step") if "step" in per_step.index.names else per_step.index
     fig, ax = subplots(figsize=(7, 3.2), constrained_layout=True)
     for column, color in BRANCH_COLORS.items():

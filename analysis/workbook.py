@@ -8,7 +8,7 @@ from typing import Optional
 import pandas as pd
 import xarray as xr
 
-from . import phenomena, plots
+from . import figures, phenomena
 
 
 def describe_recording(ds: xr.Dataset, source: str) -> str:
@@ -24,7 +24,7 @@ def describe_recording(ds: xr.Dataset, source: str) -> str:
 class FigureWriter:
     """Shows figures and saves them (PNG and PDF) and tables (CSV and markdown) under ``folder``; with ``folder``
     None it only shows them. ``written`` lists every file saved. Figures are plain matplotlib Figures (no pyplot
-    state, see analysis.plots.subplots), shown as PNG images."""
+    state, see analysis.figures.subplots), shown as PNG images."""
 
     def __init__(self, folder: Optional[str | Path], display: bool = True):
         self.folder = Path(folder) if folder else None
@@ -33,9 +33,9 @@ class FigureWriter:
 
     def figure(self, fig, name: str):
         if self.display:
-            plots.show(fig)
+            figures.show(fig)
         if self.folder is not None:
-            self.written.extend(plots.save_figure(fig, name, self.folder))
+            self.written.extend(figures.save_figure(fig, name, self.folder))
         return fig
 
     def table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -43,7 +43,7 @@ class FigureWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / name
             df.to_csv(path.with_suffix(".csv"), float_format="%.6g")
-            path.with_suffix(".md").write_text(plots.markdown_table(df))
+            path.with_suffix(".md").write_text(figures.markdown_table(df))
             self.written.extend([path.with_suffix(".csv"), path.with_suffix(".md")])
         return df
 

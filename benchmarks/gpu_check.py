@@ -86,7 +86,7 @@ def check_conformance(device: str, sizes: dict) -> dict:
 
 def check_cache_exactness(device: str, sizes: dict) -> dict:
     from lazymar.cache.engine import CacheEngine
-    from lazymar.cache.schedule import none_schedule
+    from lazymar.cache.schedule_file import none_schedule
     from lazymar.checkpoint import load_model
     from lazymar.sampling import SamplingSettings, generate
     model = load_model("digits16", device=device)
@@ -102,7 +102,7 @@ def check_cache_exactness(device: str, sizes: dict) -> dict:
 def check_precision(device: str, sizes: dict, seed: int = 7) -> dict:
     from dataclasses import replace
 
-    from lazymar.cache.schedule import load_schedule
+    from lazymar.cache.schedule_file import load_schedule
     from lazymar.checkpoint import load_model
     from lazymar.runs import Reference, SamplePlan
     from lazymar.runs.compare import fidelity
@@ -140,8 +140,8 @@ def check_precision(device: str, sizes: dict, seed: int = 7) -> dict:
 def check_mar_base(device: str, sizes: dict) -> dict:
     from dataclasses import replace
 
-    from lazymar.cache.bench import benchmark
-    from lazymar.cache.schedule import load_schedule
+    from lazymar.runs.bench import benchmark
+    from lazymar.cache.schedule_file import load_schedule
     from lazymar.commands.cache import random_model
     from lazymar.precision import default_precision
     from lazymar.runs import SamplePlan

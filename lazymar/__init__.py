@@ -3,8 +3,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import CONFIGS, MARConfig, get_config
 from .model import MAR
 from .sampling import SamplingSettings, StepContext, StepObserver, StepRunner, current_step, generate, observe_steps
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CONFIGS", "CheckpointError", "MAR", "MARConfig", "SamplingSettings", "StepContext", "StepObserver", "StepRunner",

@@ -119,7 +119,7 @@ CONFIGS: dict[str, MARConfig] = {
     "mar_base": _official(768, 12, 12, 6, 1024),
     "mar_large": _official(1024, 16, 16, 8, 1280),
     "mar_huge": _official(1280, 20, 16, 12, 1536),
-    # the size of ../shared/reference/mar_tiny_a.pth
+    # the size of the official-layout fixture mar_tiny_a.pth in $LAZYMAR_REFERENCE_DIR (tests/test_loading.py)
     "mar_tiny": MARConfig(
         img_size=128, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, buffer_size=16,

@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import SettingsError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .sampling import StepContext
 
 HEAD_STEPS_SPECS = "uniform, fts:<fraction>:<reduced steps>"
 # sample(rows of z, head steps or None for the model's) -> sampled tokens of those rows (both CFG halves)
@@ -117,25 +114,3 @@ def head_step_allocation(spec: str) -> Optional[FrequencyWeightedSteps]:
         raise SettingsError(f"bad head steps {spec!r}: expected fts:<fraction>:<reduced steps>, "
                             f"e.g. fts:0.5:25") from None
 
-
-def sample_head(ctx: "StepContext", z: Tensor, sample: HeadSampler) -> Tensor:
-    """The head's tokens for the rows of z (the step's to-predict tokens, [cond; uncond] with CFG) under the step's
-    allocation: one ``sample`` call with the model's steps, or under FTS one per group of rows (full steps, then
-    reduced; an empty group is not sampled and draws no noise)."""
-    allocation = ctx.head_steps
-    if allocation is None:
-        return sample(z, None)
-    full = allocation.full_tokens(ctx.tokens, ~ctx.unknown, ctx.to_predict_positions)  # (B, n)
-    B, n = full.shape
-    k = allocation.full_count(n)  # full-step tokens per sample: known on the host, no read-back of ``full``
-    # per sample, its full-step tokens then the others, each in position order (a stable sort of "not full"),
-    # as row indices of the cond half: the order in which boolean masks would pick them
-    ranked = torch.sort((~full).to(torch.uint8), dim=1, stable=True).indices
-    ranked = ranked + n * torch.arange(B, device=full.device)[:, None]
-    out = z.new_empty(z.shape[0], ctx.model.token_dim)
-    for rows, steps in ((ranked[:, :k], None), (ranked[:, k:], allocation.reduced_steps)):
-        if rows.numel():  # an empty group is not sampled and draws no noise
-            rows = rows.reshape(-1)
-            rows = torch.cat([rows, rows + B * n]) if ctx.use_cfg else rows  # the same tokens' uncond rows
-            out[rows] = sample(z[rows], steps)
-    return out

@@ -303,12 +303,12 @@ def _in_sample_order(chunks: list[tuple[int, np.ndarray]], what: str) -> np.ndar
     return np.concatenate([z for _, z in chunks])
 
 
-# --- the quality evaluator of VAE models (lazymar.runs seam) ---------------------------------------------
+# --- the quality evaluator of VAE models (passed to lazymar.runs) -----------------------------------------
 class ImageNetQuality:
-    """FID against ``reference`` and IS of a run's decoded images, through ``extractor``: the runs core's quality
-    evaluator for VAE models once :func:`use_imagenet_quality` activated it (``eval``/``bench``/``sweep``
-    ``--fid-stats``). It streams: ``stream()`` takes the images chunk by chunk into an :class:`InceptionStats`.
-    IS uses ``min(10, N)`` splits (10 from 10 samples on, as the official evaluation)."""
+    """FID against ``reference`` and IS of a run's decoded images, through ``extractor``: a quality evaluator of the
+    runs core for VAE models, passed to the runs explicitly (``eval``/``bench``/``sweep`` ``--fid-stats``). It
+    streams: ``stream()`` takes the images chunk by chunk into an :class:`InceptionStats`. IS uses ``min(10, N)``
+    splits (10 from 10 samples on, as the official evaluation)."""
 
     name = "imagenet"
     keys = ("fid", "inception_score", "inception_score_std")
@@ -351,22 +351,3 @@ class _ImageNetStream:
         return {k: v for k, v in self.stats.scores(self.quality.reference, splits=min(IS_SPLITS, self.stats.count)
                                                    ).items() if k in ImageNetQuality.keys}
 
-
-_ACTIVE: list[Optional[ImageNetQuality]] = [None]
-
-
-def use_imagenet_quality(quality: Optional[ImageNetQuality]) -> None:
-    """Make ``quality`` the evaluator of every VAE model (runs.quality_evaluator); None: no ImageNet quality."""
-    _ACTIVE[0] = quality
-
-
-def _imagenet_factory(model, vae) -> Optional[ImageNetQuality]:
-    return _ACTIVE[0] if vae is not None else None
-
-
-def _register() -> None:
-    from .runs import register_evaluator
-    register_evaluator(_imagenet_factory)
-
-
-_register()

@@ -25,6 +25,17 @@ from torch import Tensor
 from .errors import SettingsError
 
 
+def random_orders(batch_size: int, seq_len: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """One random generation order (a permutation of positions) per sample."""
+    return torch.argsort(torch.rand(batch_size, seq_len, generator=generator, device=device), dim=1)
+
+
+def mask_length(step: int, num_iter: int, seq_len: int, num_unknown: int) -> int:
+    """Positions left unknown after ``step``: floor(L cos(pi/2 (s+1)/N)), clamped to [1, unknown - 1]."""
+    target = math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+    return max(1, min(num_unknown - 1, target))
+
+
 class GenerationOrder(Protocol):
     def orders(self, batch_size: int, seq_len: int, generator: Optional[torch.Generator],
                device: torch.device) -> Tensor: ...
@@ -37,11 +48,9 @@ class MAROrder:
 
     def orders(self, batch_size: int, seq_len: int, generator: Optional[torch.Generator],
                device: torch.device) -> Tensor:
-        from .sampling import random_orders
         return random_orders(batch_size, seq_len, generator, device)
 
     def mask_length(self, step: int, num_iter: int, seq_len: int, num_unknown: int) -> int:
-        from .sampling import mask_length
         return mask_length(step, num_iter, seq_len, num_unknown)
 
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from .cache.schedule import CacheSchedule, HeadCachePolicy, lazymar_schedule, load_schedule, none_schedule
+from .cache.schedule_file import CacheSchedule, HeadCachePolicy, lazymar_schedule, load_schedule, none_schedule
 from .config import MARConfig
 from .errors import ArgumentError
 from .sampling import SamplingSettings

@@ -45,7 +45,7 @@ def compute_dtype(precision: str, parameter_dtype: torch.dtype) -> torch.dtype:
 
 def cache_dtype(precision: str, parameter_dtype: torch.dtype, fp32_storage: torch.dtype) -> torch.dtype:
     """The dtype caches are stored in: the compute dtype when it is a half type, ``fp32_storage`` (float16 by
-    default: lazymar.cache.store) when the computation is in float32."""
+    default: lazymar.cache.buffers) when the computation is in float32."""
     dtype = compute_dtype(precision, parameter_dtype)
     return fp32_storage if dtype == torch.float32 else dtype
 

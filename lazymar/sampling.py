@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from dataclasses import dataclass
 from typing import Iterator, Literal, Optional, Sequence
 
@@ -19,12 +18,13 @@ from tqdm.auto import tqdm
 from .config import SamplingSettings
 from .errors import SettingsError
 from .guards import FiniteGuard
-from .head_steps import FrequencyWeightedSteps, head_step_allocation, sample_head
+from .head_steps import FrequencyWeightedSteps, HeadSampler, head_step_allocation
 from .model import MAR
+from .orders import generation_order
 from .precision import autocast
 
 __all__ = ["SamplingSettings", "StepContext", "StepRunner", "StepObserver", "generate", "observe_steps",
-           "current_step", "mask_length", "step_cfg_scale", "random_orders"]
+           "current_step", "sample_head", "step_cfg_scale"]
 
 Phase = Literal["transformer", "head"]
 BRANCHES = ("cond", "uncond")
@@ -135,6 +135,29 @@ def rows_at(x: Tensor, positions: Tensor) -> Tensor:
     return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[2])).reshape(-1, x.shape[2])
 
 
+def sample_head(ctx: StepContext, z: Tensor, sample: HeadSampler) -> Tensor:
+    """The head's tokens for the rows of z (the step's to-predict tokens, [cond; uncond] with CFG) under the step's
+    allocation: one ``sample`` call with the model's steps, or under FTS one per group of rows (full steps, then
+    reduced; an empty group is not sampled and draws no noise)."""
+    allocation = ctx.head_steps
+    if allocation is None:
+        return sample(z, None)
+    full = allocation.full_tokens(ctx.tokens, ~ctx.unknown, ctx.to_predict_positions)  # (B, n)
+    B, n = full.shape
+    k = allocation.full_count(n)  # full-step tokens per sample: known on the host, no read-back of ``full``
+    # per sample, its full-step tokens then the others, each in position order (a stable sort of "not full"),
+    # as row indices of the cond half: the order in which boolean masks would pick them
+    ranked = torch.sort((~full).to(torch.uint8), dim=1, stable=True).indices
+    ranked = ranked + n * torch.arange(B, device=full.device)[:, None]
+    out = z.new_empty(z.shape[0], ctx.model.token_dim)
+    for rows, steps in ((ranked[:, :k], None), (ranked[:, k:], allocation.reduced_steps)):
+        if rows.numel():  # an empty group is not sampled and draws no noise
+            rows = rows.reshape(-1)
+            rows = torch.cat([rows, rows + B * n]) if ctx.use_cfg else rows  # the same tokens' uncond rows
+            out[rows] = sample(z[rows], steps)
+    return out
+
+
 class StepRunner:
     """Does a step's network work. This one runs the plain model; the cache engine replaces it."""
 
@@ -181,21 +204,10 @@ def current_step() -> Optional[StepContext]:
     return _current_step.get()
 
 
-def mask_length(step: int, num_iter: int, seq_len: int, num_unknown: int) -> int:
-    """Positions left unknown after ``step``: floor(L cos(pi/2 (s+1)/N)), clamped to [1, unknown - 1]."""
-    target = math.floor(seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
-    return max(1, min(num_unknown - 1, target))
-
-
 def step_cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
     if schedule == "linear":
         return 1 + (cfg - 1) * (seq_len - mask_len) / seq_len
     return cfg
-
-
-def random_orders(batch_size: int, seq_len: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """One random generation order (a permutation of positions) per sample."""
-    return torch.argsort(torch.rand(batch_size, seq_len, generator=generator, device=device), dim=1)
 
 
 def _as_generator(seed: Optional[int | torch.Generator], device: torch.device) -> Optional[torch.Generator]:
@@ -235,7 +247,6 @@ def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator:
     observers = _observers.get() + (FiniteGuard(),)  # non-finite features: one clear error
 
     tokens = torch.zeros(B, L, D, device=device, dtype=dtype)
-    from .orders import generation_order  # noqa: PLC0415 (orders imports this module)
     order = generation_order(settings.order)
     head_steps = head_step_allocation(settings.head_steps)
     if head_steps is not None:

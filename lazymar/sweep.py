@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
+from .cache.schedule_file import CacheSchedule, HeadCachePolicy, none_schedule
 from .errors import LazymarError
 from .runs import Reference
 from .sampling import SamplingSettings

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .config import MARConfig
 from .errors import SettingsError
 from .model import MAR
-from .sampling import SamplingSettings, random_orders
+from .orders import random_orders
+from .sampling import SamplingSettings
 
 
 def sample_mask_rate(generator: torch.Generator, low: float = 0.7) -> float:

@@ -201,7 +201,7 @@ def model_arch(text: str) -> str:
 def schedule_spec(text: str) -> str:
     """--schedule: a preset name, or a schedule JSON file that parses (its step count is checked later, against
     the sampling settings)."""
-    from .cache.schedule import PRESETS, ScheduleError, read_schedule_file
+    from .cache.schedule_file import PRESETS, ScheduleError, read_schedule_file
     if text in PRESETS:
         return text
     try:

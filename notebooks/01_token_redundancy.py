@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import phenomena, plots, redundancy_plots, workbook
+from analysis import live_features, phenomena, redundancy_plots, workbook
 from lazymar.recording import load_stats
 
 
@@ -132,10 +132,10 @@ from lazymar.runs import balanced_labels
 
 model, vae = workbook.load_model(MODEL, VAE, DEVICE, ARCH)
 labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)
-features = phenomena.capture_step_features(model, labels, settings, layers=[LIVE_LAYER], seed=SEED,
+features = live_features.capture_step_features(model, labels, settings, layers=[LIVE_LAYER], seed=SEED,
                                           progress=True)[LIVE_LAYER]
 cond = features[:, :LIVE_SAMPLES]  # rows are [cond; uncond] under CFG
-similarity = phenomena.step_similarity_matrix(cond)
+similarity = live_features.step_similarity_matrix(cond)
 save(redundancy_plots.plot_step_similarity(similarity, LIVE_LAYER), "nb_token_step_similarity");
 lags = {k: float(np.mean(np.diagonal(similarity, k))) for k in (1, 4, 16) if k < len(similarity)}
 display(Markdown(

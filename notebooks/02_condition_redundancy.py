@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import phenomena, plots, redundancy_plots, workbook
+from analysis import live_features, phenomena, redundancy_plots, workbook
 from lazymar.recording import load_stats
 
 
@@ -87,9 +87,9 @@ from lazymar.runs import balanced_labels
 
 model, vae = workbook.load_model(MODEL, VAE, DEVICE, ARCH)
 labels = balanced_labels(LIVE_SAMPLES, model.config.class_num)
-captured = phenomena.capture_step_features(model, labels, settings, layers=LIVE_LAYERS, seed=SEED, progress=True)
-absolute = {layer: phenomena.absolute_change(f) for layer, f in captured.items()}
-ratios = pd.DataFrame({layer: phenomena.overall_change_ratio(df) for layer, df in absolute.items()}).T
+captured = live_features.capture_step_features(model, labels, settings, layers=LIVE_LAYERS, seed=SEED, progress=True)
+absolute = {layer: live_features.absolute_change(f) for layer, f in captured.items()}
+ratios = pd.DataFrame({layer: live_features.overall_change_ratio(df) for layer, df in absolute.items()}).T
 ratios.index.name = "layer"
 display(ratios.round(3))
 save(redundancy_plots.plot_branch_vs_residual(

@@ -80,9 +80,9 @@ explorer = ScheduleExplorer(profile, sweep=sweep, model_loader=load_for_check, c
                             seed=SEED, save_path=SAVE_TO)
 display(explorer.widget)
 if FIGURES and explorer.derived is not None:
-    from analysis import plots
+    from analysis import figures, schedule_plots
     from lazymar.schedules import schedule_matrix
 
     schedule = explorer.derived.schedule
-    plots.save_figure(plots.plot_schedule(schedule_matrix(schedule), title=schedule.name), "nb_explorer_schedule",
+    figures.save_figure(schedule_plots.plot_schedule(schedule_matrix(schedule), title=schedule.name), "nb_explorer_schedule",
                       FIGURES)

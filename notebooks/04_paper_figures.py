@@ -36,8 +36,9 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from analysis import measure, model_comparison, phenomena, plots, redundancy_plots, workbook
-from lazymar.cache.schedule import CacheSchedule, lazymar_schedule
+from analysis import (figures, live_features, model_comparison, phenomena, redundancy_plots, schedule_plots, schedule_runs,
+                      workbook)
+from lazymar.cache.schedule_file import CacheSchedule, lazymar_schedule
 from lazymar.recording import load_stats
 from lazymar.runs import balanced_labels
 from lazymar.schedules import RedundancyProfile, derive_schedule, schedule_matrix
@@ -68,9 +69,9 @@ save(redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds, "m
 fractions = phenomena.fraction_above(ds, (0.95, 0.99), layers=[decoder_layers[0], decoder_layers[-1], "z"])
 save(redundancy_plots.plot_fraction_above(fractions), "token_fraction_above");
 save(redundancy_plots.plot_encoder_vs_decoder(phenomena.encoder_vs_decoder(ds)), "token_encoder_vs_decoder");
-captured = phenomena.capture_step_features(model, live_labels, settings, layers=(decoder_layers[0], "z"), seed=SEED,
+captured = live_features.capture_step_features(model, live_labels, settings, layers=(decoder_layers[0], "z"), seed=SEED,
                                           progress=True)
-similarity = phenomena.step_similarity_matrix(captured["z"][:, :LIVE_SAMPLES])
+similarity = live_features.step_similarity_matrix(captured["z"][:, :LIVE_SAMPLES])
 save(redundancy_plots.plot_step_similarity(similarity, "z"), "token_step_similarity");
 save_table(phenomena.group_summary(ds, (0.95, 0.99)), "token_group_summary")
 
@@ -86,8 +87,8 @@ save(redundancy_plots.plot_step_layer_heatmap(
     "condition_residual_heatmap");
 relative = save_table(phenomena.branch_vs_residual(ds, statistic="median"), "condition_relative_change")
 save(redundancy_plots.plot_change_ratio(relative, ylabel="branch / residual relative change"), "condition_relative_ratio");
-absolute = {layer: phenomena.absolute_change(f) for layer, f in captured.items()}
-ratios = pd.DataFrame({layer: phenomena.overall_change_ratio(df) for layer, df in absolute.items()}).T
+absolute = {layer: live_features.absolute_change(f) for layer, f in captured.items()}
+ratios = pd.DataFrame({layer: live_features.overall_change_ratio(df) for layer, df in absolute.items()}).T
 ratios.index.name = "layer"
 save_table(ratios, "condition_absolute_ratio")
 save(redundancy_plots.plot_branch_vs_residual(absolute["z"], ylabel=r"$\|x_s - x_{s-1}\|$ (mean over positions)",
@@ -114,9 +115,9 @@ if not derived:
     derived[f"derived ({default.schedule.name})"] = default.schedule
 released = lazymar_schedule(settings.num_iter, model.config)
 shown = {"lazymar": released, **derived}
-fig, axes = plots.subplots(len(shown), 1, figsize=(8, 1.9 * len(shown)))
+fig, axes = figures.subplots(len(shown), 1, figsize=(8, 1.9 * len(shown)))
 for ax, (name, schedule) in zip(np.atleast_1d(axes), shown.items()):
-    plots.plot_schedule(schedule_matrix(schedule), title=name, ax=ax)
+    schedule_plots.plot_schedule(schedule_matrix(schedule), title=name, ax=ax)
 save(fig, "schedules");
 display(Markdown("Schedules: " + ", ".join(f"`{name}`" for name in shown) + "."))
 
@@ -128,13 +129,13 @@ from lazymar.sweep import load_sweep, pareto_front
 
 if Path(SWEEP).is_file():
     sweep = load_sweep(SWEEP)
-    table = measure.speed_quality_from_sweep(sweep)
+    table = schedule_runs.speed_quality_from_sweep(sweep)
     samples = f"{int(sweep['num_samples'].iloc[0])} samples" if "num_samples" in sweep else "its samples"
     source = f"the sweep `{SWEEP}` ({samples}; derived rows: those on the Pareto front)"
-    save(plots.plot_tradeoff(sweep, label="name", front=pareto_front(sweep)), "tradeoff");
+    save(schedule_plots.plot_tradeoff(sweep, label="name", front=pareto_front(sweep)), "tradeoff");
 else:
     labels = balanced_labels(ABLATION_SAMPLES, model.config.class_num)
-    runs = measure.measure_schedules(model, {"lazymar": released, **derived}, labels, settings, seed=SEED,
+    runs = schedule_runs.measure_schedules(model, {"lazymar": released, **derived}, labels, settings, seed=SEED,
                                      progress=True, vae=vae)
     table = runs.table[["flops_ratio", "wall_ratio", "psnr", "accuracy"]]
     source = f"measured here on {ABLATION_SAMPLES} samples (no sweep at `{SWEEP}`; FID needs more samples)"
@@ -148,21 +149,21 @@ display(Markdown(f"Speed/quality from {source}."))
 # %%
 labels = balanced_labels(ABLATION_SAMPLES, model.config.class_num)
 metrics = [("flops_ratio", "FLOPs ratio (uncached / cached)"), ("psnr", "PSNR vs uncached (dB)")]
-mechanisms = measure.ablation_schedules(model.config, settings.num_iter)
-selection = {f"token cache, {k} selection": s for k, s in measure.selection_schedules(model.config, settings.num_iter,
+mechanisms = schedule_runs.ablation_schedules(model.config, settings.num_iter)
+selection = {f"token cache, {k} selection": s for k, s in schedule_runs.selection_schedules(model.config, settings.num_iter,
                                                                                       seed=SEED).items()}
-intervals = {f"refresh every {k}": measure.refresh_interval_schedule(model.config, settings.num_iter, k)
+intervals = {f"refresh every {k}": schedule_runs.refresh_interval_schedule(model.config, settings.num_iter, k)
              for k in REFRESH_INTERVALS}
-runs = measure.measure_schedules(model, {**mechanisms, **selection, **intervals}, labels, settings, seed=SEED,
+runs = schedule_runs.measure_schedules(model, {**mechanisms, **selection, **intervals}, labels, settings, seed=SEED,
                                  progress=True, vae=vae)
 table = runs.table
 save_table(table, "ablations")
-save(plots.plot_ablation(table.loc[list(mechanisms)], metrics, title="Cache mechanisms alone and together"),
+save(schedule_plots.plot_ablation(table.loc[list(mechanisms)], metrics, title="Cache mechanisms alone and together"),
      "ablation_mechanisms");
-save(plots.plot_ablation(table.loc[list(selection)], metrics, title="Token cache: which positions to recompute"),
+save(schedule_plots.plot_ablation(table.loc[list(selection)], metrics, title="Token cache: which positions to recompute"),
      "ablation_selection");
 refresh = table.loc[list(intervals)].assign(interval=list(REFRESH_INTERVALS))
-save(plots.plot_metric_lines(refresh, "interval", metrics, "refresh interval (MAR steps)",
+save(schedule_plots.plot_metric_lines(refresh, "interval", metrics, "refresh interval (MAR steps)",
                              title="Refresh interval of the LazyMAR scheme"), "ablation_refresh_interval");
 display(table.round(3))
 sim, rnd = table.loc["token cache, similarity selection"], table.loc["token cache, random selection"]

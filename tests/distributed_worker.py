@@ -62,8 +62,7 @@ def runs_core() -> dict:
     PSNR, token MSE and their per-sample values), and a tiny latent MAR with a tiny VAE scored by ImageNetQuality
     with the stand-in extractor (FID, IS, per-sample features); every rank returns the same numbers."""
     import numpy as np
-    from lazymar import imagenet
-    from lazymar.cache.schedule import load_schedule
+    from lazymar.cache.schedule_file import load_schedule
     from lazymar.checkpoint import load_model
     from lazymar.imagenet import ImageNetQuality
     from lazymar.runs import Reference, sample_squared_errors
@@ -80,10 +79,8 @@ def runs_core() -> dict:
                      "per_sample": sample_arrays(run, None, reference.evaluator)}
     latent, vae = plan_model(), tiny_vae(z_channels=16, ch_mult=(1, 2))
     stats = ReferenceStats(np.random.default_rng(0).normal(size=64) * 0.1, np.eye(64) * 0.05, "test")
-    imagenet.use_imagenet_quality(ImageNetQuality(StandInExtractor(), stats))
-    reference = Reference(latent, PLAN, SETTINGS, vae=vae)
+    reference = Reference(latent, PLAN, SETTINGS, vae=vae, evaluator=ImageNetQuality(StandInExtractor(), stats))
     run, row = reference.measure(load_schedule("lazymar", SETTINGS.num_iter, latent.config))
-    imagenet.use_imagenet_quality(None)
     out["imagenet"] = {"row": {k: row[k] for k in ("psnr", "token_mse", "fid", "inception_score")},
                        "base": reference.quality(),
                        "features": run.quality_stream.stats.ordered_features()}

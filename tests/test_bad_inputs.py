@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lazymar.cache.schedule import lazymar_schedule
+from lazymar.cache.schedule_file import lazymar_schedule
 from lazymar.cli import main
 from lazymar.config import get_config
 from lazymar.errors import LazymarError, NonFiniteError, SettingsError

@@ -239,8 +239,8 @@ def _digits(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_pixel_check_counts_drawn_cells():
-    from analysis import plots
-    png = plots.figure_png(plots.plot_sample_comparison({"uncached": _digits(4), "derived": _digits(4, 1),
+    from analysis import figures, schedule_plots
+    png = figures.figure_png(schedule_plots.plot_sample_comparison({"uncached": _digits(4), "derived": _digits(4, 1),
                                                          "lazymar": _digits(4, 2)}, labels=[0, 1, 2, 3]))
     cells = check_sample_grid(png, 12)
     assert len({c.top for c in cells}) == 3  # three rows, four cells each
@@ -251,10 +251,10 @@ def test_pixel_check_counts_drawn_cells():
 def test_pixel_check_rejects_blank_and_partial_grids():
     from matplotlib.figure import Figure
 
-    from analysis import plots
-    assert sample_cells(plots.figure_png(Figure(figsize=(8, 4)))) == []
+    from analysis import figures, schedule_plots
+    assert sample_cells(figures.figure_png(Figure(figsize=(8, 4)))) == []
     images = _digits(4)
     images[2] = -1.0  # one sample drawn empty (white)
-    png = plots.figure_png(plots.plot_sample_comparison({"uncached": images}, labels=[0, 1, 2, 3]))
+    png = figures.figure_png(schedule_plots.plot_sample_comparison({"uncached": images}, labels=[0, 1, 2, 3]))
     with pytest.raises(AssertionError, match=r"blank cells: \[2\]"):
         check_sample_grid(png, 4)

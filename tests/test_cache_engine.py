@@ -7,7 +7,7 @@ import torch
 from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import FlopsLedger
 from lazymar.cache.head import HeadCache
-from lazymar.cache.schedule import HeadCachePolicy, ScheduleError, load_schedule, none_schedule
+from lazymar.cache.schedule_file import HeadCachePolicy, ScheduleError, load_schedule, none_schedule
 from lazymar.model import MAR
 from lazymar.sampling import SamplingSettings, StepContext, StepObserver, current_step, generate, observe_steps
 from builders import tiny_model  # other test modules import it from here too

@@ -11,7 +11,7 @@ from lazymar.cache.encoder import EncoderCache
 from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import FlopsLedger, estimate_generation_flops, step_counts
 from lazymar.cache.head import HeadCache
-from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
+from lazymar.cache.schedule_file import HeadCachePolicy, load_schedule, none_schedule
 from lazymar.model import MAR
 from lazymar.sampling import SamplingSettings, StepObserver, generate, observe_steps
 from builders import tiny_mar, tiny_model

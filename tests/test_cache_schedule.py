@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lazymar.cache.schedule import (LAZYMAR_REFRESH, CacheSchedule, HeadCachePolicy, ScheduleError,
+from lazymar.cache.schedule_file import (LAZYMAR_REFRESH, CacheSchedule, HeadCachePolicy, ScheduleError,
                                     lazymar_schedule, load_schedule, none_schedule)
 from lazymar.config import get_config
 

@@ -12,7 +12,7 @@ from lazymar.schedules import (DerivationError, RedundancyProfile, derive_schedu
                                schedule_matrix, search_budget, selection_study)
 from lazymar.schedules.levels import count_below as _count_below, levels as _levels
 from lazymar.cache.flops import estimate_generation_flops
-from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, exact_schedule, load_schedule
+from lazymar.cache.schedule_file import CacheSchedule, HeadCachePolicy, exact_schedule, load_schedule
 from lazymar.cli import main
 from lazymar.config import MARConfig
 from lazymar.recording import STATUS_CODES, save_stats

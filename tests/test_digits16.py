@@ -111,7 +111,7 @@ def test_a_state_from_other_settings_is_refused(tmp_path):
 
 def test_the_new_tokens_preset_is_the_committed_official_schedule():
     from pathlib import Path
-    from lazymar.cache.schedule import load_schedule, read_schedule_file
+    from lazymar.cache.schedule_file import load_schedule, read_schedule_file
     official = read_schedule_file(Path(__file__).parents[1] / "data/schedules/official/lazymar_new_tokens.json")
     preset = load_schedule("lazymar-new-tokens", 64, get_config("mar_base"))
     assert preset.to_dict() == official.to_dict()

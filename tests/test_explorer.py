@@ -111,7 +111,7 @@ def test_a_check_can_be_cancelled(tiny_profile, tiny):
 
 
 def test_saved_schedule_is_what_derive_writes_and_is_not_overwritten(tmp_path):
-    from lazymar.cache.schedule import CacheSchedule
+    from lazymar.cache.schedule_file import CacheSchedule
     profile = RedundancyProfile.from_stats(REPO / "data" / "stats" / "digits.nc")
     explorer = _explorer(profile, save_path=tmp_path / "tuned.json")
     explorer.tau_refresh.value = 12.0

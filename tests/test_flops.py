@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lazymar.cache import flops as F
 from lazymar.cache.engine import CacheEngine
-from lazymar.cache.schedule import HeadCachePolicy, load_schedule, none_schedule
+from lazymar.cache.schedule_file import HeadCachePolicy, load_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.model import MAR
 from lazymar.sampling import SamplingSettings, StepObserver, generate, observe_steps

@@ -7,12 +7,13 @@ import torch
 from lazymar import peers
 from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import estimate_generation_flops, head_net_flops
-from lazymar.cache.schedule import lazymar_schedule, none_schedule
+from lazymar.cache.schedule_file import lazymar_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.errors import SettingsError
-from lazymar.head_steps import FrequencyWeightedSteps, head_step_allocation, neighbour_energy, sample_head
+from lazymar.head_steps import FrequencyWeightedSteps, head_step_allocation, neighbour_energy
 from lazymar.model import MAR
-from lazymar.sampling import SamplingSettings, StepContext, StepObserver, StepRunner, generate, observe_steps
+from lazymar.sampling import (SamplingSettings, StepContext, StepObserver, StepRunner, generate, observe_steps,
+                              sample_head)
 from builders import tiny_model
 
 LABELS = [3, 7, 1]

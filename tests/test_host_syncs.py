@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lazymar.cache.engine import CacheEngine
-from lazymar.cache.schedule import load_schedule, read_schedule_file
+from lazymar.cache.schedule_file import load_schedule, read_schedule_file
 from lazymar.checkpoint import load_model
 from lazymar.sampling import SamplingSettings, StepObserver, generate, observe_steps
 

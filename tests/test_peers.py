@@ -10,11 +10,11 @@ from lazymar import peers
 from lazymar.cache.attention_selection import attention_received, scoring_queries
 from lazymar.cache.engine import CacheEngine
 from lazymar.cache.flops import estimate_generation_flops, step_counts
-from lazymar.cache.schedule import CacheSchedule, ScheduleError, none_schedule
+from lazymar.cache.schedule_file import CacheSchedule, ScheduleError, none_schedule
 from lazymar.config import SamplingSettings, get_config
 from lazymar.model import MAR
-from lazymar.orders import TwoStageOrder, checkerboard, generation_order
-from lazymar.sampling import StepObserver, generate, mask_length, observe_steps, random_orders
+from lazymar.orders import TwoStageOrder, checkerboard, generation_order, mask_length, random_orders
+from lazymar.sampling import StepObserver, generate, observe_steps
 from test_cache_engine import NUM_ITER, tiny_model
 
 

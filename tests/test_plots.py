@@ -12,11 +12,11 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from analysis import measure, phenomena, plots, redundancy_plots  # noqa: E402
+from analysis import figures, live_features, phenomena, redundancy_plots, schedule_plots, schedule_runs  # noqa: E402
 from analysis.phenomena import AnalysisError  # noqa: E402
 from lazymar import MAR, get_config  # noqa: E402
 from lazymar.cache.flops import estimate_generation_flops  # noqa: E402
-from lazymar.cache.schedule import LAZYMAR_REFRESH, exact_schedule, lazymar_schedule, none_schedule  # noqa: E402
+from lazymar.cache.schedule_file import LAZYMAR_REFRESH, exact_schedule, lazymar_schedule, none_schedule  # noqa: E402
 from lazymar.recording import STATUS_CODES  # noqa: E402
 from lazymar.recording.dataset import make_dataset  # noqa: E402
 from lazymar.sampling import SamplingSettings, generate  # noqa: E402
@@ -158,7 +158,7 @@ def test_branch_vs_residual_ratio():
     per_step = phenomena.branch_vs_residual(ds, statistic="mean", by="step", layers=["decoder.0"])
     assert per_step.loc[("decoder.0", 2), "residual_change"] == pytest.approx(0.02)
     assert per_step.loc[("decoder.0", 1), "cond_over_residual"] == pytest.approx(20.0)
-    assert phenomena.overall_change_ratio(per_step)["cond_over_residual"] == pytest.approx(0.4 / 0.03)
+    assert live_features.overall_change_ratio(per_step)["cond_over_residual"] == pytest.approx(0.4 / 0.03)
 
 
 def test_absolute_change_of_branches_and_residual():
@@ -166,14 +166,14 @@ def test_absolute_change_of_branches_and_residual():
     f = torch.zeros(2, 2, 1, 2)
     f[1, 0, 0] = torch.tensor([3.0, 4.0])   # cond moves by 5
     f[1, 1, 0] = torch.tensor([0.0, 4.0])   # uncond moves by 4; residual [0,0] -> [3,0] moves by 3
-    df = phenomena.absolute_change(f)
+    df = live_features.absolute_change(f)
     assert list(df.index) == [1]
     assert df.loc[1, "cond_change"] == pytest.approx(5.0)
     assert df.loc[1, "uncond_change"] == pytest.approx(4.0)
     assert df.loc[1, "residual_change"] == pytest.approx(3.0)
     assert df.loc[1, "cond_over_residual"] == pytest.approx(5 / 3)
     with pytest.raises(AnalysisError, match="CFG"):
-        phenomena.absolute_change(torch.zeros(2, 3, 1, 2))
+        live_features.absolute_change(torch.zeros(2, 3, 1, 2))
 
 
 def test_head_change_profile_means_over_samples_and_steps():
@@ -201,11 +201,11 @@ def test_log10_change_and_resolution():
 
 def test_step_similarity_matrix_by_hand():
     f = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]], [[[0.0, 2.0]]]])  # 3 steps, 1 row, 1 position
-    sim = phenomena.step_similarity_matrix(f)
+    sim = live_features.step_similarity_matrix(f)
     expected = np.array([[1, 2 ** -0.5, 0], [2 ** -0.5, 1, 2 ** -0.5], [0, 2 ** -0.5, 1]])
     np.testing.assert_allclose(sim, expected, atol=1e-12)
     with pytest.raises(AnalysisError, match="steps, rows, positions, dim"):
-        phenomena.step_similarity_matrix(torch.zeros(3, 2))
+        live_features.step_similarity_matrix(torch.zeros(3, 2))
 
 
 # --- live capture and measured runs on a tiny model ----------------------------------------------------------
@@ -217,27 +217,27 @@ def tiny() -> MAR:
 def test_capture_step_features_matches_the_sampler(tiny):
     settings = SamplingSettings(num_iter=4, cfg=2.0)
     plain = generate(tiny, [1, 2], settings, seed=3)
-    captured = phenomena.capture_step_features(tiny, [1, 2], settings, layers=("decoder.1", "z"), seed=3)
+    captured = live_features.capture_step_features(tiny, [1, 2], settings, layers=("decoder.1", "z"), seed=3)
     total = tiny.buffer_size + tiny.seq_len
     assert captured["decoder.1"].shape == (4, 4, total, tiny.config.decoder_embed_dim)  # steps, [cond; uncond]
     assert captured["z"].shape == (4, 4, tiny.seq_len, tiny.config.decoder_embed_dim)
     # z at the last step is the decoder's last block output through decoder_output
     torch.testing.assert_close(captured["z"][-1], tiny.decoder_output(captured["decoder.1"][-1]))
     assert torch.equal(generate(tiny, [1, 2], settings, seed=3), plain)  # hooks removed, nothing changed
-    sim = phenomena.step_similarity_matrix(captured["z"])
+    sim = live_features.step_similarity_matrix(captured["z"])
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-9)
     np.testing.assert_allclose(sim, sim.T, atol=1e-12)
     with pytest.raises(AnalysisError, match="decoder.i and z"):
-        phenomena.capture_step_features(tiny, [1], settings, layers=("encoder.0",))
+        live_features.capture_step_features(tiny, [1], settings, layers=("encoder.0",))
     with pytest.raises(AnalysisError, match="out of range"):
-        phenomena.capture_step_features(tiny, [1], settings, layers=("decoder.7",))
+        live_features.capture_step_features(tiny, [1], settings, layers=("decoder.7",))
 
 
 def test_measure_schedules_against_the_flops_estimate(tiny):
     settings = SamplingSettings(num_iter=8, cfg=2.0)
     labels = [0, 1, 2]
     schedules = {"exact copy": exact_schedule(8), "lazymar": lazymar_schedule(8, tiny.config)}  # the reference's
-    result = measure.measure_schedules(tiny, schedules, labels, settings, seed=1)
+    result = schedule_runs.measure_schedules(tiny, schedules, labels, settings, seed=1)
     table = result.table
     assert list(table.index) == ["none", "exact copy", "lazymar"]
     assert table.loc["none", "flops_ratio"] == 1.0 and table["psnr"].isna().all()  # latent tokens, no VAE: no images
@@ -246,30 +246,30 @@ def test_measure_schedules_against_the_flops_estimate(tiny):
                  / estimate_generation_flops(tiny.config, lazymar_schedule(8, tiny.config), batch_size=3).total)
     assert table.loc["lazymar", "flops_ratio"] == pytest.approx(predicted)
     assert np.isnan(table.loc["lazymar", "accuracy"])  # not the digits model
-    again = measure.measure_schedules(tiny, {"lazymar": lazymar_schedule(8, tiny.config),
+    again = schedule_runs.measure_schedules(tiny, {"lazymar": lazymar_schedule(8, tiny.config),
                                              "same, renamed": lazymar_schedule(8, tiny.config).with_changes(name="x")},
                                       labels, settings, seed=1, baseline=result)
     assert again.table.loc["lazymar", "token_mse"] == table.loc["lazymar", "token_mse"]  # reused baseline
     assert again.table.loc["same, renamed", "seconds"] == again.table.loc["lazymar", "seconds"]  # run once
     with pytest.raises(AnalysisError, match="baseline"):
-        measure.measure_schedules(tiny, {"none": none_schedule(8)}, labels, settings)
+        schedule_runs.measure_schedules(tiny, {"none": none_schedule(8)}, labels, settings)
 
 
 def test_ablation_schedules_switch_one_mechanism_each():
     config = get_config("digits")
-    abl = measure.ablation_schedules(config, 64)
+    abl = schedule_runs.ablation_schedules(config, 64)
     full = abl["all (lazymar)"]
     token, cond, head = abl["token cache only"], abl["condition cache only"], abl["head cache only"]
     assert full.refresh == token.refresh and not any(token.condition_cache) and not any(token.head_cache)
     assert all(cond.refresh) and cond.condition_cache == full.condition_cache and not any(cond.head_cache)
     assert all(head.refresh) and not any(head.condition_cache) and all(head.head_cache)
-    released = measure.refresh_interval_schedule(config, 64, 9)
+    released = schedule_runs.refresh_interval_schedule(config, 64, 9)
     assert [s for s in range(64) if released.refresh[s]] == sorted(LAZYMAR_REFRESH)
-    every4 = measure.refresh_interval_schedule(config, 64, 4)
+    every4 = schedule_runs.refresh_interval_schedule(config, 64, 4)
     assert [s for s in range(12) if every4.refresh[s]] == [0, 1, 2, 3, 4, 5, 9]
-    assert measure.selection_schedules(config, 64)["random"].selection == "random"
+    assert schedule_runs.selection_schedules(config, 64)["random"].selection == "random"
     with pytest.raises(AnalysisError, match="interval"):
-        measure.refresh_interval_schedule(config, 64, 0)
+        schedule_runs.refresh_interval_schedule(config, 64, 0)
 
 
 def test_speed_quality_from_sweep_keeps_reference_preset_and_front():
@@ -278,30 +278,30 @@ def test_speed_quality_from_sweep_keeps_reference_preset_and_front():
         "family": ["none", "lazymar", "derived", "derived", "fewer_steps"],
         "flops_ratio": [1.0, 2.6, 3.5, 2.0, 2.5], "psnr": [np.inf, 30.0, 33.0, 31.0, 12.0],
         "pareto": [True, False, True, False, False], "accuracy": [1.0, 0.98, 0.99, 1.0, 0.5]})
-    table = measure.speed_quality_from_sweep(sweep)
+    table = schedule_runs.speed_quality_from_sweep(sweep)
     assert list(table.index) == ["none", "lazymar", "d1"]  # by FLOPs ratio; d2 is off the front
     assert table.loc["d1", "psnr"] == 33.0 and "wall_ratio" not in table
     with pytest.raises(AnalysisError, match="pareto"):
-        measure.speed_quality_from_sweep(sweep.drop(columns="pareto"))
+        schedule_runs.speed_quality_from_sweep(sweep.drop(columns="pareto"))
 
 
 def test_schedule_heat_map_shows_computed_shares():
     from lazymar.schedules import schedule_matrix
     schedule = lazymar_schedule(64, get_config("digits"))
-    shares = plots.computed_share(schedule_matrix(schedule))
+    shares = schedule_plots.computed_share(schedule_matrix(schedule))
     assert list(shares.index) == ["full refresh", "decoder positions after selection layer", "unconditional branch",
                                   "diffusion head without cache"]
     assert shares[0].tolist() == [1.0, 1.0, 1.0, 0.0]   # refresh step: all computed, the head cache is on
     assert shares[6].tolist() == [0.0, 1.0, 0.0, 0.0]   # cached step 6: keep 100% (ratio 1.0 before step 20)
     assert shares[45].iloc[1] == pytest.approx(0.05)    # released ratio from step 40
     with pytest.raises(AnalysisError, match="unknown schedule component"):
-        plots.computed_share(pd.DataFrame({"bogus": [1.0]}))
+        schedule_plots.computed_share(pd.DataFrame({"bogus": [1.0]}))
 
 
 def test_markdown_table():
     df = pd.DataFrame({"psnr": [np.inf, 31.234567], "family": ["none", "a|b"]},
                       index=pd.Index(["none", "lazymar"], name="name"))
-    assert plots.markdown_table(df).splitlines() == [
+    assert figures.markdown_table(df).splitlines() == [
         "| name | psnr | family |", "|---|---|---|", "| none | inf | none |", "| lazymar | 31.23 | a\\|b |"]
 
 
@@ -338,40 +338,40 @@ def test_every_figure_has_labelled_axes():
         redundancy_plots.plot_branch_vs_residual(phenomena.branch_vs_residual(ds, by="step", layers=["z"])),
         redundancy_plots.plot_change_ratio(phenomena.branch_vs_residual(ds)),
         redundancy_plots.plot_head_change(phenomena.head_change_profile(ds)),
-        plots.plot_schedule(pd.DataFrame([[1, 0.5, 0.0], [1, 1, 0]], index=["decoder", "head"])),
-        plots.plot_schedule(schedule_matrix(lazymar_schedule(8, get_config("digits")))),
-        plots.plot_tradeoff(pd.DataFrame({"schedule": ["none", "lazymar"], "flops_ratio": [1.0, 2.5],
+        schedule_plots.plot_schedule(pd.DataFrame([[1, 0.5, 0.0], [1, 1, 0]], index=["decoder", "head"])),
+        schedule_plots.plot_schedule(schedule_matrix(lazymar_schedule(8, get_config("digits")))),
+        schedule_plots.plot_tradeoff(pd.DataFrame({"schedule": ["none", "lazymar"], "flops_ratio": [1.0, 2.5],
                                           "psnr": [np.inf, 30.0]}), highlight={"flops_ratio": 2.0, "psnr": 33.0}),
-        plots.plot_ablation(pd.DataFrame({"flops_ratio": [1.3, 2.6], "psnr": [38.0, 31.0]}, index=["a", "b"])),
-        plots.plot_metric_lines(pd.DataFrame({"k": [3, 9], "psnr": [33.0, 31.0]}), "k", [("psnr", "PSNR (dB)")],
+        schedule_plots.plot_ablation(pd.DataFrame({"flops_ratio": [1.3, 2.6], "psnr": [38.0, 31.0]}, index=["a", "b"])),
+        schedule_plots.plot_metric_lines(pd.DataFrame({"k": [3, 9], "psnr": [33.0, 31.0]}), "k", [("psnr", "PSNR (dB)")],
                                 "refresh interval (steps)"),
     ]
     for fig in figures:
         _labelled(fig)
-    grid = plots.plot_sample_comparison({"uncached": torch.zeros(3, 1, 8, 8), "cached": torch.ones(3, 1, 8, 8)},
+    grid = schedule_plots.plot_sample_comparison({"uncached": torch.zeros(3, 1, 8, 8), "cached": torch.ones(3, 1, 8, 8)},
                                         labels=[0, 1, 2])
     assert len(grid.axes) == 6 and grid.axes[0].get_ylabel() == "uncached"
     with pytest.raises(AnalysisError, match="layer, step"):
         redundancy_plots.plot_step_layer_heatmap(phenomena.step_layer_matrix(ds).T)
     with pytest.raises(AnalysisError, match="no column"):
-        plots.plot_tradeoff(pd.DataFrame({"x": [1.0]}))
+        schedule_plots.plot_tradeoff(pd.DataFrame({"x": [1.0]}))
 
 
 def test_save_figure_writes_png_and_pdf_reproducibly(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     ax.set_xlabel("step"), ax.set_ylabel("value")
-    paths = plots.save_figure(fig, "demo", tmp_path)
+    paths = figures.save_figure(fig, "demo", tmp_path)
     assert [p.name for p in paths] == ["demo.png", "demo.pdf"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
     first = [p.read_bytes() for p in paths]
-    plots.save_figure(fig, "demo", tmp_path)
+    figures.save_figure(fig, "demo", tmp_path)
     assert [p.read_bytes() for p in paths] == first  # no timestamps in the files
     for bad in ("../escape", "demo.png", ""):
         with pytest.raises(ValueError, match="plain file stem"):
-            plots.save_figure(fig, bad, tmp_path)
+            figures.save_figure(fig, bad, tmp_path)
     with pytest.raises(ValueError, match="format"):
-        plots.save_figure(fig, "demo", tmp_path, formats=("jpg",))
+        figures.save_figure(fig, "demo", tmp_path, formats=("jpg",))
 
 
 # --- the schedule explorer of notebook 03 ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lazymar.cache.engine import CacheEngine
-from lazymar.cache.schedule import load_schedule
+from lazymar.cache.schedule_file import load_schedule
 from lazymar.cli import build_parser, main
 from lazymar.errors import SettingsError
 from lazymar.precision import autocast, default_precision

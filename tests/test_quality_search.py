@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from lazymar.cache.schedule import CacheSchedule, HeadCachePolicy, load_schedule
+from lazymar.cache.schedule_file import CacheSchedule, HeadCachePolicy, load_schedule
 from lazymar.config import SamplingSettings, get_config
 from lazymar.runs import SamplePlan
 from lazymar.schedules.predicted_flops import predicted_flops

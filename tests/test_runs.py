@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from analysis.measure import measure_schedules
+from analysis.schedule_runs import measure_schedules
 from lazymar import MAR, get_config
-from lazymar.cache.bench import benchmark_runs
+from lazymar.runs.bench import benchmark_runs
 from lazymar.cache.flops import FlopsLedger
-from lazymar.cache.schedule import exact_schedule, lazymar_schedule, none_schedule
+from lazymar.cache.schedule_file import exact_schedule, lazymar_schedule, none_schedule
 from lazymar.runs import (DigitsQuality, ImageSpace, Reference, Run, RunError, SamplePlan, batch_seed, fidelity,
                           generate_tokens, quality_evaluator)
 from lazymar.sampling import SamplingSettings, generate

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lazymar import imagenet
 from lazymar.imagenet import ImageNetQuality, InceptionStats, ReferenceStats
 from lazymar.metrics import psnr, token_mse
 from lazymar.runs import ImageSpace, Reference, Run, SamplePlan, decode_and_score, quality_evaluator
-from lazymar.cache.schedule import load_schedule
+from lazymar.cache.schedule_file import load_schedule
 from lazymar.sampling import SamplingSettings
 from lazymar.vae import tokens_to_images
 from builders import tiny_mar, tiny_vae
@@ -42,25 +41,23 @@ class DeviceExtractor(StandInExtractor):
 
 @pytest.fixture
 def imagenet_quality():
-    """Activated for VAE models while the test runs."""
+    """An ImageNet evaluator with the stand-in extractor on a device, passed to the runs explicitly."""
     def make(device: str) -> ImageNetQuality:
-        g = torch.Generator().manual_seed(1)
         reference = ReferenceStats(np.random.default_rng(0).normal(size=64) * 0.1, np.eye(64) * 0.05, "test")
-        quality = ImageNetQuality(DeviceExtractor(device), reference)
-        imagenet.use_imagenet_quality(quality)
-        return quality
-    yield make
-    imagenet.use_imagenet_quality(None)
+        return ImageNetQuality(DeviceExtractor(device), reference)
+    return make
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_seam_picks_imagenet_quality_for_vae_models_only(device, imagenet_quality):
+def test_a_vae_model_is_scored_by_the_evaluator_it_is_given(device, imagenet_quality):
+    """No global switch: a latent model has no evaluator of its own, and a run scores with the one passed to it."""
     model, vae = latent_mar().to(device), upsampling_vae().to(device)
-    assert quality_evaluator(model, None) is None
+    assert quality_evaluator(model) is None
+    plan = SamplePlan.balanced(2, 10, seed=1, batch_size=2)
+    assert Reference(model, plan, SETTINGS, vae=vae).evaluator is None
     quality = imagenet_quality(device)
-    assert quality_evaluator(model, vae) is quality
-    imagenet.use_imagenet_quality(None)
-    assert quality_evaluator(model, vae) is None
+    assert Reference(model, plan, SETTINGS, vae=vae, evaluator=quality).evaluator is quality
+    assert Reference(model, plan, SETTINGS, vae=vae).evaluator is None  # nothing lingers from the last one
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -89,8 +86,8 @@ def test_reference_measures_psnr_streamed_as_on_kept_images(device, imagenet_qua
     model, vae, quality = latent_mar().to(device), upsampling_vae().to(device), imagenet_quality(device)
     plan = SamplePlan.balanced(6, 10, seed=2, batch_size=3)
     schedule = load_schedule("lazymar", SETTINGS.num_iter, model.config)
-    streamed = Reference(model, plan, SETTINGS, vae=vae)
-    kept = Reference(model, plan, SETTINGS, vae=vae, keep_images=True)
+    streamed = Reference(model, plan, SETTINGS, vae=vae, evaluator=quality)
+    kept = Reference(model, plan, SETTINGS, vae=vae, keep_images=True, evaluator=quality)
     run_s, row_s = streamed.measure(schedule)
     run_k, row_k = kept.measure(schedule)
     assert run_s.images is None and run_k.images is not None

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lazymar import MAR, SamplingSettings, StepObserver, generate, observe_steps
-from lazymar.sampling import current_step, mask_length
+from lazymar.orders import mask_length
+from lazymar.sampling import current_step
 from builders import tiny_mar
 
 

@@ -6,7 +6,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lazymar.cache.schedule import CacheSchedule, ScheduleError, lazymar_schedule, load_schedule, none_schedule
+from lazymar.cache.schedule_file import CacheSchedule, ScheduleError, lazymar_schedule, load_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.errors import LazymarError
 

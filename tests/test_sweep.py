@@ -12,7 +12,7 @@ from lazymar.schedules import predicted_flops
 from lazymar.sweep import (COLUMNS, SweepError, SweepPoint, fewer_steps_point, fixed_interval_point,
                             load_sweep, mark_pareto, pareto_front, random_point, run_sweep, save_sweep)
 from lazymar import get_config
-from lazymar.cache.schedule import HeadCachePolicy, exact_schedule, load_schedule
+from lazymar.cache.schedule_file import HeadCachePolicy, exact_schedule, load_schedule
 from lazymar.runs import Reference, SamplePlan
 from lazymar.sampling import SamplingSettings
 from builders import tiny_mar, tiny_vae

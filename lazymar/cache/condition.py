@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import StepContext
-from .store import CACHE_DTYPE
+from .buffers import CACHE_DTYPE
 
 
 class ConditionCache:

@@ -16,9 +16,9 @@ from torch import Tensor
 from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
-from .schedule import CacheSchedule, StepPlan
+from .schedule_file import CacheSchedule, StepPlan
 from .attention_selection import attention_received, capturing_queries, scoring_queries
-from .store import CACHE_DTYPE, keep_rows, scatter_rows
+from .buffers import CACHE_DTYPE, keep_rows, scatter_rows
 
 
 class DecoderTokenCache:

@@ -17,8 +17,8 @@ from torch import Tensor
 from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
-from .schedule import StepPlan
-from .store import CACHE_DTYPE, keep_rows, scatter_rows, write_slices
+from .schedule_file import StepPlan
+from .buffers import CACHE_DTYPE, keep_rows, scatter_rows, write_slices
 
 
 class EncoderCache:

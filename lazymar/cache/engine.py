@@ -28,17 +28,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..head_steps import sample_head
 from ..model import MAR
 from ..precision import cache_dtype as matching_cache_dtype
-from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner
+from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner, sample_head
 from . import flops as F
 from .condition import ConditionCache
 from .decoder import DecoderTokenCache
 from .encoder import EncoderCache
 from .head import HeadCache
-from .schedule import CacheSchedule
-from .store import CACHE_DTYPE
+from .schedule_file import CacheSchedule
+from .buffers import CACHE_DTYPE
 
 
 class CacheEngine(StepRunner):

@@ -17,8 +17,8 @@ from typing import Optional
 from ..config import MARConfig
 from ..diffusion import space_timesteps
 from ..head_steps import head_step_allocation
-from ..sampling import mask_length
-from .schedule import CacheSchedule, HeadCachePolicy
+from ..orders import mask_length
+from .schedule_file import CacheSchedule, HeadCachePolicy
 
 COMPONENTS = ("encoder", "decoder", "head")
 TIME_FREQUENCIES = 256  # the sinusoidal features the head's time embedder projects

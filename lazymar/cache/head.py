@@ -1,5 +1,5 @@
 """The diffusion-head cache, over the head's reverse steps inside one MAR step (``DiffLoss.sample``'s ``denoise``
-seam), under a :class:`~lazymar.cache.schedule.HeadCachePolicy`.
+seam), under a :class:`~lazymar.cache.schedule_file.HeadCachePolicy`.
 
 Full head steps run the network on both CFG halves and refill the caches: the cond - uncond eps, the residual
 update of each reused res-block, and the MLP output of the others. Cached head steps run only the cond half under
@@ -21,7 +21,7 @@ from torch import Tensor
 from ..model import MAR
 from ..sampling import StepContext
 from . import flops as F
-from .schedule import HeadCachePolicy
+from .schedule_file import HeadCachePolicy
 
 
 class HeadCache:

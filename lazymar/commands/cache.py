@@ -14,7 +14,8 @@ from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from ..validation import seed as seed_type
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
-from .measuring import add_imagenet_args, image_space_from_args, launched
+from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
+from .launch import launched
 
 COMPUTE_BOUND = dict(arch="mar_base", batch_size=8, num_iter=16, cfg=3.0)
 
@@ -41,8 +42,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..cache.bench import benchmark
-    from ..cache.schedule import load_schedule
+    from ..runs.bench import benchmark
+    from ..cache.schedule_file import load_schedule
     from ..runs import SamplePlan
     if args.compute_bound and args.num_iter is not None:  # the random model's token count, before building it
         check_num_iter(args.num_iter, get_config(args.arch or COMPUTE_BOUND["arch"]).seq_len)
@@ -63,15 +64,16 @@ def _bench(args: argparse.Namespace) -> int:
     num_samples = 200 if args.num_samples is None else args.num_samples
     batch_size = 100 if args.batch_size is None else args.batch_size
     images = image_space_from_args(model, args, need_images=False)
+    evaluator = quality_from_args(model, args)
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
-    from ..runs import intervals, quality_evaluator
-    evaluator = quality_evaluator(model, images.vae)
+    from ..runs import intervals
     seeds = args.seeds or [args.seed]
     per_seed, arrays = {}, {}
     for run_seed in seeds:
         plan = SamplePlan.balanced(num_samples, model.config.class_num, run_seed, batch_size)
         runs: dict = {}
         per_seed[run_seed] = benchmark(model, plan, settings, schedule, repeats=args.repeats, vae=images.vae,
+                                       evaluator=evaluator,
                                        cpu_memory=torch.device(args.device).type == "cpu",
                                        progress=distributed.is_main(), runs_out=runs)  # stderr; stdout: the JSON
         arrays[run_seed] = {name: intervals.sample_arrays(run, runs["baseline"], evaluator)
@@ -114,12 +116,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 def flops_ratios(config, schedules, num_iter: int, batch_size: int, use_cfg: bool = True) -> dict:
     """Analytic FLOPs of each schedule and its ratios against the fastest exact uncached sampler (head invariants
-    hoisted: cache.schedule.exact_schedule, the "none" entry) at ``batch_size`` (``ratio``) and at batch 1
+    hoisted: cache.schedule_file.exact_schedule, the "none" entry) at ``batch_size`` (``ratio``) and at batch 1
     (``ratio_batch1``: the hoisted time embedding is shared by a batch's rows), and ``released_convention``: the
     plain uncached sampler (no hoisting) over the released scheme ("lazymar-released"), the convention of the
     LazyMAR paper's speed-ups, to set beside them."""
     from ..cache.flops import estimate_generation_flops
-    from ..cache.schedule import exact_schedule, load_schedule, none_schedule
+    from ..cache.schedule_file import exact_schedule, load_schedule, none_schedule
 
     def total(schedule, batch: int) -> dict:
         return estimate_generation_flops(config, schedule, batch_size=batch, use_cfg=use_cfg).totals()
@@ -187,9 +189,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "bootstrap stratum, per-seed results under per_seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p, baseline=None)  # the differences are against the uncached run
-    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.imagenet_options)
 
     p = sub.add_parser("flops", help="analytic FLOPs of cache schedules for MAR architectures",
                        description="FLOPs (2 per multiply-add, matrix products and attention only) of one "

@@ -96,6 +96,6 @@ def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
 def runner_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):
     """The StepRunner for ``--schedule``: a CacheEngine (also for "none", which is exact and counts FLOPs)."""
     from ..cache.engine import CacheEngine
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     schedule = load_schedule(getattr(args, "schedule", None) or "none", settings.num_iter, model.config)
     return CacheEngine(schedule)

@@ -78,7 +78,7 @@ def _measurer(reference, quiet: bool):
 def cmd_derive(args: argparse.Namespace) -> int:
     """Under torchrun the measured searches sample every candidate on all ranks (lazymar.runs: each rank its
     share, the PSNR merged on every rank, so every rank takes the same path); rank 0 prints and writes."""
-    from .measuring import launched
+    from .launch import launched
     check_outputs(derive_outputs(args.out), args.force)
     with launched(args):
         return _derive(args)
@@ -222,7 +222,7 @@ def default_points(profile, reference_settings, config, derive, sweep, extra: li
     small grid of derived thresholds, and the baselines: fewer MAR steps at the FLOPs of lazymar and of the
     fastest schedule, fixed-interval reuse every 4 and 8 steps, and random token selection in place of the
     similarity ranking for lazymar and for the derived schedule closest to lazymar's FLOPs."""
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     use_cfg = reference_settings.cfg != 1.0
     lazymar = sweep.SweepPoint("lazymar", "lazymar", load_schedule("lazymar", reference_settings.num_iter, config),
                                params={"preset": "lazymar"})
@@ -265,7 +265,7 @@ DERIVED_GRID = [
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Under torchrun every point samples its batches on all ranks (lazymar.runs.Run); rank 0 decodes, scores,
     compares, prints and writes the CSV."""
-    from .measuring import launched
+    from .launch import launched
     with launched(args):
         return _sweep(args)
 
@@ -273,9 +273,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     derive = schedules
     from .. import distributed
-    from ..runs import DEFAULT, Reference, SamplePlan
-    from ..cache.schedule import load_schedule
-    from .measuring import image_space_from_args
+    from ..runs import Reference, SamplePlan
+    from ..cache.schedule_file import load_schedule
+    from .imagenet_options import image_space_from_args, quality_from_args
     check_outputs([args.out], args.force)
     if args.stats is None and not args.no_defaults:
         args.stats = default_stats(args.model)
@@ -300,6 +300,7 @@ def _sweep(args: argparse.Namespace) -> int:
                                       params={"schedule": spec, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
     images = image_space_from_args(model, args, need_images=False)
+    quality = quality_from_args(model, args)
     for family in args.family or []:
         points += peers.family_points(family, settings, model.config)
     from ..runs import intervals
@@ -311,7 +312,7 @@ def _sweep(args: argparse.Namespace) -> int:
     per_seed, arrays = {}, {}
     for run_seed in seeds:  # one reference per seed; the seed is the bootstrap's stratum
         plan = SamplePlan.balanced(args.num_samples, model.config.class_num, run_seed, args.batch_size)
-        reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else DEFAULT)
+        reference = Reference(model, plan, settings, vae=images.vae, evaluator=None if args.no_quality else quality)
         runs: dict = {}
         per_seed[run_seed] = sweep.run_sweep(reference, points, quality=not args.no_quality,
                                              progress=not args.json and distributed.is_main(), runs=runs)
@@ -345,7 +346,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _baseline_point(spec, points: list, settings, config):
     """The sweep point ``--baseline`` names: a point of the sweep by name, else the schedule (preset or JSON file)
     it names, added; None for 'none' (the uncached reference row)."""
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     if spec is None or spec == "none":
         return None
     for point in points:
@@ -445,7 +446,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_sweep, cfg=None, cfg_schedule=None, temperature=None)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p)
-    from .measuring import add_imagenet_args
-    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
+    from .imagenet_options import add_imagenet_args
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.imagenet_options)

@@ -7,17 +7,18 @@ from pathlib import Path
 
 from ..errors import ArgumentError
 from ..grid import parse_labels, save_sample_grid
-from ..runs import Run, SamplePlan, generate_tokens, quality_evaluator
+from ..runs import Run, SamplePlan, generate_tokens
 from ..validation import (check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed,
                           step_list)
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
-from .measuring import add_imagenet_args, image_space_from_args, launched
+from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
+from .launch import launched
 
 
 def _schedule(model, args, settings):
     """The --schedule (validated now, before sampling); None for "none": the plain sampler."""
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     schedule = load_schedule(args.schedule, settings.num_iter, model.config)
     return None if args.schedule == "none" else schedule
 
@@ -68,11 +69,11 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     images_of = image_space_from_args(model, args)
-    evaluator = quality_evaluator(model, images_of.vae)
+    evaluator = quality_from_args(model, args)
     if evaluator is None:
         raise ArgumentError("no quality evaluator fits this model (the digits model: accuracy and digits-FID; a VAE "
                          "model: --vae with --fid-stats for ImageNet FID/IS)")
-    from ..cache.schedule import exact_schedule
+    from ..cache.schedule_file import exact_schedule
     from ..runs import intervals
     # uncached: the fastest exact sampler, the very samples of bench's and sweep's uncached reference
     schedule = _schedule(model, args, settings) or exact_schedule(settings.num_iter)
@@ -156,9 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "scores under per_seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval, vae=None)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p, baseline=None, margins=False)
-    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.measuring)
+    add_imagenet_args(p)  # ImageNet FID/IS of a VAE model (lazymar.commands.imagenet_options)
 
     p = sub.add_parser("train", help="train the embedded digits MAR",
                        description="Train a MAR on scikit-learn's digits (train split); writes the checkpoint, "

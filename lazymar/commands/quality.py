@@ -13,14 +13,14 @@ from .common import add_model_args, load_model_from_args, print_json, sampling_f
 def cmd_search_quality(args: argparse.Namespace) -> int:
     """Under torchrun every candidate samples on all ranks (lazymar.runs: each rank decodes and scores its share,
     the quality and PSNR merged on every rank, so every rank makes the same choices); rank 0 prints and writes."""
-    from .measuring import launched
+    from .launch import launched
     with launched(args):
         return _search_quality(args)
 
 
 def _search_quality(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..cache.schedule import load_schedule
+    from ..cache.schedule_file import load_schedule
     from ..runs import DEFAULT, Reference, SamplePlan
     from ..schedules import quality
     if args.threads:
@@ -112,5 +112,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search_quality, cfg=None, cfg_schedule=None, temperature=None)
-    from ..runs.intervals import add_interval_args
+    from .interval_options import add_interval_args
     add_interval_args(p, baseline=None)  # the floor is the baseline of the verdicts

@@ -15,7 +15,7 @@ from ..recording.summary import overview
 from ..validation import check_outputs, keep_bits, positive_int
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      runner_from_args, sampling_from_args)
-from .measuring import launched
+from .launch import launched
 
 
 def path_bytes(path: Path) -> int:

@@ -1,27 +1,26 @@
-"""The layout of a redundancy recording (an xarray Dataset), and saving, loading, validating and merging it.
+"""The layout of a redundancy recording (an xarray Dataset): building and validating it, and the lossy rounding of
+its statistics (keep bits) that compact files use.
 
 Dimensions: sample, step, layer ("encoder.i", "decoder.i", "z"), kind (output, k, v), position (buffer first,
 then the tokens in raster order), head_step (the head's sampling steps in execution order), head_part ("eps_cfg",
 "res_block.i"), token and channel (the generated tokens). Statistics are float32 with NaN where a position or
-layer was not computed at the step or at the step before. Recordings are Zarr stores written batch by batch (:mod:`lazymar.recording.store`), or NetCDF4 files (netCDF4
-engine, ``.nc`` paths, for small recordings), written atomically.
+layer was not computed at the step or at the step before. On disk a recording is a Zarr store written batch by
+batch (:mod:`lazymar.recording.store`) or a NetCDF4 file (:mod:`lazymar.recording.netcdf`); :mod:`lazymar.recording.files`
+saves, loads and merges either by its path.
 """
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import xarray as xr
 
-from .. import __version__
+from ..version import __version__
 from ..errors import LazymarError
 
 FORMAT = "lazymar.redundancy"
 FORMAT_VERSION = 1
-ENGINE = "netcdf4"
 
 STATUS_NAMES = ("buffer", "known", "new", "to_predict", "masked")
 STATUS_CODES = {name: code for code, name in enumerate(STATUS_NAMES)}
@@ -189,34 +188,7 @@ def apply_keep_bits(ds: xr.Dataset, bits: Optional[dict[str, int]]) -> xr.Datase
     return ds
 
 
-def save_stats(ds: xr.Dataset, path: str | Path, keep_bits: Optional[str | int | dict] = None) -> Path:
-    """Write ``ds`` to ``path``: a NetCDF file for ``.nc`` paths (small recordings; atomically, a temporary file
-    in the same folder, then os.replace), else a Zarr store (see :mod:`lazymar.recording.store`).
-
-    ``keep_bits`` rounds float statistics to that many mantissa bits (see :func:`parse_keep_bits`; lossy, for
-    smaller files; None keeps float32 exactly). The attribute ``keep_bits`` records what was applied."""
-    from .store import clean_stale, is_netcdf, save_store
-    path = Path(path)
-    if not is_netcdf(path):
-        return save_store(ds, path, keep_bits)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    ds = apply_keep_bits(ds, parse_keep_bits(keep_bits))
-    encoding = {}
-    for name, var in ds.data_vars.items():
-        chunks = tuple(1 if d == "sample" else n for d, n in zip(var.dims, var.shape))
-        encoding[name] = {"zlib": True, "complevel": 4, "shuffle": True, "chunksizes": chunks}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        ds.to_netcdf(tmp, engine=ENGINE, encoding=encoding)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-# --- loading and validating -----------------------------------------------------------------------------
+# --- validating ------------------------------------------------------------------------------------------
 def validate(ds: xr.Dataset, source: str = "dataset") -> xr.Dataset:
     """Check that ``ds`` has the recording layout; raise RecordingError naming the first problem.
     Works on lazy datasets: only the status codes are read (their min and max, chunk by chunk)."""
@@ -265,6 +237,11 @@ def validate(ds: xr.Dataset, source: str = "dataset") -> xr.Dataset:
     return ds
 
 
+def as_recording_error(err: Exception, path) -> RecordingError:
+    """``err`` (raised while reading ``path``) as the RecordingError naming the file."""
+    return err if isinstance(err, RecordingError) else RecordingError(f"{path}: {type(err).__name__}: {err}")
+
+
 # dtype kinds of the coordinates (numpy kind letters); others are integers
 _COORD_KINDS = {"mask_ratio": "f", "cfg_scale": "f", "layer": "OUST", "kind": "OUST", "head_part": "OUST"}
 
@@ -278,83 +255,3 @@ def _int_attr(ds: xr.Dataset, key: str, source: str) -> int:
     except (TypeError, ValueError, OverflowError):
         raise RecordingError(f"{source}: attribute {key!r} is not an integer: {value!r}") from None
     return number
-
-
-def load_stats(path: str | Path, lazy: Optional[bool] = None) -> xr.Dataset:
-    """Load and validate a recording: a Zarr store opens lazily (dask arrays, read chunk by chunk as used; only
-    the recorded samples), a NetCDF file is read into memory and closed. ``lazy=True`` opens a NetCDF file
-    lazily too (one chunk per sample; close the dataset after), ``lazy=False`` loads a store into memory."""
-    from .store import is_netcdf, open_store
-    path = Path(path)
-    if not path.exists():
-        raise RecordingError(f"recording not found: {path}")
-    if not is_netcdf(path):
-        ds = open_store(path)
-        try:
-            validate(ds, str(path))
-        except (KeyError, TypeError, ValueError) as err:
-            raise _as_recording_error(err, path) from None
-        return ds.load() if lazy is False else ds
-    if not path.is_file():
-        raise RecordingError(f"{path} is a folder, not a NetCDF4 file")
-    try:
-        opened = xr.open_dataset(path, engine=ENGINE, chunks={"sample": 1} if lazy else None)
-    except Exception as err:  # the netCDF/HDF5 libraries raise many types for a file that is not NetCDF4
-        raise RecordingError(f"{path} is not a NetCDF4 file ({type(err).__name__}: {err})") from None
-    if lazy:
-        try:
-            return validate(opened, str(path))
-        except (KeyError, TypeError, ValueError) as err:
-            opened.close()
-            raise _as_recording_error(err, path) from None
-    with opened:
-        ds = opened.load()
-    try:
-        return validate(ds, str(path))
-    except (KeyError, TypeError, ValueError) as err:
-        raise _as_recording_error(err, path) from None
-
-
-def _as_recording_error(err: Exception, path: Path) -> RecordingError:
-    return err if isinstance(err, RecordingError) else RecordingError(f"{path}: {type(err).__name__}: {err}")
-
-
-# --- merging --------------------------------------------------------------------------------------------
-def merge_stats(sources: Iterable[str | Path | xr.Dataset]) -> xr.Dataset:
-    """Concatenate recordings of one setting (e.g. torchrun shards) along ``sample``.
-
-    They must agree on every attribute except the shard ones and on all coordinates other than sample's."""
-    datasets, names = [], []
-    for src in sources:
-        if isinstance(src, xr.Dataset):
-            datasets.append(validate(src)), names.append("dataset")
-        else:
-            datasets.append(load_stats(src)), names.append(str(src))
-    if not datasets:
-        raise RecordingError("nothing to merge: no input recordings")
-    first, first_name = datasets[0], names[0]
-    seen = {int(s): first_name for s in first["sample"].values}
-    for ds, name in zip(datasets[1:], names[1:]):
-        for key in set(first.attrs) | set(ds.attrs):
-            if key in SHARD_ATTRS:
-                continue
-            a, b = first.attrs.get(key), ds.attrs.get(key)
-            if not _same(a, b):
-                raise RecordingError(f"cannot merge {name} with {first_name}: attribute {key!r} differs ({b!r} vs {a!r})")
-        for coord in ("step", "layer", "kind", "position", "head_step", "head_part", "mask_ratio", "cfg_scale"):
-            if not np.array_equal(first[coord].values, ds[coord].values):
-                raise RecordingError(f"cannot merge {name} with {first_name}: coordinate {coord!r} differs")
-        for s in ds["sample"].values:
-            if int(s) in seen:
-                raise RecordingError(f"sample {int(s)} is in both {seen[int(s)]} and {name}")
-            seen[int(s)] = name
-    merged = concat_batches(datasets)
-    merged.attrs = {k: v for k, v in first.attrs.items() if k not in ("rank", "world_size")}
-    merged.attrs["merged_from"] = len(datasets)
-    return merged
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.array_equal(np.asarray(a), np.asarray(b))
-    return a == b

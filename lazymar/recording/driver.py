@@ -20,7 +20,9 @@ from ..model import MAR
 from ..runs import SEED_RULE, SamplePlan
 from ..sampling import SamplingSettings, StepRunner, generate
 from . import store
-from .dataset import RecordingError, load_stats, parse_keep_bits, save_stats
+from .dataset import RecordingError, parse_keep_bits
+from .files import load_stats, save_stats
+from .netcdf import is_netcdf
 from .recorder import RedundancyRecorder
 
 
@@ -54,7 +56,7 @@ def record(model: MAR, out: str | Path, num_samples: int, settings: SamplingSett
         plan.batches(rank, world_size)  # checks the rank
     except ValueError as err:
         raise RecordingError(str(err)) from None
-    netcdf = store.is_netcdf(out)
+    netcdf = is_netcdf(out)
     if netcdf and world_size > 1:
         raise RecordingError(f"{out}: record a torchrun job into a Zarr store (a path not ending in .nc)")
     target = staging_store(out) if netcdf else out

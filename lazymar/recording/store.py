@@ -39,11 +39,6 @@ RECORDED = "recorded"
 CHUNK_BYTES = 16 * 2**20
 
 
-def is_netcdf(path: str | Path) -> bool:
-    """NetCDF files end in .nc; every other path is a Zarr store (a folder, e.g. stats.zarr)."""
-    return Path(path).suffix == ".nc"
-
-
 def is_store(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "zarr.json").is_file()
 

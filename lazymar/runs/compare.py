@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..cache.schedule import CacheSchedule, exact_schedule
+from ..cache.schedule_file import CacheSchedule, exact_schedule
 from ..errors import LazymarError
 from ..model import MAR
 from ..sampling import SamplingSettings
@@ -97,7 +97,7 @@ def sample_squared_errors(candidate: Run, reference: Run) -> dict:
 
 class Reference:
     """The uncached run of a plan and candidates measured against it. The uncached run is the fastest exact sampler
-    (cache.schedule.exact_schedule: the head's invariants hoisted, as the cached schedules do), FLOPs counted.
+    (cache.schedule_file.exact_schedule: the head's invariants hoisted, as the cached schedules do), FLOPs counted.
 
     ``evaluator``: the quality evaluator of the runs (default: the model's own, see runs.images; None: no quality).
     ``psnr(schedule)`` is the measure that schedule searches (lazymar derive) expect."""
@@ -107,7 +107,7 @@ class Reference:
                  progress: bool = False, keep_images: Optional[bool] = None):
         self.model, self.plan, self.settings = model, plan, settings
         self.image_space = ImageSpace(model, vae, keep=keep_images)
-        self.evaluator = quality_evaluator(model, vae) if evaluator is DEFAULT else evaluator
+        self.evaluator = quality_evaluator(model) if evaluator is DEFAULT else evaluator
         self.cpu_baseline_mb, self.progress = cpu_baseline_mb, progress
         self.schedule = exact_schedule(settings.num_iter)
         self.run = self.sample("none", self.schedule, quality=False)

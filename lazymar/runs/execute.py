@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..cache.engine import CacheEngine
 from ..cache.flops import FlopsLedger
-from ..cache.schedule import CacheSchedule
+from ..cache.schedule_file import CacheSchedule
 from ..model import MAR
 from ..sampling import SamplingSettings, generate
 from .images import ImageSpace, QualityEvaluator, score_images

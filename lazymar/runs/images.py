@@ -6,9 +6,9 @@ Images are (N, C, H, W) on the [-1, 1] scale for every model: the digits model's
 range of that space, :data:`IMAGE_DATA_RANGE` = 2.0. A latent-space model without a VAE has no image space here:
 its runs have no images, no PSNR and no image quality (token MSE still compares them).
 
-Quality evaluators are small objects that score a run's images; :func:`quality_evaluator` picks the one that fits
-a model (the digits classifier's accuracy and digits-FID for the digits model). An evaluator for other models (for
-example ImageNet FID/IS for the VAE models, lazymar.imagenet) plugs in with :func:`register_evaluator`. An evaluator
+Quality evaluators are small objects that score a run's images; :func:`quality_evaluator` gives a model's own (the
+digits classifier's accuracy and digits-FID for the digits models). Any other evaluator (for example ImageNet FID/IS
+of the VAE models, lazymar.imagenet.ImageNetQuality) is a value the caller passes to the run. An evaluator
 with a ``stream()`` method sees the images chunk by chunk (:func:`decode_and_score`), so a run of 50k decoded
 256x256 images never sits in memory: an :class:`ImageSpace` keeps the images of pixel models (they are the tokens)
 and, by default, not those of VAE models (PSNR is then streamed from the tokens too, runs.compare).
@@ -16,7 +16,7 @@ and, by default, not those of VAE models (PSNR is then streamed from the tokens 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -234,20 +234,7 @@ class DigitsStream:
         return self.evaluator(images, self.labels[:len(images)])
 
 
-EvaluatorFactory = Callable[[MAR, object], Optional[QualityEvaluator]]
-_FACTORIES: list[EvaluatorFactory] = [lambda model, vae: DigitsQuality(model.config.img_size)
-                                       if is_digits_model(model.config) else None]
-
-
-def register_evaluator(factory: EvaluatorFactory) -> None:
-    """Add ``factory(model, vae) -> evaluator or None``; factories are asked in order of registration."""
-    _FACTORIES.append(factory)
-
-
-def quality_evaluator(model: MAR, vae=None) -> Optional[QualityEvaluator]:
-    """The first registered evaluator that fits ``model`` (and its VAE), or None when none does."""
-    for factory in _FACTORIES:
-        evaluator = factory(model, vae)
-        if evaluator is not None:
-            return evaluator
-    return None
+def quality_evaluator(model: MAR) -> Optional[QualityEvaluator]:
+    """The model's own evaluator: the digits classifier's for the digits models, None for others (whose evaluator,
+    e.g. ImageNet FID/IS, the caller builds and passes explicitly)."""
+    return DigitsQuality(model.config.img_size) if is_digits_model(model.config) else None

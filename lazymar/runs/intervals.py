@@ -7,7 +7,7 @@ never runs an image through the classifier again. Several seeds pool by concaten
 bootstrap stratum. Runs of one plan share their samples, so their differences are paired.
 
 The options (``--bootstrap``, ``--bootstrap-seed``, ``--baseline``, ``--margin-*``) are declared before a run, as a
-non-inferiority test needs; :func:`add_interval_args` adds them to a command.
+non-inferiority test needs; lazymar.commands.interval_options adds them to a command.
 """
 from __future__ import annotations
 
@@ -51,32 +51,6 @@ class IntervalOptions:
         return (f"95 % bootstrap intervals ({self.resamples} resamples, seed {self.seed}, stratified by seed); "
                 f"non-inferiority margins: PSNR -{self.margin_psnr:g} dB, accuracy -{self.margin_accuracy:g} points, "
                 f"FID +{self.margin_fid:g} % of the baseline's")
-
-
-def add_interval_args(parser: argparse.ArgumentParser, baseline: Optional[str] = "lazymar",
-                      margins: bool = True) -> None:
-    """--bootstrap, --bootstrap-seed and (with ``margins``) --margin-psnr/-accuracy/-fid, and --baseline when
-    ``baseline`` names its default."""
-    group = parser.add_argument_group("confidence intervals and verdicts (lazymar.stats)")
-    group.add_argument("--bootstrap", type=_positive_int, default=stats.DEFAULT_RESAMPLES, metavar="N",
-                       help=f"bootstrap resamples of the 95 %% intervals (default {stats.DEFAULT_RESAMPLES})")
-    group.add_argument("--bootstrap-seed", type=int, default=stats.DEFAULT_SEED,
-                       help="seed of the bootstrap (default 0)")
-    if baseline is not None:
-        group.add_argument("--baseline", default=baseline, metavar="NAME|PATH.json",
-                           help=f"row the paired differences d_<metric> and verdicts are against (default "
-                                f"{baseline}; 'none': the uncached reference; a schedule not in the run is added)")
-    if margins:
-        group.add_argument("--margin-psnr", type=float, default=0.5, help="PSNR loss allowed, dB (default 0.5)")
-        group.add_argument("--margin-accuracy", type=float, default=0.5,
-                           help="accuracy loss allowed, points (default 0.5)")
-        group.add_argument("--margin-fid", type=float, default=5.0,
-                           help="FID increase allowed, percent of the baseline's FID (default 5)")
-
-
-def _positive_int(text: str) -> int:
-    from ..validation import positive_int
-    return positive_int(text)
 
 
 def real_statistics(evaluator) -> Optional[stats.RealStatistics]:

@@ -2,7 +2,7 @@
 
 A recording (lazymar.recording layout) says, per step, how much each position's features changed since the step
 before. :class:`~lazymar.schedules.profile.RedundancyProfile` condenses it once into per-step arrays; :func:`derive_schedule` then turns five
-thresholds into a :class:`~lazymar.cache.schedule.CacheSchedule` in milliseconds (notebook sliders call it live):
+thresholds into a :class:`~lazymar.cache.schedule_file.CacheSchedule` in milliseconds (notebook sliders call it live):
 
 - token cache (``tau_token``, a cosine): on a cached step s the decoder recomputes, after the selection layer, the
   positions whose V similarity with step s-1 at that layer is below ``tau_token`` (the engine's own ranking), plus
@@ -49,9 +49,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..cache.schedule import CacheSchedule
+from ..cache.schedule_file import CacheSchedule
 from .predicted_flops import predicted_flops
-from .profile import ALWAYS_KEEP, TAU_TOKEN_ALL, DerivationError, RedundancyProfile
+from .profile import DERIVED_ALWAYS_KEEP, TAU_TOKEN_ALL, DerivationError, RedundancyProfile
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
         num_iter=profile.num_iter, refresh=refresh.tolist(), keep_fraction=[round(float(k), 6) for k in keep],
         condition_cache=condition.tolist(), head_cache=[True] * profile.num_iter,
         name=name or _default_name(params), keep_min_extra=0.0, selection="similarity",
-        selection_layer=selection_layer, always_keep=ALWAYS_KEEP, encoder=encoder, head=head)
+        selection_layer=selection_layer, always_keep=DERIVED_ALWAYS_KEEP, encoder=encoder, head=head)
     schedule.validate_for(profile.config, profile.num_iter)
     flops = predicted_flops(schedule, profile.config, profile.use_cfg, flops_batch_size)
     return DerivedSchedule(schedule=schedule, params=params, predicted_flops_ratio=flops["ratio"], flops=flops,

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
+from ..cache.schedule_file import CacheSchedule, HeadCachePolicy, none_schedule
 from .derive import DerivedSchedule
 from .predicted_flops import predicted_flops
 from .profile import DerivationError, RedundancyProfile

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..cache.flops import estimate_generation_flops
-from ..cache.schedule import CacheSchedule, HeadCachePolicy, exact_schedule, none_schedule
+from ..cache.schedule_file import CacheSchedule, HeadCachePolicy, exact_schedule, none_schedule
 from ..config import MARConfig
 
 

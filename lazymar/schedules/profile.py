@@ -21,14 +21,14 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import LazymarError
-from ..cache.schedule import HeadCachePolicy
+from ..cache.schedule_file import HeadCachePolicy
 from ..config import MARConfig
 from ..recording import STATUS_CODES, load_stats
 from .levels import count_below, levels_from_counts, merge_counts, sample_chunks, stored_bits, value_counts
 from .predicted_flops import head_flops
 from .selection import selection_study
 
-ALWAYS_KEEP = ("to_predict", "new")
+DERIVED_ALWAYS_KEEP = ("to_predict", "new")  # the statuses a derived schedule always recomputes
 TAU_TOKEN_ALL = 1.000001  # above every cosine: recompute all positions
 
 
@@ -129,7 +129,7 @@ class RedundancyProfile:
         if S < 2:
             raise DerivationError(f"{source} has {S} step(s); deriving a schedule needs at least 2")
         status = ds["status"]  # (n, S, P)
-        always = status.isin([STATUS_CODES[name] for name in ALWAYS_KEEP])
+        always = status.isin([STATUS_CODES[name] for name in DERIVED_ALWAYS_KEEP])
         # counts are equal for every sample; the mean is robust anyway
         always_kept = np.asarray(always.sum("position").mean("sample").values, dtype=np.float64)
 

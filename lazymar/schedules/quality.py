@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..cache.schedule import CacheSchedule, HeadCachePolicy
+from ..cache.schedule_file import CacheSchedule, HeadCachePolicy
 from ..config import MARConfig
 from .predicted_flops import predicted_flops
 from .profile import DerivationError

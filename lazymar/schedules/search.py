@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 
 from tqdm.auto import tqdm
 
-from ..cache.schedule import CacheSchedule
+from ..cache.schedule_file import CacheSchedule
 from .derive import DerivedSchedule, derive_schedule
 from .error_model import ErrorModel, calibrate_error_model, error_components, uncalibrated_error_model
 from .profile import DerivationError, RedundancyProfile

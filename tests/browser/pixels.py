@@ -1,4 +1,4 @@
-"""What a sample grid looks like in pixels: the cells of analysis.plots.plot_sample_comparison, each an image
+"""What a sample grid looks like in pixels: the cells of analysis.schedule_plots.plot_sample_comparison, each an image
 framed in SAMPLE_FRAME_COLOR, found in a PNG (a browser's screenshot of the element, or the figure itself).
 
 A cell is a connected ring of frame-coloured pixels; it is drawn when its inside holds both ink and background
@@ -14,7 +14,7 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 from scipy import ndimage
 
-from analysis.plots import SAMPLE_FRAME_COLOR
+from analysis.schedule_plots import SAMPLE_FRAME_COLOR
 
 FRAME_RGB = np.array(to_rgb(SAMPLE_FRAME_COLOR)) * 255
 MIN_CELL_PX = 12  # a cell's frame spans at least this many pixels each way

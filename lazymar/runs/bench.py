@@ -4,7 +4,7 @@ Both runs sample the same plan (labels, batches, seeds: lazymar.runs), so they d
 differ only by what the schedule reuses. Wall times come from the same process, repetitions interleaved
 (baseline, cached, baseline, ...), median reported; process CPU time beside it (all threads: on a shared machine
 it is less disturbed by other processes than wall time). Peak memory (on CPU from one untimed repetition before the
-timed ones) and every comparison metric come from lazymar.runs (runs.memory, runs.compare).
+timed ones) and every comparison metric come from the rest of lazymar.runs (memory, compare).
 """
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import math
 
 from tqdm.auto import tqdm
 
+from ..cache.schedule_file import CacheSchedule, exact_schedule
 from ..model import MAR
-from ..runs import (DEFAULT, ImageSpace, Run, SamplePlan, cpu_memory_measurement, fidelity, quality_evaluator,
-                    resident_mb, weights_mb)
 from ..sampling import SamplingSettings
-from .schedule import CacheSchedule, exact_schedule
+from .compare import DEFAULT, fidelity
+from .execute import Run
+from .images import ImageSpace, quality_evaluator
+from .memory import cpu_memory_measurement, resident_mb, weights_mb
+from .plan import SamplePlan
 
 
 def benchmark_runs(model: MAR, plan: SamplePlan, settings: SamplingSettings, schedule: CacheSchedule,
@@ -49,7 +52,7 @@ def benchmark_runs(model: MAR, plan: SamplePlan, settings: SamplingSettings, sch
             bar.update(1)
     bar.close()
     images = ImageSpace(model, vae)
-    evaluator = quality_evaluator(model, vae) if evaluator is DEFAULT else evaluator
+    evaluator = quality_evaluator(model) if evaluator is DEFAULT else evaluator
     return {name: run.finish(images, evaluator) for name, run in runs.items()}
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lazymar.cache.schedule import CacheSchedule, lazymar_schedule, none_schedule
+from lazymar.cache.schedule_file import CacheSchedule, lazymar_schedule, none_schedule
 from lazymar.config import MARConfig
 from lazymar.runs import Reference, SamplePlan
 

@@ -27,7 +27,7 @@ from ..config import MARConfig
 from ..errors import LazymarError
 
 SELECTION_RULES = ("similarity", "random", "status", "attention")  # attention: MARché (cache/attention_selection)
-ALWAYS_KEEP = ("to_predict", "new", "buffer")
+KEEPABLE_STATUSES = ("to_predict", "new", "buffer")  # what a schedule's always_keep may name
 ENCODER_POLICIES = ("full", "incremental", "new-tokens")
 FORMAT = "lazymar-cache-schedule/1"
 SEED_LIMIT = 2**63  # the random selection seeds torch.Generator
@@ -152,10 +152,11 @@ class CacheSchedule:
             raise ScheduleError(f"unknown selection rule {self.selection!r}; known: {', '.join(SELECTION_RULES)}")
         if _integer(self.selection_layer, "selection_layer") < 0:
             raise ScheduleError(f"selection_layer must be an integer >= 0, got {self.selection_layer!r}")
-        set_("always_keep", tuple(_sequence(self.always_keep, "always_keep", f"of statuses ({', '.join(ALWAYS_KEEP)})")))
-        unknown = [k for k in self.always_keep if not isinstance(k, str) or k not in ALWAYS_KEEP]
+        keepable = ", ".join(KEEPABLE_STATUSES)
+        set_("always_keep", tuple(_sequence(self.always_keep, "always_keep", f"of statuses ({keepable})")))
+        unknown = [k for k in self.always_keep if not isinstance(k, str) or k not in KEEPABLE_STATUSES]
         if unknown:
-            raise ScheduleError(f"unknown always_keep status {unknown[0]!r}; known: {', '.join(ALWAYS_KEEP)}")
+            raise ScheduleError(f"unknown always_keep status {unknown[0]!r}; known: {keepable}")
         if not isinstance(self.encoder, str) or self.encoder not in ENCODER_POLICIES:
             raise ScheduleError(f"unknown encoder policy {self.encoder!r}; known: {', '.join(ENCODER_POLICIES)}")
         if not 0 <= _integer(self.seed, "seed") < SEED_LIMIT:
@@ -325,7 +326,8 @@ def lazymar_selection_layer(decoder_depth: int) -> int:
 
 def lazymar_schedule(num_iter: int = LAZYMAR_STEPS, config: Optional[MARConfig] = None,
                      hoist_invariants: bool = True) -> CacheSchedule:
-    """The released LazyMAR scheme (REFERENCE.md section 2); exact at 64 steps for the released models.
+    """The scheme of the released LazyMAR code (refresh steps, keep ratios, head blocks); exact at 64 steps for the
+    released models.
 
     Other step counts map by step fraction: step s covers [s/N, (s+1)/N) of the generation and refreshes if that
     interval holds a released refresh step; its keep ratio is the released one at floor(64 s / N). The "+ 15" of
@@ -380,7 +382,7 @@ def load_schedule(name_or_path: str | Path, num_iter: int, config: Optional[MARC
         schedule = none_schedule(num_iter)
     elif key in ("lazymar", "lazymar-released"):
         schedule = lazymar_schedule(num_iter, config, hoist_invariants=key == "lazymar")
-    elif key == "lazymar-new-tokens":  # the encoder policy the released code's cache sizing suggests (REFERENCE.md)
+    elif key == "lazymar-new-tokens":  # the encoder policy the released code's cache sizing suggests
         schedule = lazymar_schedule(num_iter, config).with_changes(encoder="new-tokens", name=key)
     else:
         path = Path(name_or_path)
