@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import MARConfig
+from .config import MARConfig, check_num_iter
 from .errors import SettingsError
 from .model import MAR
 from .sampling import SamplingSettings, random_orders
@@ -121,7 +121,7 @@ def save_checkpoint(path: Path, model: MAR, ema: MAR, sampling: SamplingSettings
     path.parent.mkdir(parents=True, exist_ok=True)
     args = {**model.config.to_dict(), **(extra_args or {})}
     torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "args": args,
-                "sampling": sampling.__dict__.copy(), "train_log": log or []}, path)
+                "sampling": sampling.to_dict(), "train_log": log or []}, path)
 
 
 def plot_loss(log: list[dict], path: Path, title: str = "MAR digits training") -> None:
@@ -193,9 +193,7 @@ def train_digits(out: Path, steps: Optional[int] = None, seed: int = 0, batch_si
     config = get_config(model, **config_overrides)
     steps = TRAINING_STEPS[model] if steps is None else steps
     check_training(config, steps=steps, batch_size=batch_size, lr=lr)
-    if not 1 <= sampling.num_iter <= config.seq_len:
-        raise SettingsError(f"stored sampling steps must lie in [1, {config.seq_len}] (the model's tokens), "
-                            f"got {sampling.num_iter}")
+    check_num_iter(sampling.num_iter, config.seq_len)  # the stored default steps
     images, labels = digits_split("train", size=config.img_size)
     state = training_state(out)
     trained, ema, log = train(config, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,

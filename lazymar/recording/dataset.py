@@ -8,10 +8,11 @@ engine, ``.nc`` paths, for small recordings), written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import xarray as xr
@@ -155,8 +156,33 @@ COMPACT_BITS = {"token_cosine": 14, "cfg_residual_cosine": 14, "cfg_residual_cha
                 "cfg_uncond_change": 9, "head_change": 9, "token_norm": 14}
 
 
-def parse_keep_bits(value: Optional[str | int | dict]) -> Optional[dict[str, int]]:
-    """None (exact), an int for every statistic, "compact" (:data:`COMPACT_BITS`) or a {variable: bits} map."""
+class KeepBits:
+    """A --keep-bits value parsed once: its ``text`` and the mantissa ``bits`` kept per statistic (None: exact).
+    RecordingError on a bad value."""
+
+    def __init__(self, value: "str | int | dict | KeepBits | None") -> None:
+        self.text = str(value if value is not None else "exact")
+        self.bits = parse_keep_bits(value)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"KeepBits({self.text!r})"
+
+
+def parse_keep_bits(value: "Optional[str | int | dict | KeepBits]") -> Optional[dict[str, int]]:
+    """None (exact), an int for every statistic, "compact" (:data:`COMPACT_BITS`) or a {variable: bits} map;
+    a :class:`KeepBits` gives its bits, parsed already. Every count lies in 1..22 (float32 has 23 mantissa bits)."""
+    if isinstance(value, KeepBits):
+        return value.bits
+    bits = _keep_bits(value)
+    if bits and not all(0 < b < 23 for b in bits.values()):
+        raise RecordingError(f"keep_bits: mantissa bits must lie in 1..22, got {value}")
+    return bits
+
+
+def _keep_bits(value: Optional[str | int | dict]) -> Optional[dict[str, int]]:
     if value is None or value == "exact":
         return None
     if value == "compact":
@@ -289,12 +315,10 @@ def load_stats(path: str | Path, lazy: Optional[bool] = None) -> xr.Dataset:
     if not path.exists():
         raise RecordingError(f"recording not found: {path}")
     if not is_netcdf(path):
-        ds = open_store(path)
-        try:
+        with reading(path):
+            ds = open_store(path)
             validate(ds, str(path))
-        except (KeyError, TypeError, ValueError) as err:
-            raise _as_recording_error(err, path) from None
-        return ds.load() if lazy is False else ds
+            return ds.load() if lazy is False else ds
     if not path.is_file():
         raise RecordingError(f"{path} is a folder, not a NetCDF4 file")
     try:
@@ -307,7 +331,7 @@ def load_stats(path: str | Path, lazy: Optional[bool] = None) -> xr.Dataset:
         except (KeyError, TypeError, ValueError) as err:
             opened.close()
             raise _as_recording_error(err, path) from None
-    with opened:
+    with opened, reading(path):
         ds = opened.load()
     try:
         return validate(ds, str(path))
@@ -317,6 +341,23 @@ def load_stats(path: str | Path, lazy: Optional[bool] = None) -> xr.Dataset:
 
 def _as_recording_error(err: Exception, path: Path) -> RecordingError:
     return err if isinstance(err, RecordingError) else RecordingError(f"{path}: {type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Turn whatever reading a damaged recording raises (zarr, numcodecs, dask and json raise many types for bad
+    metadata, truncated or garbled chunks, missing arrays) into one RecordingError naming ``path``. Wrap the
+    reads of a lazy recording's chunks too: a damaged chunk surfaces only when it is read."""
+    try:
+        yield
+    except LazymarError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 (the libraries' error types for damaged files are not enumerable)
+        first = " ".join(str(err).split())[:300]
+        raise RecordingError(f"{path} is damaged or not a lazymar recording ({type(err).__name__}: {first})") \
+            from None
 
 
 # --- merging --------------------------------------------------------------------------------------------
