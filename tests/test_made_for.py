@@ -168,3 +168,11 @@ def test_the_cli_names_a_damaged_store(small_store, tmp_path, capsys):
     err = one_line_error(capsys)
     assert str(copy) in err and "Traceback" not in err
     assert isinstance(RecordingError("x"), LazymarError)
+
+
+def test_sweep_refuses_a_recording_of_another_model(capsys, tmp_path):
+    stats = DATA / "stats" / "digits16.zarr"
+    assert main(["sweep", "--model", "digits", "--stats", str(stats), "--no-defaults", "--schedule", "lazymar",
+                 "--num-samples", "1", "--out", str(tmp_path / "s.csv")]) == 2
+    err = one_line_error(capsys)
+    assert f"recording {stats} was made for digits16" in err and "--model digits (128 positions" in err

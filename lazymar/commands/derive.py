@@ -58,14 +58,20 @@ def recorded_model(args: argparse.Namespace, profile):
     return model
 
 
+def recorded_settings(args: argparse.Namespace, profile, model):
+    """The sampling settings of the command line, which must sample the recording's step count."""
+    settings = sampling_from_args(model, args)
+    if profile is not None and settings.num_iter != profile.num_iter:
+        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
+                            f"pass --num-iter {profile.num_iter}")
+    return settings
+
+
 def _reference(args: argparse.Namespace, profile, model):
     """The uncached reference run on --measure-samples fixed samples, for measured PSNR (lazymar.runs)."""
     from ..runs import Reference, RunError, SamplePlan
     model = model or recorded_model(args, profile)  # default: the recording's model
-    settings = sampling_from_args(model, args)
-    if settings.num_iter != profile.num_iter:
-        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
-                         f"pass --num-iter {profile.num_iter}")
+    settings = recorded_settings(args, profile, model)
     if model.config.vae_stride != 1:
         raise RunError("measured PSNR is taken on images and this model's tokens are VAE latents; "
                        "use --no-measure for a budget search")
@@ -296,9 +302,7 @@ def _sweep(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     profile = None if args.stats is None else load_profile(derive, args.stats)
     model = load_model_from_args(args) if profile is None else recorded_model(args, profile)
-    settings = sampling_from_args(model, args)
-    if profile is not None and settings.num_iter != profile.num_iter:
-        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
+    settings = recorded_settings(args, profile, model)
     from .. import peers
     extra = []
     for spec in args.schedule or []:
