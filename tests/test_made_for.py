@@ -16,7 +16,7 @@ from lazymar.cli import main
 from lazymar.config import get_config
 from lazymar.errors import LazymarError
 from lazymar.fingerprint import ModelFingerprint, ModelMismatchError
-from lazymar.recording import RecordingError, load_stats
+from lazymar.recording import RecordingError, load_stats, save_stats
 from lazymar.recording.driver import record
 from lazymar.sampling import SamplingSettings
 
@@ -106,17 +106,18 @@ def test_derive_writes_the_recording_s_model_into_the_schedule(capsys, tmp_path)
 # --- damaged stores -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory) -> Path:
-    """A valid 3-sample Zarr recording of a 4x4-token model, in batches of 2."""
+    """A valid 3-sample Zarr recording of a 4x4-token model, in batches of 2, and the same as a NetCDF file."""
     model = tiny_mar(img_size=64, num_sampling_steps="4", randomise="head", std=0.1)
     path = tmp_path_factory.mktemp("store") / "small.zarr"
     record(model, path, num_samples=3, settings=SamplingSettings(num_iter=3, cfg=2.0), seed=1, batch_size=2,
            progress=False)
+    save_stats(load_stats(path, lazy=False), path.with_suffix(".nc"))
     return path
 
 
 def damage(path: Path, rng: random.Random) -> str:
-    """Truncate, garble or delete one random file of the store at ``path``; returns what was done."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+    """Truncate, garble or delete one random file of the store (or the file) at ``path``; returns what was done."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     victim = rng.choice(files)
     data = victim.read_bytes()
     how = rng.choice(("truncate", "garble", "delete"))
@@ -130,16 +131,17 @@ def damage(path: Path, rng: random.Random) -> str:
             if garbled:
                 garbled[rng.randrange(len(garbled))] = rng.randrange(256)
         victim.write_bytes(bytes(garbled))
-    return f"{how} {victim.relative_to(path)}"
+    return f"{how} {victim.relative_to(path) if path.is_dir() else victim.name}"
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_a_damaged_store_loads_or_is_one_recording_error(small_store, tmp_path, seed):
+@pytest.mark.parametrize("suffix, seed", [(".zarr", 0), (".zarr", 1), (".zarr", 2), (".nc", 3)])
+def test_a_damaged_store_loads_or_is_one_recording_error(small_store, tmp_path, suffix, seed):
     rng = random.Random(seed)
     outcomes = set()
+    source = small_store.with_suffix(suffix)
     for i in range(20):
-        copy = tmp_path / f"damaged{i}.zarr"
-        shutil.copytree(small_store, copy)
+        copy = tmp_path / f"damaged{i}{suffix}"
+        shutil.copytree(source, copy) if source.is_dir() else shutil.copyfile(source, copy)
         what = damage(copy, rng)
         for lazy in (False, True):
             try:
@@ -156,7 +158,7 @@ def test_a_damaged_store_loads_or_is_one_recording_error(small_store, tmp_path, 
                     with reading(copy):
                         load_stats(copy, lazy=True).load()
                 outcomes.add("refused")
-        shutil.rmtree(copy)
+        shutil.rmtree(copy) if copy.is_dir() else copy.unlink(missing_ok=True)
     assert "refused" in outcomes  # the damage was real
 
 
