@@ -176,13 +176,17 @@ class CacheSchedule:
             raise ScheduleError(f"made_for must be an object of model fields or \"any\", got {self.made_for!r}")
 
     # --- checks against a model --------------------------------------------------------------------------------
-    def validate_for(self, config: MARConfig, num_iter: Optional[int] = None, source: Optional[str] = None) -> None:
-        """Raise ScheduleError if this schedule cannot run on a model of ``config`` with ``num_iter`` steps, and
-        ModelMismatchError if it was made for another model; ``source`` (its file) names it in the messages."""
+    def validate_for(self, config: Optional[MARConfig], num_iter: Optional[int] = None,
+                     source: Optional[str] = None) -> None:
+        """Raise ScheduleError if this schedule cannot run on a model of ``config`` (None: any model) with
+        ``num_iter`` steps, and ModelMismatchError if it was made for another model; ``source`` names it."""
         where = source or f"schedule {self.name!r}"
-        check_made_for(where, self.made_for, config)
+        if config is not None:
+            check_made_for(where, self.made_for, config)
         if num_iter is not None and num_iter != self.num_iter:
             raise ScheduleError(f"{where} has {self.num_iter} steps but sampling uses {num_iter}")
+        if config is None:
+            return
         if not all(self.refresh) and self.selection_layer >= config.decoder_depth:
             raise ScheduleError(f"selection_layer {self.selection_layer} out of range: the decoder has "
                                 f"{config.decoder_depth} blocks")
@@ -426,10 +430,7 @@ class ScheduleChoice:
         file's as read (its step count must be ``num_iter``). With ``config`` it is checked against the model,
         and a file made for another model is refused (ModelMismatchError). "none" plans no caching."""
         if self.file is not None:
-            if config is not None:
-                self.file.validate_for(config, num_iter, f"schedule {self.text}")
-            elif self.file.num_iter != num_iter:
-                raise ScheduleError(f"schedule {self.text} has {self.file.num_iter} steps but sampling uses {num_iter}")
+            self.file.validate_for(config, num_iter, f"schedule {self.text}")
             return self.file
         if self.text == "none":
             schedule = none_schedule(num_iter)
@@ -437,8 +438,7 @@ class ScheduleChoice:
             schedule = lazymar_schedule(num_iter, config, hoist_invariants=self.text == "lazymar")
         else:  # lazymar-new-tokens: the encoder policy the released code's cache sizing suggests (REFERENCE.md)
             schedule = lazymar_schedule(num_iter, config).with_changes(encoder="new-tokens", name=self.text)
-        if config is not None:
-            schedule.validate_for(config, num_iter)
+        schedule.validate_for(config, num_iter)
         return schedule
 
     def sampler_schedule(self, num_iter: int, config: Optional[MARConfig] = None) -> Optional[CacheSchedule]:
