@@ -97,7 +97,6 @@ class SamplingSettings:
             from .precision import check_precision
             check_precision(self.precision)
 
-
     def check_for(self, seq_len: int, head_steps: int) -> None:
         """The checks against a model of ``seq_len`` tokens whose diffusion head runs ``head_steps`` steps."""
         check_num_iter(self.num_iter, seq_len)

@@ -3,9 +3,9 @@
 The argparse types (``positive_int``, ``finite_float``, ``seed``, ...) reject a bad value while the arguments are
 parsed, so argparse prints one ``lazymar <cmd>: error: argument --x: ...`` line and exits 2 before any work. Each
 returns the typed value the package uses (``Labels``, ``KeepBits``, ``HeadSteps``, ``ScheduleChoice``, a torch
-device), so nothing downstream parses the text again. The checks that need more than one value or the file system (output paths and their side files, ``num_iter`` against
-the model's sequence length) raise :class:`~lazymar.errors.LazymarError` subclasses, which the CLI prints the
-same way.
+device), so nothing downstream parses the text again. The checks that need more than one value or the file system
+(output paths and their side files, ``num_iter`` against the model's sequence length) raise
+:class:`~lazymar.errors.LazymarError` subclasses, which the CLI prints the same way.
 """
 from __future__ import annotations
 
