@@ -178,3 +178,13 @@ def test_sweep_refuses_a_recording_of_another_model(capsys, tmp_path):
                  "--num-samples", "1", "--out", str(tmp_path / "s.csv")]) == 2
     err = one_line_error(capsys)
     assert f"recording {stats} was made for digits16" in err and "--model digits (128 positions" in err
+
+
+def test_merge_stats_names_a_damaged_input(small_store, tmp_path, capsys):
+    copy = tmp_path / "bad.zarr"
+    shutil.copytree(small_store, copy)
+    chunk = next(p for p in sorted((copy / "token_cosine").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:5])  # truncated: read only when the merge computes
+    assert main(["merge-stats", str(tmp_path / "m.nc"), str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert str(copy) in err and not (tmp_path / "m.nc").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..recording import load_stats, merge_stats, save_stats
-from ..recording.dataset import RecordingError
+from ..recording.dataset import RecordingError, reading
 from ..recording.driver import record
 from ..recording.summary import overview
 from ..validation import check_outputs, keep_bits, positive_int
@@ -67,9 +67,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_outputs([out], args.force)
     if out.resolve() in {Path(p).resolve() for p in args.inputs}:
         raise RecordingError(f"the output {out} is also an input")
-    ds = merge_stats(args.inputs)
-    keep_bits = ds.attrs.get("keep_bits")
-    save_stats(ds, out, keep_bits=json.loads(keep_bits) if keep_bits else None)
+    with reading(" or ".join(map(str, args.inputs))):  # a damaged chunk of a lazily read input surfaces here
+        ds = merge_stats(args.inputs)
+        keep_bits = ds.attrs.get("keep_bits")
+        save_stats(ds, out, keep_bits=json.loads(keep_bits) if keep_bits else None)
     load_stats(out)
     result = {"out": str(out), "inputs": [str(p) for p in args.inputs], "samples": int(ds.sizes["sample"]),
               "bytes": path_bytes(out)}
