@@ -72,7 +72,8 @@ class SamplingSettings:
     cfg_schedule: str = "linear"
     temperature: float = 1.0
     order: str = "mar"  # generation order (lazymar.orders): "mar", or GtR's two-stage "gtr:<detail steps>"
-    # the head's steps per token (lazymar.head_steps): "uniform", or GtR's FTS "fts:<fraction>:<reduced steps>"
+    # the head's steps per token (lazymar.head_steps): "uniform", or GtR's FTS "fts:<fraction>:<reduced steps>";
+    # held parsed (a HeadSteps, the spec text with its allocation) whatever text it was given as
     head_steps: str = "uniform"
     # numerical precision (lazymar.precision): "fp32", or autocast of the transformer, head and VAE decode to
     # "bf16" / "fp16"
@@ -90,12 +91,28 @@ class SamplingSettings:
         if self.order != "mar":
             from .orders import generation_order
             generation_order(self.order)  # raises SettingsError on a bad spec
-        if self.head_steps != "uniform":
-            from .head_steps import head_step_allocation
-            head_step_allocation(self.head_steps)  # raises SettingsError on a bad spec
+        from .head_steps import HeadSteps
+        object.__setattr__(self, "head_steps", HeadSteps(self.head_steps))  # SettingsError on a bad spec
         if self.precision != "fp32":
             from .precision import check_precision
             check_precision(self.precision)
+
+    def check_for(self, seq_len: int, head_steps: int) -> None:
+        """The checks against a model of ``seq_len`` tokens whose diffusion head runs ``head_steps`` steps."""
+        check_num_iter(self.num_iter, seq_len)
+        self.head_steps.check_for(head_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the head steps as their spec text), for JSON, checkpoints and recordings."""
+        return {**asdict(self), "head_steps": str(self.head_steps)}
+
+
+def check_num_iter(num_iter: int, seq_len: int) -> None:
+    """Each MAR step decodes at least one token: num_iter <= seq_len. The one check of the step count against a
+    model (``SamplingSettings`` itself holds num_iter >= 1)."""
+    if num_iter > seq_len:
+        raise SettingsError(f"num_iter {num_iter} exceeds the model's {seq_len} tokens: the sampling steps "
+                            f"(--num-iter) must lie in [1, {seq_len}], as each step decodes at least one token")
 
 
 def _official(width: int, depth: int, heads: int, head_depth: int, head_width: int) -> MARConfig:

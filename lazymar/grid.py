@@ -43,6 +43,26 @@ def save_sample_grid(images: Tensor, labels: Sequence[int], path: str | Path, ti
     return path
 
 
+class Labels(tuple):
+    """Class labels parsed once from "0,1,2" or "0-9" (-1 = unconditional): a tuple of ints that keeps the
+    ``text`` it was given. ValueError on a bad text."""
+
+    text: str
+
+    def __new__(cls, text: "str | Labels") -> "Labels":
+        if isinstance(text, Labels):
+            return text
+        value = super().__new__(cls, parse_labels(text))
+        value.text = text
+        return value
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __getnewargs__(self) -> tuple[str]:  # copies and pickles rebuild it from its text
+        return (self.text,)
+
+
 def parse_labels(text: str) -> list[int]:
     """"0,1,2" or "0-9" -> a list of ints, with a clear error on anything else (a descending range included)."""
     out: list[int] = []

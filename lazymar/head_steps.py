@@ -97,9 +97,36 @@ class FrequencyWeightedSteps:
         return full.scatter_(1, ranked[:, :self.full_count(positions.shape[1])], True)
 
 
+class HeadSteps(str):
+    """A head-steps setting parsed once: the spec text (what settings store, print and compare) with its
+    ``allocation``, None for "uniform" or the :class:`FrequencyWeightedSteps` it names. ``HeadSteps(spec)`` raises
+    SettingsError on a bad spec and returns a HeadSteps unchanged. JSON writes it as its text."""
+
+    allocation: Optional[FrequencyWeightedSteps]
+
+    def __new__(cls, spec: "str | HeadSteps") -> "HeadSteps":
+        if isinstance(spec, HeadSteps):
+            return spec
+        if not isinstance(spec, str):
+            raise SettingsError(f"head steps must be a text spec ({HEAD_STEPS_SPECS}), got {spec!r}")
+        value = super().__new__(cls, spec)
+        value.allocation = head_step_allocation(spec)
+        return value
+
+    def __reduce__(self):  # copies and pickles parse the spec again (SamplingSettings.to_dict stores plain text)
+        return HeadSteps, (str(self),)
+
+    def check_for(self, full_steps: int) -> None:
+        """The allocation must fit a head of ``full_steps`` steps (FTS: fewer reduced steps)."""
+        if self.allocation is not None:
+            self.allocation.check_for(full_steps)
+
+
 def head_step_allocation(spec: str) -> Optional[FrequencyWeightedSteps]:
     """The allocation named by ``spec``: None for "uniform" (every token the model's steps), or
     "fts:<fraction>:<reduced steps>"."""
+    if isinstance(spec, HeadSteps):
+        return spec.allocation
     if spec == "uniform":
         return None
     name, _, args = spec.partition(":")

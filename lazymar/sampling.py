@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import SamplingSettings
 from .errors import SettingsError
 from .guards import FiniteGuard
-from .head_steps import FrequencyWeightedSteps, HeadSampler, head_step_allocation
+from .head_steps import FrequencyWeightedSteps, HeadSampler
 from .model import MAR
 from .orders import generation_order
 from .precision import autocast
@@ -231,9 +231,7 @@ def generate(model: MAR, labels: Sequence[int] | Tensor, settings: Optional[Samp
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if labels.numel() and int(labels.max()) >= model.config.class_num:
         raise SettingsError(f"label {int(labels.max())} out of range: the model has {model.config.class_num} classes")
-    if settings.num_iter > model.seq_len:
-        raise SettingsError(f"num_iter {settings.num_iter} exceeds the model's {model.seq_len} tokens (each step "
-                            f"decodes at least one)")
+    settings.check_for(model.seq_len, model.diffloss.gen_diffusion.num_timesteps)
     generator = _as_generator(seed, device)
     with autocast(settings.precision, device):
         return _generate(model, labels, settings, generator, runner, progress)
@@ -248,9 +246,7 @@ def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator:
 
     tokens = torch.zeros(B, L, D, device=device, dtype=dtype)
     order = generation_order(settings.order)
-    head_steps = head_step_allocation(settings.head_steps)
-    if head_steps is not None:
-        head_steps.check_for(model.diffloss.gen_diffusion.num_timesteps)
+    head_steps = settings.head_steps.allocation
     orders = order.orders(B, L, generator, device)
     unknown = torch.ones(B, L, dtype=torch.bool, device=device)
     new = torch.zeros_like(unknown)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import MARConfig
+from .config import MARConfig, check_num_iter
 from .errors import SettingsError
 from .model import MAR
 from .orders import random_orders
@@ -128,7 +128,7 @@ def save_checkpoint(path: Path, model: MAR, ema: MAR, sampling: SamplingSettings
     path.parent.mkdir(parents=True, exist_ok=True)
     args = {**model.config.to_dict(), **(extra_args or {})}
     torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "args": args,
-                "sampling": sampling.__dict__.copy(), "train_log": log or []}, path)
+                "sampling": sampling.to_dict(), "train_log": log or []}, path)
 
 
 def plot_loss(log: list[dict], path: Path, title: str = "MAR digits training") -> None:
@@ -210,9 +210,7 @@ def train_digits(out: Path, steps: Optional[int] = None, seed: int = 0, batch_si
     bad = [s for s in save_at if not 1 <= s < steps]
     if bad:
         raise SettingsError(f"--save-at steps must lie in [1, {steps - 1}] (the run has {steps} steps), got {bad}")
-    if not 1 <= sampling.num_iter <= config.seq_len:
-        raise SettingsError(f"stored sampling steps must lie in [1, {config.seq_len}] (the model's tokens), "
-                            f"got {sampling.num_iter}")
+    check_num_iter(sampling.num_iter, config.seq_len)  # the stored default steps
     images, labels = digits_split("train", size=config.img_size)
     state = training_state(out)
     recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr}

@@ -1,10 +1,11 @@
 """One validator per kind of command-line value, shared by every subcommand.
 
 The argparse types (``positive_int``, ``finite_float``, ``seed``, ...) reject a bad value while the arguments are
-parsed, so argparse prints one ``lazymar <cmd>: error: argument --x: ...`` line and exits 2 before any work. The
-checks that need more than one value or the file system (output paths and their side files, ``num_iter`` against
-the model's sequence length) raise :class:`~lazymar.errors.LazymarError` subclasses, which the CLI prints the
-same way.
+parsed, so argparse prints one ``lazymar <cmd>: error: argument --x: ...`` line and exits 2 before any work. Each
+returns the typed value the package uses (``Labels``, ``KeepBits``, ``HeadSteps``, ``ScheduleChoice``, a torch
+device), so nothing downstream parses the text again. The checks that need more than one value or the file system
+(output paths and their side files, ``num_iter`` against the model's sequence length) raise
+:class:`~lazymar.errors.LazymarError` subclasses, which the CLI prints the same way.
 """
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
-from .errors import ArgumentError, OutputError
+from .config import check_num_iter  # noqa: F401 (the one step-count check, here for the commands)
+from .errors import OutputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from .cache.schedule_file import ScheduleChoice
+    from .grid import Labels
+    from .head_steps import HeadSteps
+    from .recording.dataset import KeepBits
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [-2**63, 2**64); seeds + batch offsets stay well inside
 
@@ -88,35 +97,27 @@ def float_in(low: float, high: float) -> Callable[[str], float]:
     return check
 
 
-def labels(text: str) -> str:
-    """Class labels "0,1,2" or "0-9" (ranges ascending; -1 = unconditional), checked by
-    :func:`lazymar.grid.parse_labels`; the text is kept for the command to parse."""
-    from .grid import parse_labels
+def _parsed(parse: Callable[[str], Any], text: str) -> Any:
+    """``parse(text)``, its one-line error an argparse error (argparse names the option)."""
     try:
-        parse_labels(text)
-    except ValueError as err:
+        return parse(text)
+    except ValueError as err:  # LazymarError included
         raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
-def keep_bits(text: str):
-    """--keep-bits: N mantissa bits, 'compact' or 'exact' (parsed by the recording module)."""
-    from .recording.dataset import parse_keep_bits
-    try:
-        bits = parse_keep_bits(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if bits and not all(0 < b < 23 for b in bits.values()):  # float32 has 23 mantissa bits
-        raise argparse.ArgumentTypeError(f"mantissa bits must lie in 1..22, got {text}")
-    return text
+def labels(text: str) -> "Labels":
+    """Class labels "0,1,2" or "0-9" (ranges ascending; -1 = unconditional): :class:`lazymar.grid.Labels`."""
+    from .grid import Labels
+    return _parsed(Labels, text)
+
+
+def keep_bits(text: str) -> "KeepBits":
+    """--keep-bits: N mantissa bits (1..22), 'compact' or 'exact': :class:`lazymar.recording.dataset.KeepBits`."""
+    from .recording.dataset import KeepBits
+    return _parsed(KeepBits, text)
 
 
 # --- checks after parsing ------------------------------------------------------------------------------------
-def check_num_iter(num_iter: int, seq_len: int) -> None:
-    """Each MAR step decodes at least one token: 1 <= num_iter <= seq_len."""
-    if not 1 <= num_iter <= seq_len:
-        raise ArgumentError(f"--num-iter: must lie in [1, {seq_len}] (the model's {seq_len} tokens; each step "
-                            f"decodes at least one), got {num_iter}")
 
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -166,7 +167,7 @@ def check_outputs(paths: Iterable[Optional[str | Path]], force: bool = False, re
 DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
 
 
-def device(text: str) -> str:
+def device(text: str) -> "torch.device":
     """A torch device that is there (cpu, cuda, cuda:1, mps, ...): checked while the arguments are parsed, so a
     missing one is one line before any model is loaded. The one device check of every command."""
     import torch
@@ -175,7 +176,7 @@ def device(text: str) -> str:
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cpu":
-        return text
+        return dev
     backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu: is_available(), device_count()
     name = DEVICE_NAMES.get(dev.type, dev.type)
     if backend is None or not hasattr(backend, "is_available"):
@@ -187,7 +188,7 @@ def device(text: str) -> str:
     if dev.index is not None and count is not None and dev.index >= count:
         raise argparse.ArgumentTypeError(f"no {name} device {dev.index}: this machine has {count} "
                                          f"({dev.type}:0 to {dev.type}:{count - 1})")
-    return text
+    return dev
 
 
 def model_arch(text: str) -> str:
@@ -198,31 +199,22 @@ def model_arch(text: str) -> str:
     return text
 
 
-def schedule_spec(text: str) -> str:
-    """--schedule: a preset name, or a schedule JSON file that parses (its step count is checked later, against
-    the sampling settings)."""
-    from .cache.schedule_file import PRESETS, ScheduleError, read_schedule_file
-    if text in PRESETS:
-        return text
-    try:
-        read_schedule_file(text)
-    except ScheduleError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+def schedule_spec(text: str) -> "ScheduleChoice":
+    """--schedule: a preset name, or a schedule JSON file, read once here (its step count and model are checked
+    later, against the sampling settings and the model): :class:`lazymar.cache.schedule_file.ScheduleChoice`."""
+    from .cache.schedule_file import ScheduleChoice
+    return _parsed(ScheduleChoice.parse, text)
 
 
-def head_steps_spec(text: str) -> str:
-    """--head-steps: "uniform" or GtR's frequency-weighted "fts:<fraction>:<reduced steps>" (lazymar.head_steps)."""
-    from .head_steps import head_step_allocation
-    try:
-        head_step_allocation(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+def head_steps_spec(text: str) -> "HeadSteps":
+    """--head-steps: "uniform" or GtR's frequency-weighted "fts:<fraction>:<reduced steps>":
+    :class:`lazymar.head_steps.HeadSteps`."""
+    from .head_steps import HeadSteps
+    return _parsed(HeadSteps, text)
 
 
-def sweep_schedule_spec(text: str) -> str:
-    """--schedule of ``sweep``: a schedule (see :func:`schedule_spec`) or a peer preset (``lazymar.peers``)."""
+def sweep_schedule_spec(text: str) -> "str | ScheduleChoice":
+    """--schedule of ``sweep``: a peer preset name (``lazymar.peers``), or a schedule (see :func:`schedule_spec`)."""
     from .peers import PEER_PRESETS
     return text if text in PEER_PRESETS else schedule_spec(text)
 

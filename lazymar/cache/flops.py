@@ -16,7 +16,7 @@ from typing import Optional
 
 from ..config import MARConfig
 from ..diffusion import space_timesteps
-from ..head_steps import head_step_allocation
+from ..head_steps import HeadSteps
 from ..orders import mask_length
 from .schedule_file import CacheSchedule, HeadCachePolicy
 
@@ -203,7 +203,7 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
     """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps) with the
     generation ``order`` and the head's step allocation ``head_steps`` (SamplingSettings' fields), from the token
     counts alone. Equals the engine's ledger of an actual run (tests check it)."""
-    allocation = head_step_allocation(head_steps)
+    allocation = HeadSteps(head_steps).allocation
     c, ledger = config, FlopsLedger()
     buf, L = c.buffer_size, c.seq_len
     total = buf + L

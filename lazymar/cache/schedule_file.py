@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import MARConfig
 from ..errors import LazymarError
+from ..fingerprint import ModelFingerprint, check_made_for
 
 SELECTION_RULES = ("similarity", "random", "status", "attention")  # attention: MARché (cache/attention_selection)
 KEEPABLE_STATUSES = ("to_predict", "new", "buffer")  # what a schedule's always_keep may name
@@ -126,6 +127,9 @@ class CacheSchedule:
     seed: int = 0  # of the "random" selection rule
     # provenance of a searched schedule (seeds, samples, objective: lazymar.schedules.quality); not part of the plan
     search: Optional[dict] = field(default=None, compare=False, hash=False)
+    # the model the schedule was derived for (lazymar.fingerprint); None: any model (presets map to every model;
+    # files written before fingerprints carry none). Provenance, not part of the plan.
+    made_for: Optional[ModelFingerprint] = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -167,12 +171,23 @@ class CacheSchedule:
             raise ScheduleError(f"head must be an object, got {type(self.head).__name__}")
         if self.search is not None and not isinstance(self.search, dict):
             raise ScheduleError(f"search must be an object (seeds, num_samples, objective), got {self.search!r}")
+        if isinstance(self.made_for, dict) or self.made_for == MADE_FOR_ANY:
+            set_("made_for", _made_for(self.made_for))
+        elif self.made_for is not None and not isinstance(self.made_for, ModelFingerprint):
+            raise ScheduleError(f"made_for must be an object of model fields or \"any\", got {self.made_for!r}")
 
     # --- checks against a model --------------------------------------------------------------------------------
-    def validate_for(self, config: MARConfig, num_iter: Optional[int] = None) -> None:
-        """Raise ScheduleError if this schedule cannot run on a model of ``config`` with ``num_iter`` steps."""
+    def validate_for(self, config: Optional[MARConfig], num_iter: Optional[int] = None,
+                     source: Optional[str] = None) -> None:
+        """Raise ScheduleError if this schedule cannot run on a model of ``config`` (None: any model) with
+        ``num_iter`` steps, and ModelMismatchError if it was made for another model; ``source`` names it."""
+        where = source or f"schedule {self.name!r}"
+        if config is not None:
+            check_made_for(where, self.made_for, config)
         if num_iter is not None and num_iter != self.num_iter:
-            raise ScheduleError(f"schedule {self.name!r} has {self.num_iter} steps but sampling uses {num_iter}")
+            raise ScheduleError(f"{where} has {self.num_iter} steps but sampling uses {num_iter}")
+        if config is None:
+            return
         if not all(self.refresh) and self.selection_layer >= config.decoder_depth:
             raise ScheduleError(f"selection_layer {self.selection_layer} out of range: the decoder has "
                                 f"{config.decoder_depth} blocks")
@@ -215,6 +230,9 @@ class CacheSchedule:
             d[k] = list(d[k])
         if d["search"] is None:
             del d["search"]
+        d["made_for"] = self.made_for.to_dict() if self.made_for is not None else None
+        if d["made_for"] is None:
+            del d["made_for"]
         return {"format": FORMAT, **d}
 
     @classmethod
@@ -244,6 +262,16 @@ class CacheSchedule:
 
     def with_changes(self, **changes: Any) -> "CacheSchedule":
         return replace(self, **changes)
+
+
+MADE_FOR_ANY = "any"  # a schedule file's made_for that says so: it applies to every model
+
+
+def _made_for(value: Any) -> Optional[ModelFingerprint]:
+    """A schedule's stored made_for: "any" (None: no model check) or a fingerprint object."""
+    if value == MADE_FOR_ANY:
+        return None
+    return ModelFingerprint.from_dict(value, ScheduleError)
 
 
 def _as_bool(value: Any, name: str) -> bool:
@@ -373,22 +401,60 @@ def read_schedule_file(path: str | Path) -> CacheSchedule:
         raise ScheduleError(f"schedule file {path}: {err}") from None
 
 
-def load_schedule(name_or_path: str | Path, num_iter: int, config: Optional[MARConfig] = None) -> CacheSchedule:
-    """A preset by name (see PRESETS) mapped to ``num_iter`` steps, or a schedule JSON file.
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """A --schedule value, parsed once: a preset name (mapped to the model and step count by :meth:`resolve`) or a
+    schedule file, read and checked here, once. ``str()`` gives the text given. :data:`NO_CACHE` ("none") is the
+    one value for uncached sampling."""
+
+    text: str
+    file: Optional[CacheSchedule] = field(default=None, compare=False)  # the file's schedule; None for a preset
+
+    @classmethod
+    def parse(cls, text: "str | Path | ScheduleChoice") -> "ScheduleChoice":
+        """The choice named by ``text``; ScheduleError naming the file for an unusable one."""
+        if isinstance(text, ScheduleChoice):
+            return text
+        text = str(text)
+        if text == NO_CACHE.text:
+            return NO_CACHE
+        return cls(text) if text in PRESETS else cls(text, read_schedule_file(text))
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def is_file(self) -> bool:
+        return self.file is not None
+
+    def resolve(self, num_iter: int, config: Optional[MARConfig] = None) -> CacheSchedule:
+        """The schedule for ``num_iter`` steps: a preset mapped to them (and to ``config``: it fits any model), a
+        file's as read (its step count must be ``num_iter``). With ``config`` it is checked against the model,
+        and a file made for another model is refused (ModelMismatchError). "none" plans no caching."""
+        if self.file is not None:
+            self.file.validate_for(config, num_iter, f"schedule {self.text}")
+            return self.file
+        if self.text == "none":
+            schedule = none_schedule(num_iter)
+        elif self.text in ("lazymar", "lazymar-released"):
+            schedule = lazymar_schedule(num_iter, config, hoist_invariants=self.text == "lazymar")
+        else:  # lazymar-new-tokens: the encoder policy the released code's cache sizing suggests (REFERENCE.md)
+            schedule = lazymar_schedule(num_iter, config).with_changes(encoder="new-tokens", name=self.text)
+        schedule.validate_for(config, num_iter)
+        return schedule
+
+    def sampler_schedule(self, num_iter: int, config: Optional[MARConfig] = None) -> Optional[CacheSchedule]:
+        """What sampling runs: None for "none" (the plain sampler, no cache engine), else :meth:`resolve`."""
+        return None if self is NO_CACHE else self.resolve(num_iter, config)
+
+
+NO_CACHE = ScheduleChoice("none")
+
+
+def load_schedule(name_or_path: "str | Path | ScheduleChoice", num_iter: int,
+                  config: Optional[MARConfig] = None) -> CacheSchedule:
+    """A preset by name (see PRESETS) mapped to ``num_iter`` steps, or a schedule JSON file (see
+    :class:`ScheduleChoice`, which a parsed --schedule already is: its file is not read again).
 
     With ``config`` the schedule is also checked against the model (and presets fit the model)."""
-    key = str(name_or_path)
-    if key == "none":
-        schedule = none_schedule(num_iter)
-    elif key in ("lazymar", "lazymar-released"):
-        schedule = lazymar_schedule(num_iter, config, hoist_invariants=key == "lazymar")
-    elif key == "lazymar-new-tokens":  # the encoder policy the released code's cache sizing suggests
-        schedule = lazymar_schedule(num_iter, config).with_changes(encoder="new-tokens", name=key)
-    else:
-        path = Path(name_or_path)
-        schedule = read_schedule_file(path)
-        if schedule.num_iter != num_iter:
-            raise ScheduleError(f"schedule {path} has {schedule.num_iter} steps but sampling uses {num_iter}")
-    if config is not None:
-        schedule.validate_for(config, num_iter)
-    return schedule
+    return ScheduleChoice.parse(name_or_path).resolve(num_iter, config)

@@ -83,7 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = intervals.pooled_bench(per_seed, arrays, intervals.IntervalOptions.from_args(args), evaluator)
     result = {"model": (args.arch or "digits") if (args.compute_bound or args.random_init) else args.model,
               "weights": "random" if (args.compute_bound or args.random_init) else "checkpoint",
-              "schedule": args.schedule, "device": str(args.device), "threads": torch.get_num_threads(),
+              "schedule": str(args.schedule), "device": str(args.device), "threads": torch.get_num_threads(),
               "num_samples": num_samples * len(seeds), "batch_size": batch_size, "repeats": args.repeats,
               "seed": seeds[0], "seeds": seeds,
               "world_size": distributed.world_size(), "settings": settings.__dict__, **result}
@@ -159,7 +159,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         for row in rows:
             parts = [f"none {row['none']['total'] / 1e12:.2f} T", f"floor {row['floor']['total'] / 1e12:.2f} T"]
             parts += [f"{n} {row[n]['total'] / 1e12:.2f} T (x{row[n]['ratio']:.2f}; batch 1 "
-                      f"x{row[n]['ratio_batch1']:.2f})" for n in args.schedule]
+                      f"x{row[n]['ratio_batch1']:.2f})" for n in map(str, args.schedule)]
             print(f"{row['arch']}: " + ", ".join(parts) + f"; released convention (plain uncached / "
                   f"lazymar-released) x{row['released_convention']:.2f}")
     return 0

@@ -12,9 +12,8 @@ from ..config import CONFIGS, PRESET_HEAD_STEPS, SAMPLING_PRESETS, sampling_pres
 from ..errors import SettingsError
 from ..model import MAR
 from ..sampling import SamplingSettings
-from ..head_steps import head_step_allocation
 from ..precision import PRECISIONS, default_precision
-from ..validation import check_num_iter, device, finite_float, head_steps_spec, model_arch, positive_float
+from ..validation import device, finite_float, head_steps_spec, model_arch, positive_float
 from ..validation import positive_int, schedule_spec
 from ..validation import seed as seed_type
 
@@ -62,10 +61,7 @@ def sampling_from_args(model: MAR, args: argparse.Namespace) -> SamplingSettings
                  if getattr(args, k, None) is not None}
     overrides["precision"] = getattr(args, "precision", None) or default_precision(model, base.precision)
     settings = replace(base, **overrides)
-    check_num_iter(settings.num_iter, model.seq_len)
-    allocation = head_step_allocation(settings.head_steps)
-    if allocation is not None:
-        allocation.check_for(model.diffloss.gen_diffusion.num_timesteps)
+    settings.check_for(model.seq_len, model.diffloss.gen_diffusion.num_timesteps)  # before any work
     return settings
 
 
@@ -91,11 +87,3 @@ def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", type=schedule_spec, default="none", metavar="NAME|PATH.json",
                         help="cache schedule: 'none' (exact), 'lazymar', 'lazymar-released', 'lazymar-new-tokens' "
                              "(lazymar with the buffer's encoder rows cached too), or a schedule JSON file")
-
-
-def runner_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):
-    """The StepRunner for ``--schedule``: a CacheEngine (also for "none", which is exact and counts FLOPs)."""
-    from ..cache.engine import CacheEngine
-    from ..cache.schedule_file import load_schedule
-    schedule = load_schedule(getattr(args, "schedule", None) or "none", settings.num_iter, model.config)
-    return CacheEngine(schedule)

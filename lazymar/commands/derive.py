@@ -38,23 +38,40 @@ def load_profile(derive, stats: str | Path):
     cannot rank positions, so it is rejected with one line instead of failing inside the search."""
     import numpy as np
     from ..recording import load_stats
+    from ..recording.dataset import reading
     ds = load_stats(stats)
-    if "token_cosine" in ds and not np.isfinite(ds["token_cosine"].values).any():
-        raise derive.DerivationError(f"{stats}: token_cosine holds no finite values (all NaN); record it again")
-    return dataclasses.replace(derive.RedundancyProfile.from_stats(ds), source=str(stats))
+    with reading(stats):  # a damaged chunk of a lazy store surfaces here: one line naming the store
+        if "token_cosine" in ds and not np.isfinite(ds["token_cosine"].values).any():
+            raise derive.DerivationError(f"{stats}: token_cosine holds no finite values (all NaN); record it again")
+        return dataclasses.replace(derive.RedundancyProfile.from_stats(ds), source=str(stats))
 
 
-def _reference(args: argparse.Namespace, profile):
+def recorded_model(args: argparse.Namespace, profile):
+    """The --model, which must be the recording's (ModelMismatchError naming both); without --model (derive), the
+    recording's own model."""
+    from ..fingerprint import check_same_model
+    if args.model is None:
+        args.model = str(profile.attrs.get("model", "digits"))
+    model = load_model_from_args(args)
+    check_same_model(f"recording {profile.source}", profile.config, model.config, f"--model {args.model}",
+                     str(profile.attrs.get("model", "")) or None)
+    return model
+
+
+def recorded_settings(args: argparse.Namespace, profile, model):
+    """The sampling settings of the command line, which must sample the recording's step count."""
+    settings = sampling_from_args(model, args)
+    if profile is not None and settings.num_iter != profile.num_iter:
+        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
+                            f"pass --num-iter {profile.num_iter}")
+    return settings
+
+
+def _reference(args: argparse.Namespace, profile, model):
     """The uncached reference run on --measure-samples fixed samples, for measured PSNR (lazymar.runs)."""
     from ..runs import Reference, RunError, SamplePlan
-    model = load_model_from_args(args)
-    if model.config != profile.config:
-        raise ArgumentError(f"model {args.model!r} does not match the recording's model configuration "
-                         f"({profile.source}); pass the --model that was recorded")
-    settings = sampling_from_args(model, args)
-    if settings.num_iter != profile.num_iter:
-        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
-                         f"pass --num-iter {profile.num_iter}")
+    model = model or recorded_model(args, profile)  # default: the recording's model
+    settings = recorded_settings(args, profile, model)
     if model.config.vae_stride != 1:
         raise RunError("measured PSNR is taken on images and this model's tokens are VAE latents; "
                        "use --no-measure for a budget search")
@@ -93,6 +110,8 @@ def _derive(args: argparse.Namespace) -> int:
     if args.target_flops_ratio is not None and args.min_psnr is not None:
         raise ArgumentError("pass either --target-flops-ratio or --min-psnr, not both")
     profile = load_profile(derive, args.stats)
+    # a --model given must be the recording's (checked now); the measured searches sample it, loaded when needed
+    model = recorded_model(args, profile) if args.model is not None else None
     measured, considered, reference = [], None, None
     mode = "thresholds"
     if args.target_flops_ratio is not None or args.min_psnr is not None:
@@ -106,7 +125,7 @@ def _derive(args: argparse.Namespace) -> int:
             if not args.no_measure:
                 derive.search_budget(profile, args.target_flops_ratio, None, grid=grid,  # impossible budget: fail now
                                      flops_batch_size=args.flops_batch_size)
-                reference = _reference(args, profile)
+                reference = _reference(args, profile, model)
                 measure = _measurer(reference, quiet)
             result = derive.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
                                           grid=grid, progress=not quiet, flops_batch_size=args.flops_batch_size)
@@ -114,7 +133,7 @@ def _derive(args: argparse.Namespace) -> int:
             mode = "fidelity"
             if args.no_measure:
                 raise ArgumentError("--min-psnr needs measured PSNR; drop --no-measure")
-            reference = _reference(args, profile)
+            reference = _reference(args, profile, model)
             result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, quiet), grid=grid,
                                             progress=not quiet, flops_batch_size=args.flops_batch_size)
         derived, measured, considered = result.best, result.measured, result.considered
@@ -282,12 +301,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     profile = None if args.stats is None else load_profile(derive, args.stats)
-    model = load_model_from_args(args)
-    if profile is not None and model.config != profile.config:
-        raise ArgumentError(f"model {args.model!r} does not match the recording's model configuration ({args.stats})")
-    settings = sampling_from_args(model, args)
-    if profile is not None and settings.num_iter != profile.num_iter:
-        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}")
+    model = load_model_from_args(args) if profile is None else recorded_model(args, profile)
+    settings = recorded_settings(args, profile, model)
     from .. import peers
     extra = []
     for spec in args.schedule or []:
@@ -295,9 +310,9 @@ def _sweep(args: argparse.Namespace) -> int:
             extra.append(peers.preset_point(spec, settings, model.config))
             continue
         schedule = load_schedule(spec, settings.num_iter, model.config)
-        family = "lazymar" if spec.startswith("lazymar") and not spec.endswith(".json") else "derived"
-        extra.append(sweep.SweepPoint(Path(spec).stem if spec.endswith(".json") else spec, family, schedule,
-                                      params={"schedule": spec, "schedule_name": schedule.name}))
+        family = "lazymar" if spec.text.startswith("lazymar") and not spec.is_file else "derived"
+        extra.append(sweep.SweepPoint(Path(spec.text).stem if spec.is_file else spec.text, family, schedule,
+                                      params={"schedule": spec.text, "schedule_name": schedule.name}))
     points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
     images = image_space_from_args(model, args, need_images=False)
     quality = quality_from_args(model, args)
@@ -414,7 +429,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the measured samples (default 1: the sweep's default 0 stays a held-out check)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_derive, cfg=None, cfg_schedule=None, temperature=None)
+    p.set_defaults(func=cmd_derive, cfg=None, cfg_schedule=None, temperature=None, model=None)
 
     p = sub.add_parser("sweep", help="speed/quality trade-off of cache schedules and baselines",
                        description="Run the lazymar preset, derived schedules and baselines (fewer MAR steps, "

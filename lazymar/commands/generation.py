@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import ArgumentError
-from ..grid import parse_labels, save_sample_grid
+from ..grid import save_sample_grid
 from ..runs import Run, SamplePlan, generate_tokens
 from ..validation import (check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed,
                           step_list)
@@ -14,13 +14,6 @@ from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_m
                      sampling_from_args)
 from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
 from .launch import launched
-
-
-def _schedule(model, args, settings):
-    """The --schedule (validated now, before sampling); None for "none": the plain sampler."""
-    from ..cache.schedule_file import load_schedule
-    schedule = load_schedule(args.schedule, settings.num_iter, model.config)
-    return None if args.schedule == "none" else schedule
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -35,12 +28,12 @@ def _sample(args: argparse.Namespace) -> int:
     from .. import distributed
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
-    labels = [l for l in parse_labels(args.labels) for _ in range(args.per_label)]
+    labels = [l for l in args.labels for _ in range(args.per_label)]
     bad = [l for l in labels if not -1 <= l < model.config.class_num]
     if bad:
         raise ArgumentError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
     images_of = image_space_from_args(model, args)
-    schedule = _schedule(model, args, settings)
+    schedule = args.schedule.sampler_schedule(settings.num_iter, model.config)  # checked now, before sampling
     plan = SamplePlan.of(labels, args.seed, args.batch_size)
     rank, world = distributed.rank(), distributed.world_size()
     start = time.perf_counter()
@@ -53,7 +46,7 @@ def _sample(args: argparse.Namespace) -> int:
     title = f"{args.model}: {settings.num_iter} steps, cfg {settings.cfg:g} ({settings.cfg_schedule}), seed {args.seed}"
     save_sample_grid(images, labels, args.out, title=title)
     result = {"out": str(args.out), "num_samples": len(labels), "seconds": seconds, "world_size": world,
-              **settings.__dict__}
+              **settings.to_dict()}
     print_json(result) if args.json else print(f"wrote {args.out}: {len(labels)} samples in {seconds:.1f} s")
     return 0
 
@@ -76,7 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..cache.schedule_file import exact_schedule
     from ..runs import intervals
     # uncached: the fastest exact sampler, the very samples of bench's and sweep's uncached reference
-    schedule = _schedule(model, args, settings) or exact_schedule(settings.num_iter)
+    schedule = args.schedule.sampler_schedule(settings.num_iter, model.config) or exact_schedule(settings.num_iter)
     seeds = args.seeds or [args.seed]
     runs, arrays = {}, {}
     for run_seed in seeds:
@@ -94,8 +87,8 @@ def _eval(args: argparse.Namespace) -> int:
         for k in evaluator.keys}
     quality.update({k: v for k, v in found.items() if k.endswith(("_ci_low", "_ci_high"))})
     result = {**quality, "num_samples": args.num_samples * len(seeds), "seconds": seconds,
-              "world_size": runs[seeds[0]].world_size, "model": args.model, "schedule": args.schedule,
-              "seed": seeds[0], "seeds": seeds, "batch_size": args.batch_size, **settings.__dict__}
+              "world_size": runs[seeds[0]].world_size, "model": args.model, "schedule": str(args.schedule),
+              "seed": seeds[0], "seeds": seeds, "batch_size": args.batch_size, **settings.to_dict()}
     if len(seeds) > 1:
         result["per_seed"] = {str(s): dict(r.quality) for s, r in runs.items()}
     if args.json:

@@ -14,5 +14,5 @@ def launched(args: argparse.Namespace) -> Iterator[torch.device]:
     rank's device (``cuda`` -> ``cuda:LOCAL_RANK``)."""
     from .. import distributed
     with distributed.launched(args.device) as device:
-        args.device = str(device)
+        args.device = device
         yield device

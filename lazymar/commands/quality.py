@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..fingerprint import ModelFingerprint
+from ..validation import schedule_spec
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 
@@ -47,7 +49,8 @@ def _search_quality(args: argparse.Namespace) -> int:
     out = {"search": record, "measured": result.measured,
            "best": result.best.name if result.best is not None else None}
     if args.out and result.best is not None:
-        schedule = result.best.with_changes(search=record, name=args.name or result.best.name)
+        schedule = result.best.with_changes(search=record, name=args.name or result.best.name,
+                                            made_for=ModelFingerprint.of(model.config))  # searched on this model
         path = schedule.save(args.out)
         path.with_suffix(".md").write_text(_report(schedule, result, args))
         out["out"] = str(path)
@@ -68,7 +71,7 @@ def _report(schedule, result, args) -> str:
     lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
              f"Searched by `lazymar search-quality` on calibration seed {args.seed} ({args.num_samples} samples, "
              f"batch {args.batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
-             "", f"- base schedules: {', '.join(args.base)}; floor: {args.floor}",
+             "", f"- base schedules: {', '.join(map(str, args.base))}; floor: {args.floor}",
              f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
              f"- every seed that shaped it: {schedule.search['seeds']}"
              + (" (with its base's own search)" if "base_search" in schedule.search else ""), "",
@@ -98,8 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and write the fastest one whose PSNR, accuracy and FID are each no worse than "
                                    "the floor's (paired bootstrap non-inferiority verdicts).")
     add_model_args(p)
-    p.add_argument("--base", nargs="+", required=True, metavar="NAME|PATH.json", help="base schedules")
-    p.add_argument("--floor", default="lazymar", help="the schedule to match (default: the lazymar preset)")
+    p.add_argument("--base", type=schedule_spec, nargs="+", required=True, metavar="NAME|PATH.json",
+                   help="base schedules")
+    p.add_argument("--floor", type=schedule_spec, default="lazymar",
+                   help="the schedule to match (default: the lazymar preset)")
     p.add_argument("--target-flops-ratio", type=float, required=True)
     p.add_argument("--candidates", type=int, default=6, help="candidates measured (default 6)")
     p.add_argument("--num-samples", type=int, default=200, help="calibration samples (>= 200)")

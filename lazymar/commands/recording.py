@@ -9,12 +9,12 @@ from pathlib import Path
 
 from .. import distributed
 from ..recording import load_stats, merge_stats, save_stats
-from ..recording.dataset import RecordingError
+from ..recording.dataset import RecordingError, reading
 from ..recording.driver import record
 from ..recording.summary import overview
 from ..validation import check_outputs, keep_bits, positive_int
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
-                     runner_from_args, sampling_from_args)
+                     sampling_from_args)
 from .launch import launched
 
 
@@ -34,15 +34,17 @@ def _record(args: argparse.Namespace, out: Path) -> int:
     rank, world = distributed.rank(), distributed.world_size()
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
-    schedule = getattr(args, "schedule", None) or "none"
-    runner_factory = None  # "none": the plain model's own forward (the recorder's default row layout)
-    if schedule != "none":
-        runner_from_args(model, args, settings)  # a bad schedule fails now, not after the first batch
-        runner_factory = lambda: runner_from_args(model, args, settings)  # noqa: E731
+    # checked now, not after the first batch; None ("none"): the plain model's own forward (the recorder's
+    # default row layout), else a fresh cache engine per batch on the one schedule
+    schedule = args.schedule.sampler_schedule(settings.num_iter, model.config)
+    runner_factory = None
+    if schedule is not None:
+        from ..cache.engine import CacheEngine
+        runner_factory = lambda: CacheEngine(schedule)  # noqa: E731
     barrier = distributed.barrier if world > 1 else None
     start = time.perf_counter()
     ds = record(model, out, args.num_samples, settings, seed=args.seed, batch_size=args.batch_size,
-                model_name=str(args.model), runner_factory=runner_factory, schedule=str(schedule), rank=rank,
+                model_name=str(args.model), runner_factory=runner_factory, schedule=str(args.schedule), rank=rank,
                 world_size=world, resume=args.resume, keep_bits=args.keep_bits, progress=not args.no_progress,
                 barrier=barrier)
     if barrier is not None:
@@ -65,9 +67,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_outputs([out], args.force)
     if out.resolve() in {Path(p).resolve() for p in args.inputs}:
         raise RecordingError(f"the output {out} is also an input")
-    ds = merge_stats(args.inputs)
-    keep_bits = ds.attrs.get("keep_bits")
-    save_stats(ds, out, keep_bits=json.loads(keep_bits) if keep_bits else None)
+    with reading(" or ".join(map(str, args.inputs))):  # a damaged chunk of a lazily read input surfaces here
+        ds = merge_stats(args.inputs)
+        keep_bits = ds.attrs.get("keep_bits")
+        save_stats(ds, out, keep_bits=json.loads(keep_bits) if keep_bits else None)
     load_stats(out)
     result = {"out": str(out), "inputs": [str(p) for p in args.inputs], "samples": int(ds.sizes["sample"]),
               "bytes": path_bytes(out)}

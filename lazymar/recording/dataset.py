@@ -10,8 +10,10 @@ saves, loads and merges either by its path.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import xarray as xr
@@ -154,8 +156,33 @@ COMPACT_BITS = {"token_cosine": 14, "cfg_residual_cosine": 14, "cfg_residual_cha
                 "cfg_uncond_change": 9, "head_change": 9, "token_norm": 14}
 
 
-def parse_keep_bits(value: Optional[str | int | dict]) -> Optional[dict[str, int]]:
-    """None (exact), an int for every statistic, "compact" (:data:`COMPACT_BITS`) or a {variable: bits} map."""
+class KeepBits:
+    """A --keep-bits value parsed once: its ``text`` and the mantissa ``bits`` kept per statistic (None: exact).
+    RecordingError on a bad value."""
+
+    def __init__(self, value: "str | int | dict | KeepBits | None") -> None:
+        self.text = str(value if value is not None else "exact")
+        self.bits = parse_keep_bits(value)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"KeepBits({self.text!r})"
+
+
+def parse_keep_bits(value: "Optional[str | int | dict | KeepBits]") -> Optional[dict[str, int]]:
+    """None (exact), an int for every statistic, "compact" (:data:`COMPACT_BITS`) or a {variable: bits} map;
+    a :class:`KeepBits` gives its bits, parsed already. Every count lies in 1..22 (float32 has 23 mantissa bits)."""
+    if isinstance(value, KeepBits):
+        return value.bits
+    bits = _keep_bits(value)
+    if bits and not all(0 < b < 23 for b in bits.values()):
+        raise RecordingError(f"keep_bits: mantissa bits must lie in 1..22, got {value}")
+    return bits
+
+
+def _keep_bits(value: Optional[str | int | dict]) -> Optional[dict[str, int]]:
     if value is None or value == "exact":
         return None
     if value == "compact":
@@ -255,3 +282,20 @@ def _int_attr(ds: xr.Dataset, key: str, source: str) -> int:
     except (TypeError, ValueError, OverflowError):
         raise RecordingError(f"{source}: attribute {key!r} is not an integer: {value!r}") from None
     return number
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Turn whatever reading a damaged recording raises (zarr, numcodecs, dask and json raise many types for bad
+    metadata, truncated or garbled chunks, missing arrays) into one RecordingError naming ``path``. Wrap the
+    reads of a lazy recording's chunks too: a damaged chunk surfaces only when it is read."""
+    try:
+        yield
+    except LazymarError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 (the libraries' error types for damaged files are not enumerable)
+        first = " ".join(str(err).split())[:300]
+        raise RecordingError(f"{path} is damaged or not a lazymar recording ({type(err).__name__}: {first})") \
+            from None

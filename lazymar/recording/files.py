@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 
 from .dataset import (SHARD_ATTRS, RecordingError, apply_keep_bits, as_recording_error, concat_batches, parse_keep_bits,
-                      validate)
+                      reading, validate)
 from .netcdf import is_netcdf, read_netcdf, write_netcdf
 from .store import clean_stale, open_store, save_store
 
@@ -37,12 +37,13 @@ def load_stats(path: str | Path, lazy: Optional[bool] = None) -> xr.Dataset:
     if not path.exists():
         raise RecordingError(f"recording not found: {path}")
     if not is_netcdf(path):
-        ds = open_store(path)
-        try:
-            validate(ds, str(path))
-        except (KeyError, TypeError, ValueError) as err:
-            raise as_recording_error(err, path) from None
-        return ds.load() if lazy is False else ds
+        with reading(path):
+            ds = open_store(path)
+            try:
+                validate(ds, str(path))
+            except (KeyError, TypeError, ValueError) as err:
+                raise as_recording_error(err, path) from None
+            return ds.load() if lazy is False else ds
     return read_netcdf(path, lazy)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import xarray as xr
 
-from .dataset import RecordingError, as_recording_error, validate
+from .dataset import RecordingError, as_recording_error, reading, validate
 
 ENGINE = "netcdf4"
 
@@ -50,7 +50,7 @@ def read_netcdf(path: Path, lazy: Optional[bool] = None) -> xr.Dataset:
         except (KeyError, TypeError, ValueError) as err:
             opened.close()
             raise as_recording_error(err, path) from None
-    with opened:
+    with opened, reading(path):
         ds = opened.load()
     try:
         return validate(ds, str(path))

@@ -169,7 +169,7 @@ class RedundancyRecorder(StepObserver):
         self._active = model is self.model
         if not self._active:
             return
-        if settings.head_steps != "uniform":  # the head statistics index every token's head steps alike
+        if settings.head_steps.allocation is not None:  # the head statistics index every token's head steps alike
             raise RecordingError(f"recording needs uniform head steps, got head_steps={settings.head_steps!r}")
         if self._settings is not None and self._settings != settings:
             raise RecordingError(f"one recorder records one setting: got {settings} after {self._settings}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+from torch import Tensor
 
 from .. import stats
 from .execute import Run

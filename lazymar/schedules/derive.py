@@ -50,6 +50,7 @@ import pandas as pd
 import xarray as xr
 
 from ..cache.schedule_file import CacheSchedule
+from ..fingerprint import ModelFingerprint
 from .predicted_flops import predicted_flops
 from .profile import DERIVED_ALWAYS_KEEP, TAU_TOKEN_ALL, DerivationError, RedundancyProfile
 
@@ -135,7 +136,8 @@ def derive_schedule(profile: RedundancyProfile | xr.Dataset | str | Path, tau_to
         num_iter=profile.num_iter, refresh=refresh.tolist(), keep_fraction=[round(float(k), 6) for k in keep],
         condition_cache=condition.tolist(), head_cache=[True] * profile.num_iter,
         name=name or _default_name(params), keep_min_extra=0.0, selection="similarity",
-        selection_layer=selection_layer, always_keep=DERIVED_ALWAYS_KEEP, encoder=encoder, head=head)
+        selection_layer=selection_layer, always_keep=DERIVED_ALWAYS_KEEP, encoder=encoder, head=head,
+        made_for=ModelFingerprint.of(profile.config))
     schedule.validate_for(profile.config, profile.num_iter)
     flops = predicted_flops(schedule, profile.config, profile.use_cfg, flops_batch_size)
     return DerivedSchedule(schedule=schedule, params=params, predicted_flops_ratio=flops["ratio"], flops=flops,
