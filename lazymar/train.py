@@ -7,7 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -49,12 +49,14 @@ def mar_loss(model: MAR, images: Tensor, labels: Tensor, generator: torch.Genera
 def train(config: MARConfig, images: Tensor, labels: Tensor, steps: int = 500, batch_size: int = 128,
           lr: float = 5e-4, ema_decay: float = 0.995, grad_clip: float = 3.0, warmup: int = 50, seed: int = 0,
           log_every: int = 10, progress: bool = True, state_path: Optional[Path] = None,
-          save_every: int = 50) -> tuple[MAR, MAR, list[dict]]:
+          save_every: int = 50, snapshot: Optional[Callable[[int, MAR, MAR, list[dict]], None]] = None,
+          save_at: Iterable[int] = ()) -> tuple[MAR, MAR, list[dict]]:
     """Train from scratch; returns (model, EMA model, log). Deterministic for a seed on one machine.
 
     With ``state_path`` the run saves its whole state (weights, EMA, optimiser, random streams, log) there every
     ``save_every`` steps and, if the file exists, resumes from it: a killed run restarted with the same settings
-    continues where it stopped and ends with the weights an uninterrupted run would have.
+    continues where it stopped and ends with the weights an uninterrupted run would have. ``snapshot(steps_done,
+    model, ema, log)`` is called after each step count in ``save_at`` (intermediate checkpoints).
     """
     check_training(config, steps=steps, batch_size=batch_size, lr=lr)
     torch.manual_seed(seed)
@@ -63,7 +65,9 @@ def train(config: MARConfig, images: Tensor, labels: Tensor, steps: int = 500, b
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.02)
     log, first_step, seconds_before = [], 0, 0.0
-    settings = {"config": config.to_dict(), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    settings = {"config": config.to_dict(), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "ema_decay": ema_decay}
+    save_at = set(save_at)
     if state_path is not None and Path(state_path).is_file():
         first_step, log = _load_state(Path(state_path), settings, model, ema, opt, generator)
         seconds_before = log[-1]["seconds"] if log else 0.0
@@ -85,6 +89,8 @@ def train(config: MARConfig, images: Tensor, labels: Tensor, steps: int = 500, b
             log.append({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
                         "lr": opt.param_groups[0]["lr"], "seconds": seconds_before + time.time() - start})
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if snapshot is not None and step + 1 in save_at:
+            snapshot(step + 1, model, ema, log)
         if state_path is not None and ((step + 1) % save_every == 0 or step == steps - 1):
             _save_state(Path(state_path), settings, step + 1, model, ema, opt, generator, log)
     return model, ema, log
@@ -179,13 +185,20 @@ def training_state(out: Path) -> Path:
     return out.with_name(out.stem + "_train_state.pth")
 
 
+def snapshot_path(out: Path, steps_done: int) -> Path:
+    """The intermediate checkpoint of a run writing ``out`` after ``steps_done`` optimiser steps."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_step{steps_done}.pth")
+
+
 def train_digits(out: Path, steps: Optional[int] = None, seed: int = 0, batch_size: int = 128, lr: float = 5e-4,
                  sampling: SamplingSettings = DIGITS_SAMPLING, progress: bool = True, model: str = "digits",
-                 **config_overrides) -> Path:
+                 save_at: Iterable[int] = (), **config_overrides) -> Path:
     """Train an embedded digits MAR (``digits``: 8x8 pixels as tokens; ``digits16``: the images upsampled to 32x32,
     2x2 patches as tokens) on the fixed train split; writes the checkpoint, its log and loss curve. Resumes from
     :func:`training_state` if a killed run left one. ``steps``: default the committed checkpoint's
-    (:data:`TRAINING_STEPS`)."""
+    (:data:`TRAINING_STEPS`). ``save_at``: step counts after which an intermediate checkpoint is written to
+    :func:`snapshot_path` (for studies over training; git ignores them)."""
     from .config import get_config
     from .digits import digits_split
 
@@ -194,16 +207,24 @@ def train_digits(out: Path, steps: Optional[int] = None, seed: int = 0, batch_si
     config = get_config(model, **config_overrides)
     steps = TRAINING_STEPS[model] if steps is None else steps
     check_training(config, steps=steps, batch_size=batch_size, lr=lr)
+    bad = [s for s in save_at if not 1 <= s < steps]
+    if bad:
+        raise SettingsError(f"--save-at steps must lie in [1, {steps - 1}] (the run has {steps} steps), got {bad}")
     if not 1 <= sampling.num_iter <= config.seq_len:
         raise SettingsError(f"stored sampling steps must lie in [1, {config.seq_len}] (the model's tokens), "
                             f"got {sampling.num_iter}")
     images, labels = digits_split("train", size=config.img_size)
     state = training_state(out)
+    recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr}
+
+    def snapshot(done: int, model_now: MAR, ema_now: MAR, log_now: list[dict]) -> None:
+        save_checkpoint(snapshot_path(out, done), model_now, ema_now, sampling, log_now,
+                        extra_args={**recipe, "steps_done": done})
+
     trained, ema, log = train(config, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                              progress=progress, state_path=state)
+                              progress=progress, state_path=state, snapshot=snapshot, save_at=save_at)
     out, log_path, loss_path = training_outputs(out)
-    save_checkpoint(out, trained, ema, sampling, log,
-                    extra_args={"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr})
+    save_checkpoint(out, trained, ema, sampling, log, extra_args=recipe)
     write_log(log, log_path)
     plot_loss(log, loss_path, title=f"MAR {model} training")
     state.unlink(missing_ok=True)

@@ -34,6 +34,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def step_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of optimiser steps, each >= 1, e.g. ``500,1000,2000`` (sorted, without repeats)."""
+    try:
+        return tuple(sorted({positive_int(part) for part in text.split(",") if part.strip()}))
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: each step {error}") from None
+
+
 def non_negative_int(text: str) -> int:
     """An index or count that may be 0 (a layer index)."""
     value = _integer(text)

@@ -150,3 +150,27 @@ def test_the_whole_pipeline_runs_on_digits16(tmp_path, capsys):
     assert main(["bench", *small, "--schedule", "lazymar", "--num-samples", "2", "--batch-size", "2",
                  "--repeats", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["flops_ratio"] > 1
+
+
+def test_save_at_writes_loadable_intermediate_checkpoints(tmp_path):
+    """`lazymar train --save-at 2` keeps the weights after step 2 (a study over training reads them back)."""
+    from lazymar.checkpoint import load_model
+    from lazymar.train import snapshot_path, train_digits
+    out = tmp_path / "tiny.pth"
+    train_digits(out, steps=3, batch_size=4, progress=False, save_at=(2,), encoder_embed_dim=16,
+                 decoder_embed_dim=16, encoder_depth=1, decoder_depth=1)
+    early = torch.load(snapshot_path(out, 2), map_location="cpu", weights_only=False)
+    final = torch.load(out, map_location="cpu", weights_only=False)
+    assert early["args"]["steps_done"] == 2 and "steps_done" not in final["args"]
+    assert early["train_log"] and max(r["step"] for r in early["train_log"]) < 2  # the log so far
+    assert not snapshot_path(out, 1).exists() and not snapshot_path(out, 3).exists()
+    changed = [not torch.equal(a, b) for a, b in zip(early["model_ema"].values(), final["model_ema"].values())]
+    assert any(changed)  # step 3 moved the weights
+    assert load_model(snapshot_path(out, 2)).config.encoder_embed_dim == 16
+
+
+def test_save_at_outside_the_run_is_refused(tmp_path):
+    from lazymar.errors import SettingsError
+    from lazymar.train import train_digits
+    with pytest.raises(SettingsError, match="--save-at"):
+        train_digits(tmp_path / "x.pth", steps=3, save_at=(3,), progress=False)

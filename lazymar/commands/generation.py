@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import ArgumentError
 from ..grid import parse_labels, save_sample_grid
 from ..runs import Run, SamplePlan, generate_tokens
-from ..validation import check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed
+from ..validation import (check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed,
+                          step_list)
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
                      sampling_from_args)
 from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
@@ -118,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_outputs(training_outputs(out), args.force)
     train_digits(out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, sampling=sampling,
-                 model=args.model, **overrides)
+                 model=args.model, save_at=args.save_at, **overrides)
     print(f"wrote {out}")
     return 0
 
@@ -179,5 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-iter", type=positive_int, default=64,
                    help="stored default sampling steps (at most the model's tokens: 64 or 256)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="stored default CFG scale")
+    p.add_argument("--save-at", type=step_list, default=(), metavar="N,N,...",
+                   help="also write intermediate checkpoints <out stem>_step<N>.pth after these optimiser steps "
+                        "(for studies over training), e.g. 500,1000,2000")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     p.set_defaults(func=cmd_train)
