@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ["01_token_redundancy.ipynb", "02_condition_redundancy.ipynb", "03_cache_schedules.ipynb",
-            "04_paper_figures.ipynb"]
+            "04_paper_figures.ipynb", "05_beyond_the_paper.ipynb"]
 TIMEOUT_S = 900  # per notebook (a few minutes each on an idle 2-core CPU; room for a loaded CI machine)
 
 
@@ -167,6 +167,10 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
         # the model comparison: digits is committed (digits16 is skipped until its recording is)
         assert {"models_token_redundancy.png", "models_selection_layer.csv", "models_summary.md",
                 "models_tradeoff.pdf", "models_condition_redundancy.png"} <= written
+    if path.name == "05_beyond_the_paper.ipynb":
+        written = {p.name for p in figures.iterdir()}
+        assert {"nb_sample_differences_digits16.png", "nb_sample_differences_digits.pdf", "nb_change_by_position.png",
+                "nb_change_by_class.pdf"} <= written
 
 
 # --- a clean checkout: default outputs go to the ignored runs/, JupyterLab saves output-free twins ---------------
