@@ -18,6 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lazymar import tables
+
 from .phenomena import AnalysisError
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "data" / "figures"
@@ -85,9 +87,8 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
             return ("inf" if value > 0 else "-inf") if np.isinf(value) else format(float(value), floatfmt)
         return str(value).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table(frame.columns, [[cell(v) for v in row]
+                                                 for row in frame.itertuples(index=False)]) + "\n"
 
 
 # --- schedules, trade-offs, ablations ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .cache.schedule import CacheSchedule, HeadCachePolicy, none_schedule
 from .errors import LazymarError
 from .runs import Reference
 from .sampling import SamplingSettings
+from .tables import markdown_table
 
 COLUMNS = ("name", "family", "params", "flops_ratio", "wall_ratio", "psnr", "token_mse", "accuracy", "fid",
            "pareto")
@@ -97,7 +98,7 @@ def front_markdown(df: pd.DataFrame, columns: Optional[Sequence[str]] = None) ->
     if columns is None:
         columns = ["name", "family", "flops_ratio", "wall_ratio", "psnr", "accuracy", "fid",
                    *[c for c in NATIVE_QUALITY if c in df.columns]]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for _, row in df.iterrows():
         cells = []
         for c in columns:
@@ -111,8 +112,8 @@ def front_markdown(df: pd.DataFrame, columns: Optional[Sequence[str]] = None) ->
                                                                             "roughness_real") else f"{v:.2f}")
             else:
                 cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(columns, rows)
 
 
 # --- running points --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from .. import schedules, sweep
 from ..errors import ArgumentError
+from ..tables import markdown_table
 from ..validation import (check_outputs, finite_float, float_in, greater_than, non_negative_int, positive_int,
                           schedule_spec, seed, sweep_schedule_spec)
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
@@ -199,12 +200,11 @@ def _report(out: dict) -> str:
     if out.get("measured"):
         lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples of seed "
                         f"{out['search_seed']}; quote this schedule's quality from other seeds):", "",
-                  "| role | name | predicted FLOPs ratio | predicted PSNR (dB) | measured PSNR (dB) |",
-                  "|---|---|---|---|---|"]
-        for row in out["measured"]:
-            predicted = "" if row.get("predicted_psnr") is None else f"{row['predicted_psnr']:.2f}"
-            lines.append(f"| {row['role']} | {row['name']} | {row['predicted_flops_ratio']:.3f} | {predicted} | "
-                         f"{row['psnr']:.2f} |")
+                  markdown_table(["role", "name", "predicted FLOPs ratio", "predicted PSNR (dB)",
+                                  "measured PSNR (dB)"],
+                                 [[row["role"], row["name"], f"{row['predicted_flops_ratio']:.3f}",
+                                   "" if row.get("predicted_psnr") is None else f"{row['predicted_psnr']:.2f}",
+                                   f"{row['psnr']:.2f}"] for row in out["measured"]])]
     return "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,7 @@ def _search_quality(args: argparse.Namespace) -> int:
 
 
 def _native_cells(row: dict, keys) -> list[str]:
-    return [f"{row[k]:.3f} | " if k.startswith("roughness") else f"{row[k]:.2f} | " for k in keys]
+    return [f"{row[k]:.3f}" if k.startswith("roughness") else f"{row[k]:.2f}" for k in keys]
 
 
 def _report(schedule, result, args) -> str:
@@ -71,23 +71,22 @@ def _report(schedule, result, args) -> str:
              "", f"- base schedules: {', '.join(args.base)}; floor: {args.floor}",
              f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
              f"- every seed that shaped it: {schedule.search['seeds']}"
-             + (" (with its base's own search)" if "base_search" in schedule.search else ""), "",
-             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | "
-             + "".join(f"{k} | " for k in native) + "d_psnr [95% CI] | d_accuracy [95% CI] | d_fid [95% CI] | "
-             "verdict | feasible |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(native) + "---|---|---|---|---|",
-             f"| {result.floor['name']} (floor) | | {result.floor['flops_ratio']:.2f} | "
-             f"{result.floor['wall_ratio']:.2f} | {result.floor['psnr']:.2f} | {result.floor['accuracy']:.3f} | "
-             f"{result.floor['fid']:.2f} | " + "".join(_native_cells(result.floor, native)) + " | | | | |"]
+             + (" (with its base's own search)" if "base_search" in schedule.search else ""), ""]
     from ..runs.intervals import cell
+    from ..tables import markdown_table
+
+    def measured(r: dict, name: str, predicted: str) -> list[str]:
+        return [name, predicted, f"{r['flops_ratio']:.2f}", f"{r['wall_ratio']:.2f}", f"{r['psnr']:.2f}",
+                f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", *_native_cells(r, native)]
+    rows = [measured(result.floor, f"{result.floor['name']} (floor)", "") + [""] * 5]
     for r in result.measured:
-        diffs = " | ".join(cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"),
-                                3 if m == "accuracy" else 2) + f" ({r.get(f'verdict_{m}', '')})"
-                           for m in ("psnr", "accuracy", "fid"))
-        lines.append(f"| {r['name']} | {r['predicted_flops_ratio']:.2f} | {r['flops_ratio']:.2f} | "
-                     f"{r['wall_ratio']:.2f} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fid']:.2f} | "
-                     + "".join(_native_cells(r, native)) + f"{diffs} | {r.get('verdict', '')} | {r['feasible']} |")
-    return "\n".join(lines) + "\n"
+        diffs = [cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"), 3 if m == "accuracy" else 2)
+                 + f" ({r.get(f'verdict_{m}', '')})" for m in ("psnr", "accuracy", "fid")]
+        rows.append(measured(r, r["name"], f"{r['predicted_flops_ratio']:.2f}") + diffs
+                    + [r.get("verdict", ""), r["feasible"]])
+    columns = ["name", "predicted FLOPs", "FLOPs ratio", "wall ratio", "PSNR", "accuracy", "FID", *native,
+               "d_psnr [95% CI]", "d_accuracy [95% CI]", "d_fid [95% CI]", "verdict", "feasible"]
+    return "\n".join(lines + [markdown_table(columns, rows)]) + "\n"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
