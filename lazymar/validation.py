@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .errors import ArgumentError, OutputError
-
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [-2**63, 2**64); seeds + batch offsets stay well inside
+from .seeds import SEED_LIMIT
 
 
 def _integer(text: str) -> int:
