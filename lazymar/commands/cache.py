@@ -8,8 +8,7 @@ from dataclasses import replace
 import torch
 
 from ..config import get_config
-from ..model import MAR
-from ..sampling import SamplingSettings
+from ..random_weights import random_model
 from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from ..validation import seed as seed_type
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
@@ -17,19 +16,6 @@ from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_m
 from .measuring import add_imagenet_args, image_space_from_args, launched
 
 COMPUTE_BOUND = dict(arch="mar_base", batch_size=8, num_iter=16, cfg=3.0)
-
-
-def random_model(arch: str, seed: int, device: str) -> MAR:
-    """A model of ``arch`` with random weights, the zero-initialised ones made random too (so that the head's
-    output depends on z and the token cache's similarity ranking is not degenerate)."""
-    torch.manual_seed(seed)
-    model = MAR(get_config(arch)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
-    model.sampling_defaults = SamplingSettings(num_iter=64, cfg=3.0)
-    return model.to(device)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
