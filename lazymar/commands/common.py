@@ -93,9 +93,10 @@ def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
                              "(lazymar with the buffer's encoder rows cached too), or a schedule JSON file")
 
 
-def runner_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):
-    """The StepRunner for ``--schedule``: a CacheEngine (also for "none", which is exact and counts FLOPs)."""
-    from ..cache.engine import CacheEngine
+def schedule_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):
+    """The ``--schedule`` for this model and ``settings``, checked now (a bad schedule fails before any sampling);
+    None for "none": the plain sampler. A command runs it with a fresh ``CacheEngine(schedule)`` per generation."""
     from ..cache.schedule import load_schedule
-    schedule = load_schedule(getattr(args, "schedule", None) or "none", settings.num_iter, model.config)
-    return CacheEngine(schedule)
+    spec = getattr(args, "schedule", None) or "none"
+    schedule = load_schedule(spec, settings.num_iter, model.config)
+    return None if spec == "none" else schedule

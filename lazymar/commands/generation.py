@@ -10,15 +10,8 @@ from ..grid import parse_labels, save_sample_grid
 from ..runs import Run, SamplePlan, generate_tokens, quality_evaluator
 from ..validation import check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
-                     sampling_from_args)
+                     sampling_from_args, schedule_from_args)
 from .measuring import add_imagenet_args, image_space_from_args, launched
-
-
-def _schedule(model, args, settings):
-    """The --schedule (validated now, before sampling); None for "none": the plain sampler."""
-    from ..cache.schedule import load_schedule
-    schedule = load_schedule(args.schedule, settings.num_iter, model.config)
-    return None if args.schedule == "none" else schedule
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -38,7 +31,7 @@ def _sample(args: argparse.Namespace) -> int:
     if bad:
         raise ArgumentError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
     images_of = image_space_from_args(model, args)
-    schedule = _schedule(model, args, settings)
+    schedule = schedule_from_args(model, args, settings)
     plan = SamplePlan.of(labels, args.seed, args.batch_size)
     rank, world = distributed.rank(), distributed.world_size()
     start = time.perf_counter()
@@ -74,7 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..cache.schedule import exact_schedule
     from ..runs import intervals
     # uncached: the fastest exact sampler, the very samples of bench's and sweep's uncached reference
-    schedule = _schedule(model, args, settings) or exact_schedule(settings.num_iter)
+    schedule = schedule_from_args(model, args, settings) or exact_schedule(settings.num_iter)
     seeds = args.seeds or [args.seed]
     runs, arrays = {}, {}
     for run_seed in seeds:
