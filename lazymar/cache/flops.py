@@ -17,7 +17,8 @@ from typing import Optional
 from ..config import MARConfig
 from ..diffusion import space_timesteps
 from ..head_steps import head_step_allocation
-from ..sampling import mask_length
+from ..orders import generation_order
+from ..step_counts import StepCounts, generation_steps
 from .schedule import CacheSchedule, HeadCachePolicy
 
 COMPONENTS = ("encoder", "decoder", "head")
@@ -176,26 +177,10 @@ class FlopsLedger:
 
 
 # --- prediction from token counts --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepCounts:
-    """Per-sample token counts of one step (equal for every sample of a batch)."""
-
-    step: int
-    known: int        # decoded before s-1
-    new: int          # decoded at s-1
-    to_predict: int   # decoded at s
-
-
 def step_counts(seq_len: int, num_iter: int, order: str = "mar") -> list[StepCounts]:
-    """The token counts of every step of MAR's cosine mask schedule (or of another generation order)."""
-    from ..orders import generation_order
-    masks = generation_order(order).mask_length if order != "mar" else mask_length
-    unknown, new, out = seq_len, 0, []
-    for step in range(num_iter):
-        masked = 0 if step == num_iter - 1 else masks(step, num_iter, seq_len, unknown)
-        out.append(StepCounts(step, seq_len - unknown - new, new, unknown - masked))
-        new, unknown = unknown - masked, masked
-    return out
+    """The token counts of every step of MAR's cosine mask schedule (or of another generation order): the
+    sampling loop's own bookkeeping (lazymar.step_counts)."""
+    return list(generation_steps(generation_order(order), seq_len, num_iter))
 
 
 def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1,
