@@ -11,7 +11,7 @@ import json
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -174,6 +174,16 @@ class RedundancyProfile:
                    residual_angle=residual_angle, guidance_weight=guidance_weight, head=head,
                    selection=selection_study(ds), source=source, attrs=attrs)
 
+    def check_model(self, config: MARConfig, num_iter: int, model: str) -> None:
+        """Raise DerivationError unless the recording was made with a model of ``config`` (named ``model``) at
+        ``num_iter`` steps: its schedules only fit that model and step count."""
+        if config != self.config:
+            raise DerivationError(f"model {model!r} does not match the recording's model configuration "
+                                  f"({self.source}); pass the --model that was recorded")
+        if num_iter != self.num_iter:
+            raise DerivationError(f"the recording has {self.num_iter} steps but sampling uses {num_iter}; "
+                                  f"pass --num-iter {self.num_iter}")
+
     @property
     def recommended_layer(self) -> int:
         """The selection layer the selection-layer study recommends."""
@@ -319,3 +329,12 @@ def _weighted_quantiles(values: np.ndarray, counts: np.ndarray, q: Sequence[floa
         hi = min(lo + 1, total - 1)
         out[float(x)] = at(lo) + (h - lo) * (at(hi) - at(lo))
     return out
+
+
+def load_profile(stats: str | Path) -> RedundancyProfile:
+    """The redundancy profile of the recording at ``stats``; a recording without any finite token similarity (e.g.
+    all NaN) cannot rank positions, so it is rejected with one line instead of failing inside the search."""
+    ds = load_stats(stats)
+    if "token_cosine" in ds and not np.isfinite(ds["token_cosine"].values).any():
+        raise DerivationError(f"{stats}: token_cosine holds no finite values (all NaN); record it again")
+    return replace(RedundancyProfile.from_stats(ds), source=str(stats))
