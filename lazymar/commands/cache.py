@@ -104,7 +104,7 @@ def flops_ratios(config, schedules, num_iter: int, batch_size: int, use_cfg: boo
     (``ratio_batch1``: the hoisted time embedding is shared by a batch's rows), and ``released_convention``: the
     plain uncached sampler (no hoisting) over the released scheme ("lazymar-released"), the convention of the
     LazyMAR paper's speed-ups, to set beside them."""
-    from ..cache.flops import estimate_generation_flops
+    from ..cache.engine import estimate_generation_flops
     from ..cache.schedule import exact_schedule, load_schedule, none_schedule
 
     def total(schedule, batch: int) -> dict:

@@ -1,13 +1,13 @@
 """Predicted FLOPs of schedules, memoised: searches price thousands of schedules that share their parts.
 
-Every figure comes from :func:`lazymar.cache.flops.estimate_generation_flops` (the accounting the engine's ledger
+Every figure comes from :func:`lazymar.cache.engine.estimate_generation_flops` (the accounting the engine's ledger
 matches); this module only caches calls to it, keyed by what each part depends on.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
-from ..cache.flops import estimate_generation_flops
+from ..cache.engine import estimate_generation_flops
 from ..cache.schedule import CacheSchedule, HeadCachePolicy, exact_schedule, none_schedule
 from ..config import MARConfig
 
