@@ -9,6 +9,7 @@ import torch
 
 from ..config import get_config
 from ..random_weights import random_model
+from ..schedules.predicted_flops import flops_ratios
 from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from ..validation import seed as seed_type
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
@@ -96,29 +97,6 @@ def _bench(args: argparse.Namespace) -> int:
         if verdicts:
             print(f"  cached - baseline (95 % CI): " + ", ".join(verdicts) + f"; verdict {result['verdict']}")
     return 0
-
-
-def flops_ratios(config, schedules, num_iter: int, batch_size: int, use_cfg: bool = True) -> dict:
-    """Analytic FLOPs of each schedule and its ratios against the fastest exact uncached sampler (head invariants
-    hoisted: cache.schedule.exact_schedule, the "none" entry) at ``batch_size`` (``ratio``) and at batch 1
-    (``ratio_batch1``: the hoisted time embedding is shared by a batch's rows), and ``released_convention``: the
-    plain uncached sampler (no hoisting) over the released scheme ("lazymar-released"), the convention of the
-    LazyMAR paper's speed-ups, to set beside them."""
-    from ..cache.engine import estimate_generation_flops
-    from ..cache.schedule import exact_schedule, load_schedule, none_schedule
-
-    def total(schedule, batch: int) -> dict:
-        return estimate_generation_flops(config, schedule, batch_size=batch, use_cfg=use_cfg).totals()
-    base, base1 = total(exact_schedule(num_iter), batch_size), total(exact_schedule(num_iter), 1)
-    out: dict = {"none": base}
-    for name in schedules:
-        schedule = load_schedule(name, num_iter, config)
-        totals = total(schedule, batch_size)
-        out[str(name)] = {**totals, "ratio": base["total"] / totals["total"],
-                          "ratio_batch1": base1["total"] / total(schedule, 1)["total"]}
-    released = total(load_schedule("lazymar-released", num_iter, config), batch_size)["total"]
-    out["released_convention"] = total(none_schedule(num_iter), batch_size)["total"] / released
-    return out
 
 
 def _num(value):
