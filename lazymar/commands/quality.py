@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..schedules.report import quality_report_markdown
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 
@@ -49,44 +50,15 @@ def _search_quality(args: argparse.Namespace) -> int:
     if args.out and result.best is not None:
         schedule = result.best.with_changes(search=record, name=args.name or result.best.name)
         path = schedule.save(args.out)
-        path.with_suffix(".md").write_text(_report(schedule, result, args))
+        path.with_suffix(".md").write_text(quality_report_markdown(
+            schedule, result, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
+            bases=args.base, floor=args.floor, target_flops_ratio=args.target_flops_ratio))
         out["out"] = str(path)
     if args.json:
         print_json(out)
     else:
         print(json.dumps(out, indent=1, default=float))
     return 0 if result.best is not None else 1
-
-
-def _native_cells(row: dict, keys) -> list[str]:
-    return [f"{row[k]:.3f}" if k.startswith("roughness") else f"{row[k]:.2f}" for k in keys]
-
-
-def _report(schedule, result, args) -> str:
-    from ..schedules.quality import NATIVE_QUALITY
-    native = [k for k in NATIVE_QUALITY if k in result.floor]
-    lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
-             f"Searched by `lazymar search-quality` on calibration seed {args.seed} ({args.num_samples} samples, "
-             f"batch {args.batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
-             "", f"- base schedules: {', '.join(args.base)}; floor: {args.floor}",
-             f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
-             f"- every seed that shaped it: {schedule.search['seeds']}"
-             + (" (with its base's own search)" if "base_search" in schedule.search else ""), ""]
-    from ..runs.intervals import cell
-    from ..tables import markdown_table
-
-    def measured(r: dict, name: str, predicted: str) -> list[str]:
-        return [name, predicted, f"{r['flops_ratio']:.2f}", f"{r['wall_ratio']:.2f}", f"{r['psnr']:.2f}",
-                f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", *_native_cells(r, native)]
-    rows = [measured(result.floor, f"{result.floor['name']} (floor)", "") + [""] * 5]
-    for r in result.measured:
-        diffs = [cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"), 3 if m == "accuracy" else 2)
-                 + f" ({r.get(f'verdict_{m}', '')})" for m in ("psnr", "accuracy", "fid")]
-        rows.append(measured(r, r["name"], f"{r['predicted_flops_ratio']:.2f}") + diffs
-                    + [r.get("verdict", ""), r["feasible"]])
-    columns = ["name", "predicted FLOPs", "FLOPs ratio", "wall ratio", "PSNR", "accuracy", "FID", *native,
-               "d_psnr [95% CI]", "d_accuracy [95% CI]", "d_fid [95% CI]", "verdict", "feasible"]
-    return "\n".join(lines + [markdown_table(columns, rows)]) + "\n"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
