@@ -139,7 +139,7 @@ def test_cli_refuses_an_evaluation_seed_in_one_line(capsys):
 
 def test_search_reports_the_native_quality_beside_the_objective():
     """fid32 and roughness (digits16) pass through to the measured rows, the record and the report table."""
-    from lazymar.schedules.report import quality_report_markdown
+    from lazymar.schedules.quality import quality_report_markdown
     native = {"fid32": 4.0, "roughness": 0.12, "roughness_real": 0.096}
     base = load_schedule("data/schedules/digits_3.5x.json", 64, CONFIG)
     rows = {"lazymar": {**FLOOR, **native}, base.name: {**FLOOR, **native, "flops_ratio": 3.6, "fid32": 5.0}}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..schedules.report import quality_report_markdown
+from ..schedules.quality import quality_report_markdown
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 

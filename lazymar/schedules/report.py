@@ -1,17 +1,16 @@
 """What ``lazymar derive`` (and the workbook's explorer) reports of a derived schedule: its record (the --json
-output) and the markdown report written beside the schedule JSON; and the report of ``lazymar search-quality``."""
+output) and the markdown report written beside the schedule JSON."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..cache.schedule import CacheSchedule
 from ..tables import markdown_table
 from .derive import DerivedSchedule
 from .profile import RedundancyProfile
-from .quality import NATIVE_QUALITY
 
 
 def derive_outputs(out: Optional[str | Path]) -> list[Path]:
@@ -86,32 +85,3 @@ def report_markdown(out: dict) -> str:
                                    f"{row['psnr']:.2f}"] for row in out["measured"]])]
     return "\n".join(lines) + "\n"
 
-
-def quality_report_markdown(schedule: CacheSchedule, result, *, seed: int, num_samples: int, batch_size: int,
-                            bases: Sequence[str], floor: str, target_flops_ratio: float) -> str:
-    """The markdown report of ``lazymar search-quality``'s pick ``schedule`` (with its ``search`` record) from
-    ``result`` (a lazymar.schedules.quality.QualitySearchResult): how it was searched, and the floor and every
-    measured candidate with the quality differences and verdicts."""
-    from ..runs.intervals import cell
-    native = [k for k in NATIVE_QUALITY if k in result.floor]
-    lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
-             f"Searched by `lazymar search-quality` on calibration seed {seed} ({num_samples} samples, "
-             f"batch {batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
-             "", f"- base schedules: {', '.join(bases)}; floor: {floor}",
-             f"- target predicted FLOPs ratio: >= {target_flops_ratio:g}",
-             f"- every seed that shaped it: {schedule.search['seeds']}"
-             + (" (with its base's own search)" if "base_search" in schedule.search else ""), ""]
-
-    def measured(r: dict, name: str, predicted: str) -> list[str]:
-        return [name, predicted, f"{r['flops_ratio']:.2f}", f"{r['wall_ratio']:.2f}", f"{r['psnr']:.2f}",
-                f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
-                *[f"{r[k]:.3f}" if k.startswith("roughness") else f"{r[k]:.2f}" for k in native]]
-    rows = [measured(result.floor, f"{result.floor['name']} (floor)", "") + [""] * 5]
-    for r in result.measured:
-        diffs = [cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"), 3 if m == "accuracy" else 2)
-                 + f" ({r.get(f'verdict_{m}', '')})" for m in ("psnr", "accuracy", "fid")]
-        rows.append(measured(r, r["name"], f"{r['predicted_flops_ratio']:.2f}") + diffs
-                    + [r.get("verdict", ""), r["feasible"]])
-    columns = ["name", "predicted FLOPs", "FLOPs ratio", "wall ratio", "PSNR", "accuracy", "FID", *native,
-               "d_psnr [95% CI]", "d_accuracy [95% CI]", "d_fid [95% CI]", "verdict", "feasible"]
-    return "\n".join(lines + [markdown_table(columns, rows)]) + "\n"
