@@ -388,7 +388,7 @@ class ScheduleExplorer:
         """Write the current schedule as ``lazymar derive --out PATH`` does: the JSON (for `lazymar bench
         --schedule PATH`, `lazymar sweep --schedule PATH`) and its markdown report beside it. An existing file
         is kept unless ``overwrite``."""
-        from lazymar.commands.derive import derived_record, write_derived
+        from lazymar.schedules import derived_record, write_derived
         with self._lock:
             derived = self.derived
         if derived is None:

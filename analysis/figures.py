@@ -16,6 +16,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lazymar import tables
+
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "data" / "figures"
 STEP_LABEL = "MAR sampling step s"
 # Rendering shares matplotlib's caches (fonts, mathtext); one figure at a time, whichever thread draws it.
@@ -81,6 +83,5 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
             return ("inf" if value > 0 else "-inf") if np.isinf(value) else format(float(value), floatfmt)
         return str(value).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table(frame.columns, [[cell(v) for v in row]
+                                                 for row in frame.itertuples(index=False)]) + "\n"

@@ -142,7 +142,7 @@ def check_mar_base(device: str, sizes: dict) -> dict:
 
     from lazymar.runs.bench import benchmark
     from lazymar.cache.schedule_file import load_schedule
-    from lazymar.commands.cache import random_model
+    from lazymar.random_weights import random_model
     from lazymar.precision import default_precision
     from lazymar.runs import SamplePlan
     model = random_model(sizes["arch"], 0, device)

@@ -1,8 +1,8 @@
 """Overhead of the redundancy recorder on the digits model: sampling wall time with and without it.
 
 Same process, interleaved repetitions (plain, recorded, plain, ...), medians. Peak memory added is measured
-in fresh child processes (growth of the resident set during one plain and one recorded generation,
-sampled every ms; CUDA: peak allocated) and compared with the bound: the previous step's features as the recorder
+in fresh child processes (growth of the peak resident set during one plain and one recorded generation,
+lazymar.runs.memory.PeakMemory; CUDA: peak allocated) and compared with the bound: the previous step's features as the recorder
 keeps them, this step's stashed features (at most LAYER_CHUNK layers, HEAD_CHUNK head steps) and the output arrays
 (see ``bound_bytes``). Prints one JSON object.
 
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazymar import MAR, get_config  # noqa: E402
+from lazymar.random_weights import RANDOM_MODEL_SAMPLING, random_mar  # noqa: E402
 from lazymar.recording import RedundancyRecorder, save_stats  # noqa: E402
+from lazymar.runs.memory import PeakMemory, resident_mb  # noqa: E402
 from lazymar.sampling import SamplingSettings, generate  # noqa: E402
 
 
@@ -35,10 +35,8 @@ def load_digits(device: str) -> tuple[MAR, str]:
         from lazymar.checkpoint import load_model
         return load_model("digits", device=device), "trained"
     except (ValueError, FileNotFoundError):
-        torch.manual_seed(0)
-        model = MAR(get_config("digits")).eval().to(device)
-        model.sampling_defaults = SamplingSettings(num_iter=64, cfg=3.0)
-        return model, "random (data/checkpoints/digits.pth missing)"
+        model = random_mar(get_config("digits"), 0, randomise="none", sampling_defaults=RANDOM_MODEL_SAMPLING)
+        return model.to(device), "random (data/checkpoints/digits.pth missing)"
 
 
 def run_once(model: MAR, labels: list[int], settings: SamplingSettings, recorded: bool, seed: int = 0) -> float:
@@ -83,31 +81,6 @@ def bound_bytes(model: MAR, batch: int, settings: SamplingSettings) -> dict[str,
     return {"features": 4 * (previous + stash + head), "outputs": 4 * floats + batch * S * P}  # + int8 status
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-class PeakResident:
-    """Samples the resident set size every millisecond in a thread; ``peak`` is the largest seen."""
-
-    def __enter__(self) -> "PeakResident":
-        self.start = self.peak = resident_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, resident_bytes())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
-
-
 def child(args: argparse.Namespace) -> None:
     """Measure one generation's peak memory growth in this fresh process; prints JSON."""
     torch.set_num_threads(args.threads)
@@ -115,12 +88,11 @@ def child(args: argparse.Namespace) -> None:
     settings = model.sampling_defaults
     labels = [i % 10 for i in range(args.batch_size)]
     run_once(model, labels, settings, recorded=False)  # warm up: allocator pools, lazily initialised kernels
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with PeakResident() as rss:
+    cuda = args.device.startswith("cuda")
+    with PeakMemory(torch.device(args.device), cpu_baseline_mb=resident_mb()) as peak:  # CPU: growth of the RSS
         run_once(model, labels, settings, recorded=args.child == "recorded")
-    cuda = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
-    print(json.dumps({"rss_growth_bytes": rss.peak - rss.start, "cuda_peak_bytes": cuda}))
+    peak_bytes = round(peak.peak_mb * 2**20)
+    print(json.dumps({"rss_growth_bytes": None if cuda else peak_bytes, "cuda_peak_bytes": peak_bytes if cuda else None}))
 
 
 def main() -> None:

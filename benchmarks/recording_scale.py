@@ -33,14 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def child(code: str, limit_mb: float) -> dict:
     """Run ``code`` (Python, which prints a JSON object last) in a fresh interpreter; kill it above ``limit_mb``
     of resident memory (then the result says so)."""
@@ -51,17 +43,15 @@ def child(code: str, limit_mb: float) -> dict:
     watched = {"killed": False, "max_mb": 0.0}
 
     def watch() -> None:
+        from lazymar.runs.memory import resident_mb
         while proc.poll() is None:
-            try:
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        rss = int(line.split()[1]) / 1024
-                        watched["max_mb"] = max(watched["max_mb"], rss)
-                        if rss > limit_mb:
-                            watched["killed"] = True
-                            proc.kill()
-            except (FileNotFoundError, ProcessLookupError):
+            rss = resident_mb(proc.pid)
+            if rss is None:  # the process ended
                 return
+            watched["max_mb"] = max(watched["max_mb"], rss)
+            if rss > limit_mb:
+                watched["killed"] = True
+                proc.kill()
             time.sleep(0.2)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -83,11 +73,11 @@ def child(code: str, limit_mb: float) -> dict:
 RECORD = """
 import json, time, sys
 from lazymar.cli import main
-from benchmarks.recording_scale import peak_rss_mb
+from lazymar.runs.memory import peak_resident_mb
 t = time.perf_counter()
 code = main({args!r})
 assert code == 0, code
-print(json.dumps({{"seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}}))
+print(json.dumps({{"seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(peak_resident_mb(), 1)}}))
 """
 
 WRITER = """
@@ -98,10 +88,11 @@ print(json.dumps(write_synthetic({path!r}, {samples}, {batch_size})))
 
 ANALYSIS = """
 import json, time
-from benchmarks.recording_scale import analyse, peak_rss_mb
+from benchmarks.recording_scale import analyse
+from lazymar.runs.memory import peak_resident_mb
 t = time.perf_counter()
 info = analyse({path!r}, {what!r})
-print(json.dumps({{**info, "seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}}))
+print(json.dumps({{**info, "seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(peak_resident_mb(), 1)}}))
 """
 
 
@@ -144,6 +135,7 @@ def write_synthetic(path: str, samples: int, batch_size: int) -> dict:
     """Write ``samples`` synthetic MAR-H samples into a store batch by batch; time spent writing only."""
     import numpy as np
     from lazymar.recording import store
+    from lazymar.runs.memory import peak_resident_mb
 
     written = 0.0
     seconds = 0.0
@@ -165,7 +157,7 @@ def write_synthetic(path: str, samples: int, batch_size: int) -> dict:
             "mb_per_s": round(written / 1e6 / seconds, 1),
             "seconds_per_sample_first_half": round(float(np.mean(per_sample[:half] or [0])), 4),
             "seconds_per_sample_second_half": round(float(np.mean(per_sample[half:])), 4),
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "peak_rss_mb": round(peak_resident_mb(), 1)}
 
 
 def analyse(path: str, what: str) -> dict:

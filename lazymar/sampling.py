@@ -22,6 +22,7 @@ from .head_steps import FrequencyWeightedSteps, HeadSampler
 from .model import MAR
 from .orders import generation_order
 from .precision import autocast
+from .step_counts import generation_steps
 
 __all__ = ["SamplingSettings", "StepContext", "StepRunner", "StepObserver", "generate", "observe_steps",
            "current_step", "sample_head", "step_cfg_scale"]
@@ -251,17 +252,15 @@ def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator:
     unknown = torch.ones(B, L, dtype=torch.bool, device=device)
     new = torch.zeros_like(unknown)
     new_positions = orders[:, :0]
-    num_unknown = L  # per sample, tracked on the host (the loop needs no device round-trip)
     buffer_positions = torch.arange(model.buffer_size, device=device).expand(B, -1)
     runner.start(model, settings, B)
     for obs in observers:
         obs.on_generation_start(model, settings, labels)
-    for step in tqdm(range(settings.num_iter), desc="steps", disable=not progress, leave=False):
-        mask_len = order.mask_length(step, settings.num_iter, L, num_unknown)
-        masked = torch.zeros_like(unknown).scatter_(1, orders[:, :mask_len], True)
-        if step == settings.num_iter - 1:
-            masked = torch.zeros_like(unknown)
-        still_masked = mask_len if step < settings.num_iter - 1 else 0
+    # the counts per sample, on the host (the loop needs no device round-trip)
+    steps = generation_steps(order, L, settings.num_iter)
+    for counts in tqdm(steps, total=settings.num_iter, desc="steps", disable=not progress, leave=False):
+        step, mask_len, still_masked, num_unknown = counts.step, counts.mask_len, counts.masked, counts.unknown
+        masked = torch.zeros_like(unknown).scatter_(1, orders[:, :still_masked], True)  # none after the last step
         to_predict_positions = orders[:, still_masked:num_unknown].sort(dim=1).values
         known_positions = orders[:, num_unknown:].sort(dim=1).values  # decoded before this step (known and new)
         visible_positions = torch.cat([buffer_positions, known_positions + model.buffer_size], dim=1)
@@ -289,7 +288,7 @@ def _generate(model: MAR, labels: Tensor, settings: SamplingSettings, generator:
         finally:
             _current_step.reset(reset)
         new, unknown = ctx.to_predict, masked
-        new_positions, num_unknown = to_predict_positions, still_masked
+        new_positions = to_predict_positions
     for obs in observers:
         obs.on_generation_end(model, tokens)
     return tokens

@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .cache.schedule_file import CacheSchedule, HeadCachePolicy, none_schedule
+from .cache.schedule_file import CacheSchedule, HeadCachePolicy, ScheduleChoice, none_schedule
 from .errors import LazymarError
 from .runs import Reference
 from .sampling import SamplingSettings
+from .tables import markdown_table
 
 COLUMNS = ("name", "family", "params", "flops_ratio", "wall_ratio", "psnr", "token_mse", "accuracy", "fid",
            "pareto")
@@ -97,7 +98,7 @@ def front_markdown(df: pd.DataFrame, columns: Optional[Sequence[str]] = None) ->
     if columns is None:
         columns = ["name", "family", "flops_ratio", "wall_ratio", "psnr", "accuracy", "fid",
                    *[c for c in NATIVE_QUALITY if c in df.columns]]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for _, row in df.iterrows():
         cells = []
         for c in columns:
@@ -111,8 +112,8 @@ def front_markdown(df: pd.DataFrame, columns: Optional[Sequence[str]] = None) ->
                                                                             "roughness_real") else f"{v:.2f}")
             else:
                 cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(columns, rows)
 
 
 # --- running points --------------------------------------------------------------------------------------------
@@ -198,3 +199,86 @@ def random_point(point: SweepPoint, seed: int = 0) -> SweepPoint:
     schedule = point.schedule.with_changes(selection="random", seed=seed, name=point.schedule.name + "-random")
     return SweepPoint(name=schedule.name, family="random", schedule=schedule,
                       params={**point.params, "selection": "random", "of": point.name})
+
+
+# --- the committed sweep ---------------------------------------------------------------------------------------
+# thresholds of the derived grid points of the default sweep, besides the schedule files given with --schedule
+DERIVED_GRID = [
+    dict(token_quantile=0.5, tau_refresh=6.0, tau_cfg=0.9995, selection_layer=1, tau_head=0.1),
+    dict(token_quantile=0.0, tau_refresh=8.0, tau_cfg=0.999, selection_layer=0, tau_head=0.2),
+    dict(token_quantile=0.0, tau_refresh=12.0, tau_cfg=0.995, selection_layer=0, tau_head=0.4),
+    dict(token_quantile=0.0, tau_refresh=24.0, tau_cfg=0.99, selection_layer=0, tau_head=0.8),
+    dict(token_quantile=0.0, tau_refresh=6.0, tau_cfg=1.0, selection_layer=0, tau_head=0.6, tau_buffer=0.999),
+]
+
+
+def default_stats(model: str = "digits") -> Path:
+    """The committed recording of an embedded model (found from the package, not the working directory):
+    data/stats/<model>.nc or <model>.zarr. Other models have none: their sweeps need --stats or --no-defaults."""
+    from .checkpoint import DATA_DIR, EMBEDDED
+    if model not in EMBEDDED:
+        raise SweepError(f"no committed recording for {model!r}; pass --stats (a `lazymar record` output) "
+                         "or --no-defaults with --schedule")
+    nc = DATA_DIR / "stats" / f"{model}.nc"
+    return nc if nc.exists() else DATA_DIR / "stats" / f"{model}.zarr"
+
+
+def schedule_point(spec: "str | Path | ScheduleChoice", settings: SamplingSettings, config) -> SweepPoint:
+    """The sweep point of a schedule given by name (a preset: family "lazymar" for the lazymar ones, else
+    "derived") or JSON file (family "derived", named by the file's stem), loaded for ``settings``' steps."""
+    from .cache.schedule_file import load_schedule
+    schedule = load_schedule(spec, settings.num_iter, config)
+    text = str(spec)
+    is_file = text.endswith(".json")
+    return SweepPoint(Path(text).stem if is_file else text,
+                      "lazymar" if text.startswith("lazymar") and not is_file else "derived", schedule,
+                      params={"schedule": text, "schedule_name": schedule.name})
+
+
+def baseline_point(spec: Optional[str], points: Sequence[SweepPoint], settings: SamplingSettings,
+                   config) -> Optional[SweepPoint]:
+    """The sweep point ``--baseline`` names: a point of the sweep by name, else the schedule (preset or JSON file)
+    it names; None for 'none' (the uncached reference row)."""
+    if spec is None or str(spec) == "none":
+        return None
+    for point in points:
+        if point.name == str(spec):
+            return point
+    return schedule_point(spec, settings, config)
+
+
+def default_points(profile, reference_settings: SamplingSettings, config, extra: list[SweepPoint]) -> list[SweepPoint]:
+    """The committed sweep: the lazymar preset, ``extra`` (e.g. the derived schedules of data/schedules/), the
+    derived thresholds of :data:`DERIVED_GRID` on ``profile`` (a lazymar.schedules.RedundancyProfile), and the
+    baselines: fewer MAR steps at the FLOPs of lazymar and of the fastest schedule, fixed-interval reuse every 4
+    and 8 steps, and random token selection in place of the similarity ranking for lazymar and for the derived
+    schedule closest to lazymar's FLOPs."""
+    from .cache.schedule_file import load_schedule
+    from .schedules import derive_schedule, predicted_flops
+    use_cfg = reference_settings.cfg != 1.0
+    lazymar = SweepPoint("lazymar", "lazymar", load_schedule("lazymar", reference_settings.num_iter, config),
+                         params={"preset": "lazymar"})
+    grid = []
+    for params in DERIVED_GRID:
+        params = dict(params)
+        params["tau_token"] = profile.tau_token_at(params.pop("token_quantile"), params["selection_layer"])
+        d = derive_schedule(profile, **params)
+        grid.append(SweepPoint(d.schedule.name, "derived", d.schedule, params=d.params))
+    derived = extra + grid
+    ratio = {id(p): predicted_flops(p.schedule, config, use_cfg)["ratio"] for p in [lazymar] + derived}
+    points = [lazymar] + derived
+    fastest = max(ratio.values())
+    points.append(fewer_steps_point(reference_settings, config, ratio[id(lazymar)]))
+    points.append(fewer_steps_point(reference_settings, config, fastest))
+    for interval in (4, 8):
+        points.append(fixed_interval_point(reference_settings.num_iter, interval))
+    points.append(random_point(lazymar))
+    if derived:
+        closest = min(derived, key=lambda p: abs(ratio[id(p)] - ratio[id(lazymar)]))
+        points.append(random_point(closest))
+    unique, seen = [], set()
+    for p in points:  # e.g. two fewer-steps targets that land on the same step count
+        if p.name not in seen:
+            seen.add(p.name)
+            unique.append(p)
+    return unique

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .head_steps import HeadSteps
     from .recording.dataset import KeepBits
 
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [-2**63, 2**64); seeds + batch offsets stay well inside
+from .seeds import SEED_LIMIT
 
 
 def _integer(text: str) -> int:

@@ -1,53 +1,19 @@
-"""The one place where tests build small models and checkpoints: MAR models with random weights, small KL
-autoencoders, and official-layout checkpoints. Every builder seeds torch itself, so that a model is the same
-whichever test builds it first."""
+"""The one place where tests build small models and checkpoints: MAR models with random weights (the package's
+builder, lazymar.random_weights), small KL autoencoders, and official-layout checkpoints. Every builder seeds torch
+itself, so that a model is the same whichever test builds it first."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from lazymar.config import MARConfig, get_config
+from lazymar.config import get_config
 from lazymar.model import MAR
+from lazymar.random_weights import Randomise, random_mar
 from lazymar.vae import AutoencoderKL, VAEConfig
 
-Randomise = Literal["zero", "head", "all", "none"]
-
-
-def random_mar(config: MARConfig, seed: int = 0, *, randomise: Randomise = "zero", std: float = 0.02,
-               token_std: float | None = None) -> MAR:
-    """A MAR in eval mode with the official init under torch seed ``seed``, then weights drawn again from N(0, std):
-
-    - ``randomise="zero"``: the tensors the official init leaves all zero (adaLN-zero, biases), so that labels and
-      every layer matter;
-    - ``"head"``: every tensor of the diffusion head's network (its adaLN-zero init makes it inert, and caching
-      the head would be exact);
-    - ``"all"``: every tensor (the official init leaves some at zero, which would hide mix-ups of weights);
-    - ``"none"``: the official init as it is.
-
-    ``token_std``, when given, then also draws ``mask_token`` and ``fake_latent`` from N(0, token_std), so that the
-    masked positions and the unconditional branch differ from the start.
-    """
-    torch.manual_seed(seed)
-    model = MAR(config).eval()
-    if randomise == "zero":
-        drawn = [p for p in model.parameters() if bool((p == 0).all())]
-    elif randomise == "head":
-        drawn = list(model.diffloss.net.parameters())
-    elif randomise == "all":
-        drawn = list(model.parameters())
-    elif randomise == "none":
-        drawn = []
-    else:
-        raise ValueError(f"randomise must be zero, head, all or none, not {randomise!r}")
-    with torch.no_grad():
-        for p in drawn:
-            p.normal_(0.0, std)
-        if token_std is not None:
-            for p in (model.mask_token, model.fake_latent):
-                p.normal_(0.0, token_std)
-    return model
+__all__ = ["Randomise", "checkpoint", "random_mar", "random_vae", "saved", "tiny_mar", "tiny_model", "tiny_vae",
+           "tiny_vae_config"]
 
 
 def tiny_mar(seed: int = 0, *, randomise: Randomise = "zero", std: float = 0.02, token_std: float | None = None,

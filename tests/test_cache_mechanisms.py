@@ -9,7 +9,8 @@ from lazymar.cache.condition import ConditionCache
 from lazymar.cache.decoder import DecoderTokenCache
 from lazymar.cache.encoder import EncoderCache
 from lazymar.cache.engine import CacheEngine
-from lazymar.cache.flops import FlopsLedger, estimate_generation_flops, step_counts
+from lazymar.cache.engine import estimate_generation_flops
+from lazymar.cache.flops import FlopsLedger, step_counts
 from lazymar.cache.head import HeadCache
 from lazymar.cache.schedule_file import HeadCachePolicy, load_schedule, none_schedule
 from lazymar.model import MAR

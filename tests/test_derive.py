@@ -11,7 +11,7 @@ import pytest
 from lazymar.schedules import (DerivationError, RedundancyProfile, derive_schedule, error_components, predicted_flops,
                                schedule_matrix, search_budget, selection_study)
 from lazymar.schedules.levels import count_below as _count_below, levels as _levels
-from lazymar.cache.flops import estimate_generation_flops
+from lazymar.cache.engine import estimate_generation_flops
 from lazymar.cache.schedule_file import CacheSchedule, HeadCachePolicy, exact_schedule, load_schedule
 from lazymar.cli import main
 from lazymar.config import MARConfig

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lazymar.cache import flops as F
-from lazymar.cache.engine import CacheEngine
+from lazymar.cache.engine import CacheEngine, estimate_generation_flops
 from lazymar.cache.schedule_file import HeadCachePolicy, load_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.model import MAR
@@ -116,10 +116,10 @@ def test_ledger_matches_flop_counter_and_prediction(model, name, cfg):
             measured.remove()
     assert engine.flops.steps == measured.steps
     assert engine.flops.total == counter.get_total_flops()
-    predicted = F.estimate_generation_flops(model.config, schedule, batch_size=3, use_cfg=cfg != 1.0)
+    predicted = estimate_generation_flops(model.config, schedule, batch_size=3, use_cfg=cfg != 1.0)
     assert predicted.steps == engine.flops.steps
     if name != "none":
-        plain = F.estimate_generation_flops(model.config, none_schedule(NUM_ITER), batch_size=3, use_cfg=cfg != 1.0)
+        plain = estimate_generation_flops(model.config, none_schedule(NUM_ITER), batch_size=3, use_cfg=cfg != 1.0)
         assert predicted.total < plain.total
 
 

@@ -6,7 +6,8 @@ import torch
 
 from lazymar import peers
 from lazymar.cache.engine import CacheEngine
-from lazymar.cache.flops import estimate_generation_flops, head_net_flops
+from lazymar.cache.engine import estimate_generation_flops
+from lazymar.cache.flops import head_net_flops
 from lazymar.cache.schedule_file import lazymar_schedule, none_schedule
 from lazymar.config import get_config
 from lazymar.errors import SettingsError

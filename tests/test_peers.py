@@ -9,7 +9,8 @@ import torch
 from lazymar import peers
 from lazymar.cache.attention_selection import attention_received, scoring_queries
 from lazymar.cache.engine import CacheEngine
-from lazymar.cache.flops import estimate_generation_flops, step_counts
+from lazymar.cache.engine import estimate_generation_flops
+from lazymar.cache.flops import step_counts
 from lazymar.cache.schedule_file import CacheSchedule, ScheduleError, none_schedule
 from lazymar.config import SamplingSettings, get_config
 from lazymar.model import MAR

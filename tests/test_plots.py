@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from analysis import figures, live_features, phenomena, redundancy_plots, schedule_plots, schedule_runs  # noqa: E402
 from analysis.phenomena import AnalysisError  # noqa: E402
 from lazymar import MAR, get_config  # noqa: E402
-from lazymar.cache.flops import estimate_generation_flops  # noqa: E402
+from lazymar.cache.engine import estimate_generation_flops  # noqa: E402
 from lazymar.cache.schedule_file import LAZYMAR_REFRESH, exact_schedule, lazymar_schedule, none_schedule  # noqa: E402
 from lazymar.recording import STATUS_CODES  # noqa: E402
 from lazymar.recording.dataset import make_dataset  # noqa: E402

@@ -1,6 +1,5 @@
 """The quality-aware budget search: calibration seeds apart from evaluation seeds, the objective, provenance."""
 import json
-import types
 
 import numpy as np
 import pytest
@@ -140,17 +139,17 @@ def test_cli_refuses_an_evaluation_seed_in_one_line(capsys):
 
 def test_search_reports_the_native_quality_beside_the_objective():
     """fid32 and roughness (digits16) pass through to the measured rows, the record and the report table."""
-    from lazymar.commands.quality import _report
+    from lazymar.schedules.quality import quality_report_markdown
     native = {"fid32": 4.0, "roughness": 0.12, "roughness_real": 0.096}
     base = load_schedule("data/schedules/digits_3.5x.json", 64, CONFIG)
     rows = {"lazymar": {**FLOOR, **native}, base.name: {**FLOOR, **native, "flops_ratio": 3.6, "fid32": 5.0}}
     result = quality_search(FakeReference(rows), load_schedule("lazymar", 64, CONFIG), [base], CONFIG, 3.4)
     assert result.measured[0]["fid32"] == 5.0 and result.floor["roughness"] == 0.12
     assert result.search_record(101, 200, "o")["floor"]["fid32"] == 4.0
-    args = types.SimpleNamespace(seed=101, num_samples=200, batch_size=100, base=[base.name], floor="lazymar",
-                                 target_flops_ratio=3.4)
-    table = [line for line in _report(result.best.with_changes(search={"objective": "o", "seeds": [101]}),
-                                      result, args).splitlines() if line.startswith("|")]
+    report = quality_report_markdown(result.best.with_changes(search={"objective": "o", "seeds": [101]}), result,
+                                     seed=101, num_samples=200, batch_size=100, bases=[base.name], floor="lazymar",
+                                     target_flops_ratio=3.4)
+    table = [line for line in report.splitlines() if line.startswith("|")]
     assert "| fid32 | roughness | roughness_real | d_psnr [95% CI] |" in table[0]
     assert all(line.count("|") == table[0].count("|") for line in table)
     assert "| 5.00 | 0.120 | 0.096 | " in table[-1] and table[-1].endswith(f"| {result.measured[0]['feasible']} |")

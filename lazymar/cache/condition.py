@@ -9,15 +9,35 @@ import torch
 from torch import Tensor
 
 from ..sampling import StepContext
+from .mechanism import CacheMechanism, EngineRun, TransformerPass
 from .buffers import CACHE_DTYPE
 
 
-class ConditionCache:
-    """State: the uncond - cond difference (B, buffer + seq, dec) at the last decoder block."""
+class ConditionCache(CacheMechanism):
+    """State: the uncond - cond difference (B, buffer + seq, dec) at the last decoder block. It runs no network of
+    its own (its saving shows in the rows the other mechanisms run: ``StepPlan.branches``), so it charges nothing."""
 
     def __init__(self, dtype: torch.dtype = CACHE_DTYPE) -> None:
         self.dtype = dtype
+        self.keep: list[bool] = []  # per step: whether a later step uses the condition cache (start)
         self.reset()
+
+    def start(self, run: EngineRun) -> None:
+        self.dtype = run.dtype
+        self.keep = run.later(lambda p: p.condition_cache)
+        self.reset()
+
+    def run_inputs(self, ctx: StepContext, step: TransformerPass) -> None:
+        if ctx.use_cfg and step.plan.branches == 1:
+            step.tokens, step.mask, step.class_emb = self.cond_inputs(ctx)
+
+    def run_output(self, ctx: StepContext, step: TransformerPass) -> None:
+        if not ctx.use_cfg:
+            return
+        if step.plan.branches == 1:
+            step.x = self.complete(step.x)
+        elif self.keep[ctx.step]:
+            self.store(step.x)
 
     def reset(self) -> None:
         self.difference: Optional[Tensor] = None

@@ -16,23 +16,57 @@ from torch import Tensor
 from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
+from .mechanism import CacheMechanism, EngineRun, StepPrice, TransformerPass
 from .schedule_file import CacheSchedule, StepPlan
 from .attention_selection import attention_received, capturing_queries, scoring_queries
 from .buffers import CACHE_DTYPE, keep_rows, scatter_rows
 
 
-class DecoderTokenCache:
-    """State: per-layer K/V after the selection layer, the last block's output, V at the selection layer (for
-    the similarity rule) and the random rule's generator; ``rows`` network rows are kept, in ``dtype`` except V
-    (in the model's dtype: the ranking, near-ties included, does not depend on the storage)."""
+class DecoderTokenCache(CacheMechanism):
+    """The decoder blocks, with the token cache on the steps whose plan says so. State: per-layer K/V after the
+    selection layer, the last block's output, V at the selection layer (for the similarity rule) and the random
+    rule's generator; ``rows`` network rows are kept, in ``dtype`` except V (in the model's dtype: the ranking,
+    near-ties included, does not depend on the storage). Built without a model, it is bound by ``start``."""
 
-    def __init__(self, model: MAR, schedule: CacheSchedule, rows: int, ledger: F.FlopsLedger,
-                 dtype: torch.dtype = CACHE_DTYPE):
+    def __init__(self, model: Optional[MAR] = None, schedule: Optional[CacheSchedule] = None, rows: int = 0,
+                 ledger: Optional[F.FlopsLedger] = None, dtype: torch.dtype = CACHE_DTYPE):
         self.model, self.schedule, self.rows, self.ledger, self.dtype = model, schedule, rows, ledger, dtype
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device if model is not None else None
+        self.keep: list[bool] = []  # per step: whether a later step is a cached one (start)
         self.reset()
 
+    def start(self, run: EngineRun) -> None:
+        self.model, self.schedule, self.rows, self.ledger, self.dtype = (run.model, run.schedule, run.rows,
+                                                                         run.ledger, run.dtype)
+        self.device = next(run.model.parameters()).device
+        self.keep = run.later(lambda p: not p.refresh)
+        self.reset()
+
+    def run_decoder(self, ctx: StepContext, step: TransformerPass) -> None:
+        step.x = self.run(ctx, step.plan, step.x, store=self.keep[ctx.step])
+
+    def flops(self, price: StepPrice) -> dict[str, int]:
+        """All blocks on all positions, or on a token-cache step the blocks up to the selection layer on all
+        positions and the later ones on the kept positions (plus the scores of the "attention" rule)."""
+        c, sch, counts, N = price.config, price.schedule, price.counts, price.rows
+        total = c.buffer_size + c.seq_len
+        if not price.plan.token_cache:
+            return {"decoder": c.decoder_depth * F.decoder_block_flops(c, N, total, total)}
+        always = counts.to_predict * ("to_predict" in sch.always_keep) + counts.new * (
+            "new" in sch.always_keep) + c.buffer_size * ("buffer" in sch.always_keep)
+        keep = sch.kept_count(counts.step, total, always)
+        full_layers = sch.selection_layer + 1
+        flops = (full_layers * F.decoder_block_flops(c, N, total, total)
+                 + (c.decoder_depth - full_layers) * F.decoder_block_flops(c, N, keep, total))
+        if sch.selection == "attention" and sch.selection_layer < c.decoder_depth - 1:
+            flops += F.attention_score_flops(N, c.decoder_num_heads, counts.new + counts.to_predict, total,
+                                             c.decoder_embed_dim // c.decoder_num_heads)
+        return {"decoder": flops}
+
     def reset(self) -> None:
+        if self.model is None:  # not bound yet
+            self.keys, self.values, self.output, self.previous_v = [], [], None, None
+            return
         depth = len(self.model.decoder_blocks)
         self.keys: list[Optional[Tensor]] = [None] * depth
         self.values: list[Optional[Tensor]] = [None] * depth

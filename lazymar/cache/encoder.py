@@ -17,20 +17,47 @@ from torch import Tensor
 from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
+from .mechanism import CacheMechanism, EngineRun, StepPrice, TransformerPass
 from .schedule_file import StepPlan
 from .buffers import CACHE_DTYPE, keep_rows, scatter_rows, write_slices
 
 
-class EncoderCache:
-    """State: per-layer K/V of the buffer and the known tokens, the number of known tokens they hold, and the
-    decoder embeddings of the last encoder outputs; ``rows`` network rows are kept."""
+class EncoderCache(CacheMechanism):
+    """The encoder, full or incremental as each step's plan says. State: per-layer K/V of the buffer and the known
+    tokens, the number of known tokens they hold, and the decoder embeddings of the last encoder outputs; ``rows``
+    network rows are kept. Built without a model, it is bound by ``start``."""
 
-    def __init__(self, model: MAR, rows: int, ledger: F.FlopsLedger, dtype: torch.dtype = CACHE_DTYPE):
+    def __init__(self, model: Optional[MAR] = None, rows: int = 0, ledger: Optional[F.FlopsLedger] = None,
+                 dtype: torch.dtype = CACHE_DTYPE):
         self.model, self.rows, self.ledger, self.dtype = model, rows, ledger, dtype
+        self.keep: list[bool] = []  # per step: whether a later step runs incrementally (start)
         self.reset()
 
+    def start(self, run: EngineRun) -> None:
+        self.model, self.rows, self.ledger, self.dtype = run.model, run.rows, run.ledger, run.dtype
+        self.keep = run.later(lambda p: p.incremental_encoder)
+        self.reset()
+
+    def run_encoder(self, ctx: StepContext, step: TransformerPass) -> None:
+        if step.plan.incremental_encoder:
+            step.x = self.incremental(ctx, step.plan, step.tokens, step.class_emb)
+        else:
+            step.x = self.full(ctx, step.tokens, step.mask, step.class_emb, store=self.keep[ctx.step])
+
+    def flops(self, price: StepPrice) -> dict[str, int]:
+        """The encoder on the rows that run (all visible positions, or the buffer and the new tokens against the
+        cached K/V) and their decoder embedding."""
+        c, counts, plan, N = price.config, price.counts, price.plan, price.rows
+        visible = c.buffer_size + counts.known + counts.new
+        if plan.incremental_encoder:
+            embedded, run = counts.new, c.buffer_size * plan.encoder_buffer + counts.new
+        else:
+            embedded, run = c.seq_len, visible
+        blocks = c.encoder_depth * F.encoder_block_flops(c, N, run, visible)
+        return {"encoder": F.token_embed_flops(c, N * embedded) + blocks, "decoder": F.decoder_embed_flops(c, N * run)}
+
     def reset(self) -> None:
-        depth = len(self.model.encoder_blocks)
+        depth = len(self.model.encoder_blocks) if self.model is not None else 0
         self.keys: list[Optional[Tensor]] = [None] * depth
         self.values: list[Optional[Tensor]] = [None] * depth
         self.length = 0                           # known tokens held by the K/V caches

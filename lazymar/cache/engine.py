@@ -1,12 +1,13 @@
 """The cache engine: a StepRunner that executes a CacheSchedule inside MAR's sampling loop.
 
-It composes one object per caching mechanism, each with its own state and ``reset``:
+It composes a list of cache mechanisms (:class:`~lazymar.cache.mechanism.CacheMechanism`), each with its own state,
+its part of every step and the FLOPs of that part; :func:`default_mechanisms` are
 
+- :class:`~lazymar.cache.condition.ConditionCache` - the condition (CFG) cache (cached steps run the cond branch);
 - :class:`~lazymar.cache.encoder.EncoderCache` - the encoder's incremental K/V (cached steps run only the buffer
   and the tokens decoded at the previous step);
 - :class:`~lazymar.cache.decoder.DecoderTokenCache` - the decoder's token cache (after ``selection_layer`` only
   the kept positions run);
-- :class:`~lazymar.cache.condition.ConditionCache` - the condition (CFG) cache (cached steps run the cond branch);
 - :class:`~lazymar.cache.head.HeadCache` - the diffusion-head cache (inside the head's reverse loop).
 
 The mechanisms drive the model's own methods (embedding of given positions, blocks run on given rows against
@@ -18,40 +19,73 @@ bf16 / fp16 autocast or for a model cast to that dtype, ``CACHE_DTYPE`` (float16
 unless the engine is given its own ``cache_dtype``.
 
 The engine keeps a :class:`~lazymar.cache.flops.FlopsLedger` of what it ran (``engine.flops``), charged from the
-tensor shapes by the mechanisms. For observers it fills the step context's ``branches``, ``encoder_rows`` and
+tensor shapes by the mechanisms; :func:`estimate_generation_flops` predicts it from token counts by asking the same
+mechanisms. For observers the mechanisms fill the step context's ``branches``, ``encoder_rows`` and
 ``decoder_rows`` before each block call on other rows than the plain model's.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
+from ..config import MARConfig
+from ..head_steps import head_step_allocation
 from ..model import MAR
+from ..orders import generation_order
 from ..precision import cache_dtype as matching_cache_dtype
-from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner, sample_head
+from ..sampling import BRANCHES, SamplingSettings, StepContext, StepRunner
+from ..step_counts import generation_steps
 from . import flops as F
 from .condition import ConditionCache
 from .decoder import DecoderTokenCache
 from .encoder import EncoderCache
 from .head import HeadCache
+from .mechanism import CacheMechanism, EngineRun, HeadPass, StepPrice, TransformerPass
 from .schedule_file import CacheSchedule
 from .buffers import CACHE_DTYPE
 
+Mechanism = TypeVar("Mechanism", bound=CacheMechanism)
+
+
+def default_mechanisms() -> list[CacheMechanism]:
+    """The engine's mechanisms, fresh: condition cache, encoder, decoder token cache, head (the order in which they
+    take part in each phase of a step)."""
+    return [ConditionCache(), EncoderCache(), DecoderTokenCache(), HeadCache()]
+
 
 class CacheEngine(StepRunner):
-    """Run MAR under ``schedule``. One engine can run many generations (``start`` resets it)."""
+    """Run MAR under ``schedule`` with ``mechanisms`` (default: :func:`default_mechanisms`). One engine can run many
+    generations (``start`` restarts its mechanisms)."""
 
-    def __init__(self, schedule: CacheSchedule, cache_dtype: Optional[torch.dtype] = None):
+    def __init__(self, schedule: CacheSchedule, cache_dtype: Optional[torch.dtype] = None,
+                 mechanisms: Optional[Sequence[CacheMechanism]] = None):
         self.schedule, self.requested_dtype = schedule, cache_dtype  # None: the precision's (see the module doc)
         self.cache_dtype = cache_dtype or CACHE_DTYPE  # of the caches (set by start for its generation)
         self.flops = F.FlopsLedger()
         self.model: Optional[MAR] = None
-        self.encoder: Optional[EncoderCache] = None
-        self.decoder: Optional[DecoderTokenCache] = None
-        self.condition = ConditionCache(self.cache_dtype)
-        self.head_cache: Optional[HeadCache] = None
+        self.mechanisms = list(mechanisms) if mechanisms is not None else default_mechanisms()
+
+    def mechanism(self, kind: type[Mechanism]) -> Optional[Mechanism]:
+        """The engine's first mechanism of class ``kind`` (None if it has none)."""
+        return next((m for m in self.mechanisms if isinstance(m, kind)), None)
+
+    @property
+    def encoder(self) -> Optional[EncoderCache]:
+        return self.mechanism(EncoderCache)
+
+    @property
+    def decoder(self) -> Optional[DecoderTokenCache]:
+        return self.mechanism(DecoderTokenCache)
+
+    @property
+    def condition(self) -> Optional[ConditionCache]:
+        return self.mechanism(ConditionCache)
+
+    @property
+    def head_cache(self) -> Optional[HeadCache]:
+        return self.mechanism(HeadCache)
 
     def start(self, model: MAR, settings: SamplingSettings, batch_size: int) -> None:
         sch = self.schedule
@@ -61,63 +95,60 @@ class CacheEngine(StepRunner):
         # rows kept in caches: the network rows that cached steps run (cond first)
         both = any(p.branches == 2 for p in plans if not p.refresh)
         self.cache_rows = batch_size * (2 if both else 1)
-        # whether a step's work must be kept for later steps: some later step reuses it
-        later = lambda use: [any(use(p) for p in plans[s + 1:]) for s in range(sch.num_iter)]  # noqa: E731
-        self.later_cached = later(lambda p: not p.refresh)
-        self.later_incremental = later(lambda p: p.incremental_encoder)
-        self.later_condition = later(lambda p: p.condition_cache)
         self.flops = F.FlopsLedger()
         self.cache_dtype = self.requested_dtype or matching_cache_dtype(
             settings.precision, next(model.parameters()).dtype, CACHE_DTYPE)
-        self.encoder = EncoderCache(model, self.cache_rows, self.flops, self.cache_dtype)
-        self.decoder = DecoderTokenCache(model, sch, self.cache_rows, self.flops, self.cache_dtype)
-        self.condition.dtype = self.cache_dtype
-        self.condition.reset()
-        self.head_cache = HeadCache(model, sch.head, self.flops)
+        run = EngineRun(model, sch, plans, self.cache_rows, self.flops, self.cache_dtype)
+        for mechanism in self.mechanisms:
+            mechanism.start(run)
 
     def reset(self) -> None:
         """Release every cache (done after the last step of a generation)."""
-        for mechanism in (self.encoder, self.decoder, self.condition, self.head_cache):
-            if mechanism is not None:
-                mechanism.reset()
+        for mechanism in self.mechanisms:
+            mechanism.reset()
 
     def transformer(self, ctx: StepContext) -> Tensor:
-        plan, s = self.plans[ctx.step], ctx.step
+        step = TransformerPass(self.plans[ctx.step])
         self.flops.begin_step()
-        ctx.branches = BRANCHES[: plan.branches]
-        if plan.branches == 2 or not ctx.use_cfg:
-            tokens, mask, class_emb = ctx.network_inputs()
-        else:
-            tokens, mask, class_emb = self.condition.cond_inputs(ctx)
-        if plan.incremental_encoder:
-            x = self.encoder.incremental(ctx, plan, tokens, class_emb)
-        else:
-            x = self.encoder.full(ctx, tokens, mask, class_emb, store=self.later_incremental[s])
-        x = self.decoder.run(ctx, plan, x, store=self.later_cached[s])
-        if ctx.use_cfg:
-            if plan.branches == 1:
-                x = self.condition.complete(x)
-            elif self.later_condition[s]:
-                self.condition.store(x)
-        return self.model.decoder_output(x)
+        ctx.branches = BRANCHES[: step.plan.branches]
+        for mechanism in self.mechanisms:
+            mechanism.run_inputs(ctx, step)
+        if step.tokens is None:
+            step.tokens, step.mask, step.class_emb = ctx.network_inputs()
+        for mechanism in self.mechanisms:
+            mechanism.run_encoder(ctx, step)
+        for mechanism in self.mechanisms:
+            mechanism.run_decoder(ctx, step)
+        for mechanism in self.mechanisms:
+            mechanism.run_output(ctx, step)
+        return self.model.decoder_output(step.x)
 
     def head(self, ctx: StepContext, z: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
-        if self.plans[ctx.step].head_cache:
-            sample = lambda rows, steps: self.head_cache.sample(ctx, rows, temperature, generator, steps)  # noqa: E731
-        else:
-            sample = lambda rows, steps: self._sample_uncached(ctx, rows, temperature, generator, steps)  # noqa: E731
-        sampled = sample_head(ctx, z, sample)
+        head = HeadPass(self.plans[ctx.step], z, temperature, generator)
+        for mechanism in self.mechanisms:
+            mechanism.run_head(ctx, head)
+        if head.sampled is None:  # a bug (an engine without a head mechanism), not a user error
+            raise RuntimeError("no cache mechanism sampled the head")
         if ctx.step == ctx.num_iter - 1:
             self.reset()
-        return sampled[: z.shape[0] // 2] if ctx.use_cfg else sampled
+        return head.sampled[: z.shape[0] // 2] if ctx.use_cfg else head.sampled
 
-    def _sample_uncached(self, ctx: StepContext, z: Tensor, temperature: float,
-                         generator: Optional[torch.Generator], steps: Optional[int] = None) -> Tensor:
-        diffloss, config = self.model.diffloss, self.model.config
-        cfg = ctx.cfg_scale if ctx.use_cfg else None
-        plain = diffloss.denoiser(cfg, diffloss.sampling_diffusion(steps))
 
-        def denoise(x: Tensor, i: Tensor, zz: Tensor) -> Tensor:
-            self.flops.add("head", F.head_net_flops(config, x.shape[0]))
-            return plain(x, i, zz)
-        return diffloss.sample(z, temperature, cfg, generator, denoise=denoise, steps=steps)
+def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1,
+                              use_cfg: bool = True, order: str = "mar", head_steps: str = "uniform",
+                              mechanisms: Optional[Sequence[CacheMechanism]] = None) -> F.FlopsLedger:
+    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps) with the
+    generation ``order`` and the head's step allocation ``head_steps`` (SamplingSettings' fields), from the token
+    counts alone: each step priced by the engine's ``mechanisms`` (default: :func:`default_mechanisms`), the
+    objects that charge the ledger of an actual run. Equals that ledger (tests check it)."""
+    allocation = head_step_allocation(head_steps)
+    mechanisms = list(mechanisms) if mechanisms is not None else default_mechanisms()
+    ledger = F.FlopsLedger()
+    for counts in generation_steps(generation_order(order), config.seq_len, schedule.num_iter):
+        ledger.begin_step()
+        price = StepPrice(config, schedule, schedule.step_plan(counts.step, use_cfg), counts, batch_size, use_cfg,
+                          allocation)
+        for mechanism in mechanisms:
+            for component, flops in mechanism.flops(price).items():
+                ledger.add(component, flops)
+    return ledger

@@ -5,9 +5,10 @@ What is counted, as ``torch.utils.flop_counter.FlopCounterMode`` counts it: matr
 two batched products, 4 * batch * heads * q_len * kv_len * head_dim. Norms, activations, softmax, the diffusion
 update, gathers and scatters are not counted. One FLOP is one multiply or one add (1 MAC = 2 FLOPs).
 
-:class:`FlopsLedger` collects what ran (the cache engine charges it); :func:`estimate_generation_flops` predicts it
-from the token counts alone (no model needed), which is how the MAR-B/L/H totals are computed. Both price every
-operation with the same function below.
+:class:`FlopsLedger` collects what ran (the cache engine's mechanisms charge it);
+:func:`lazymar.cache.engine.estimate_generation_flops` predicts it from the token counts alone (no model needed),
+which is how the MAR-B/L/H totals are computed, by asking the same mechanisms. Both price every operation with the
+same function below.
 """
 from __future__ import annotations
 
@@ -16,17 +17,17 @@ from typing import Optional
 
 from ..config import MARConfig
 from ..diffusion import space_timesteps
-from ..head_steps import HeadSteps
-from ..orders import mask_length
-from .schedule_file import CacheSchedule, HeadCachePolicy
+from ..orders import generation_order
+from ..step_counts import StepCounts, generation_steps
+from .schedule_file import HeadCachePolicy
 
 COMPONENTS = ("encoder", "decoder", "head")
 TIME_FREQUENCIES = 256  # the sinusoidal features the head's time embedder projects
 
 
 # --- one function per operation -----------------------------------------------------------------------------
-# The engine charges these from the shapes it runs, the analytic model below from token counts, and schedule
-# derivation through estimate_generation_flops / head_sampling_flops: a change to the model changes one of them.
+# The mechanisms charge these from the shapes they run and price a step from token counts with them (engine's
+# estimate_generation_flops), as schedule derivation does: a change to the model changes one of them.
 def linear_flops(rows: int, fan_in: int, fan_out: int) -> int:
     return 2 * rows * fan_in * fan_out
 
@@ -176,73 +177,10 @@ class FlopsLedger:
 
 
 # --- prediction from token counts --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepCounts:
-    """Per-sample token counts of one step (equal for every sample of a batch)."""
-
-    step: int
-    known: int        # decoded before s-1
-    new: int          # decoded at s-1
-    to_predict: int   # decoded at s
-
-
 def step_counts(seq_len: int, num_iter: int, order: str = "mar") -> list[StepCounts]:
-    """The token counts of every step of MAR's cosine mask schedule (or of another generation order)."""
-    from ..orders import generation_order
-    masks = generation_order(order).mask_length if order != "mar" else mask_length
-    unknown, new, out = seq_len, 0, []
-    for step in range(num_iter):
-        masked = 0 if step == num_iter - 1 else masks(step, num_iter, seq_len, unknown)
-        out.append(StepCounts(step, seq_len - unknown - new, new, unknown - masked))
-        new, unknown = unknown - masked, masked
-    return out
-
-
-def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1,
-                              use_cfg: bool = True, order: str = "mar", head_steps: str = "uniform") -> FlopsLedger:
-    """The FLOPs a generation of ``batch_size`` samples runs under ``schedule`` (its num_iter steps) with the
-    generation ``order`` and the head's step allocation ``head_steps`` (SamplingSettings' fields), from the token
-    counts alone. Equals the engine's ledger of an actual run (tests check it)."""
-    allocation = HeadSteps(head_steps).allocation
-    c, ledger = config, FlopsLedger()
-    buf, L = c.buffer_size, c.seq_len
-    total = buf + L
-    for counts in step_counts(L, schedule.num_iter, order):
-        s = counts.step
-        ledger.begin_step()
-        plan = schedule.step_plan(s, use_cfg)
-        N = batch_size * plan.branches
-        visible = buf + counts.known + counts.new
-        # encoder
-        if plan.incremental_encoder:
-            embedded, run = counts.new, buf * plan.encoder_buffer + counts.new
-        else:
-            embedded, run = L, visible
-        ledger.add("encoder", token_embed_flops(c, N * embedded)
-                   + c.encoder_depth * encoder_block_flops(c, N, run, visible))
-        # decoder
-        dec = decoder_embed_flops(c, N * run)
-        if plan.token_cache:
-            always = counts.to_predict * ("to_predict" in schedule.always_keep) + counts.new * (
-                "new" in schedule.always_keep) + buf * ("buffer" in schedule.always_keep)
-            keep = schedule.kept_count(s, total, always)
-            full_layers = schedule.selection_layer + 1
-            dec += full_layers * decoder_block_flops(c, N, total, total)
-            dec += (c.decoder_depth - full_layers) * decoder_block_flops(c, N, keep, total)
-            if schedule.selection == "attention" and schedule.selection_layer < c.decoder_depth - 1:
-                dec += attention_score_flops(N, c.decoder_num_heads, counts.new + counts.to_predict, total,
-                                             c.decoder_embed_dim // c.decoder_num_heads)
-        else:
-            dec += c.decoder_depth * decoder_block_flops(c, N, total, total)
-        ledger.add("decoder", dec)
-        # head
-        policy = schedule.head if plan.head_cache else None
-        full = counts.to_predict if allocation is None else allocation.full_count(counts.to_predict)
-        ledger.add("head", head_sampling_flops(c, batch_size * full, use_cfg, policy))
-        if allocation is not None:  # FTS: the other tokens run the reduced steps, sampled as their own group
-            ledger.add("head", head_sampling_flops(c, batch_size * (counts.to_predict - full), use_cfg, policy,
-                                                   head_steps=allocation.reduced_steps))
-    return ledger
+    """The token counts of every step of MAR's cosine mask schedule (or of another generation order): the
+    sampling loop's own bookkeeping (lazymar.step_counts)."""
+    return list(generation_steps(generation_order(order), seq_len, num_iter))
 
 
 def floor_flops(config: MARConfig, batch_size: int = 1, use_cfg: bool = True) -> dict[str, int]:

@@ -19,23 +19,65 @@ import torch
 from torch import Tensor
 
 from ..model import MAR
-from ..sampling import StepContext
+from ..sampling import StepContext, sample_head
 from . import flops as F
+from .mechanism import CacheMechanism, EngineRun, HeadPass, StepPrice
 from .schedule_file import HeadCachePolicy
 
 
-class HeadCache:
-    """State (of the MAR step being sampled; ``reset`` after it): the hoisted cond embedding, the cond - uncond
-    eps of the last full head step, the cached residual updates and MLP outputs per res-block."""
+class HeadCache(CacheMechanism):
+    """The diffusion head, cached under the policy on the steps whose plan says so, else run as the model's.
+    State (of the MAR step being sampled; ``reset`` after it): the hoisted cond embedding, the cond - uncond eps of
+    the last full head step, the cached residual updates and MLP outputs per res-block. Built without a model, it
+    is bound by ``start``."""
 
-    def __init__(self, model: MAR, policy: HeadCachePolicy, ledger: F.FlopsLedger):
+    def __init__(self, model: Optional[MAR] = None, policy: Optional[HeadCachePolicy] = None,
+                 ledger: Optional[F.FlopsLedger] = None):
+        self.use_cfg, self.cfg_scale, self.n, self.cached_rows = False, 1.0, 0, 0
+        self.head_step: Optional[int] = None
+        self.reset()
+        if model is not None:
+            self.bind(model, policy if policy is not None else HeadCachePolicy(), ledger)
+
+    def bind(self, model: MAR, policy: HeadCachePolicy, ledger: F.FlopsLedger) -> None:
         self.model, self.policy, self.ledger = model, policy, ledger
         self.config = model.config
         self.net = model.diffloss.net
         self.use_diffusion(None)
-        self.use_cfg, self.cfg_scale, self.n, self.cached_rows = False, 1.0, 0, 0
-        self.head_step: Optional[int] = None
+
+    def start(self, run: EngineRun) -> None:
+        self.bind(run.model, run.schedule.head, run.ledger)
         self.reset()
+
+    def run_head(self, ctx: StepContext, head: HeadPass) -> None:
+        sample = self.sample if head.plan.head_cache else self.sample_uncached
+        head.sampled = sample_head(ctx, head.z, lambda rows, steps: sample(ctx, rows, head.temperature,
+                                                                           head.generator, steps))
+
+    def flops(self, price: StepPrice) -> dict[str, int]:
+        """The head's reverse steps for the step's tokens, under the policy where the plan caches the head; under
+        a frequency-weighted allocation the tokens of reduced steps are sampled as their own group."""
+        c, to_predict, allocation = price.config, price.counts.to_predict, price.head_steps
+        policy = price.schedule.head if price.plan.head_cache else None
+        full = to_predict if allocation is None else allocation.full_count(to_predict)
+        flops = F.head_sampling_flops(c, price.batch_size * full, price.use_cfg, policy)
+        if allocation is not None:
+            flops += F.head_sampling_flops(c, price.batch_size * (to_predict - full), price.use_cfg, policy,
+                                           head_steps=allocation.reduced_steps)
+        return {"head": flops}
+
+    def sample_uncached(self, ctx: StepContext, z: Tensor, temperature: float,
+                        generator: Optional[torch.Generator], steps: Optional[int] = None) -> Tensor:
+        """``DiffLoss.sample`` of the rows of z as the model runs it (both CFG halves returned), charged per call
+        of its denoiser."""
+        diffloss = self.model.diffloss
+        cfg = ctx.cfg_scale if ctx.use_cfg else None
+        plain = diffloss.denoiser(cfg, diffloss.sampling_diffusion(steps))
+
+        def denoise(x: Tensor, i: Tensor, zz: Tensor) -> Tensor:
+            self.ledger.add("head", F.head_net_flops(self.config, x.shape[0]))
+            return plain(x, i, zz)
+        return diffloss.sample(z, temperature, cfg, generator, denoise=denoise, steps=steps)
 
     def reset(self) -> None:
         self.cond: Optional[Tensor] = None         # hoisted cond_embed(z)

@@ -26,12 +26,12 @@ from typing import Any, Optional, Sequence
 from ..config import MARConfig
 from ..errors import LazymarError
 from ..fingerprint import ModelFingerprint, check_made_for
+from ..seeds import SEED_LIMIT
 
 SELECTION_RULES = ("similarity", "random", "status", "attention")  # attention: MARché (cache/attention_selection)
 KEEPABLE_STATUSES = ("to_predict", "new", "buffer")  # what a schedule's always_keep may name
 ENCODER_POLICIES = ("full", "incremental", "new-tokens")
 FORMAT = "lazymar-cache-schedule/1"
-SEED_LIMIT = 2**63  # the random selection seeds torch.Generator
 
 
 class ScheduleError(LazymarError):

@@ -8,8 +8,8 @@ from dataclasses import replace
 import torch
 
 from ..config import get_config
-from ..model import MAR
-from ..sampling import SamplingSettings
+from ..random_weights import random_model
+from ..schedules.predicted_flops import flops_ratios
 from ..validation import check_num_iter, model_arch, positive_int, schedule_spec
 from ..validation import seed as seed_type
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
@@ -18,19 +18,6 @@ from .imagenet_options import add_imagenet_args, image_space_from_args, quality_
 from .launch import launched
 
 COMPUTE_BOUND = dict(arch="mar_base", batch_size=8, num_iter=16, cfg=3.0)
-
-
-def random_model(arch: str, seed: int, device: str) -> MAR:
-    """A model of ``arch`` with random weights, the zero-initialised ones made random too (so that the head's
-    output depends on z and the token cache's similarity ranking is not degenerate)."""
-    torch.manual_seed(seed)
-    model = MAR(get_config(arch)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
-    model.sampling_defaults = SamplingSettings(num_iter=64, cfg=3.0)
-    return model.to(device)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -112,29 +99,6 @@ def _bench(args: argparse.Namespace) -> int:
         if verdicts:
             print(f"  cached - baseline (95 % CI): " + ", ".join(verdicts) + f"; verdict {result['verdict']}")
     return 0
-
-
-def flops_ratios(config, schedules, num_iter: int, batch_size: int, use_cfg: bool = True) -> dict:
-    """Analytic FLOPs of each schedule and its ratios against the fastest exact uncached sampler (head invariants
-    hoisted: cache.schedule_file.exact_schedule, the "none" entry) at ``batch_size`` (``ratio``) and at batch 1
-    (``ratio_batch1``: the hoisted time embedding is shared by a batch's rows), and ``released_convention``: the
-    plain uncached sampler (no hoisting) over the released scheme ("lazymar-released"), the convention of the
-    LazyMAR paper's speed-ups, to set beside them."""
-    from ..cache.flops import estimate_generation_flops
-    from ..cache.schedule_file import exact_schedule, load_schedule, none_schedule
-
-    def total(schedule, batch: int) -> dict:
-        return estimate_generation_flops(config, schedule, batch_size=batch, use_cfg=use_cfg).totals()
-    base, base1 = total(exact_schedule(num_iter), batch_size), total(exact_schedule(num_iter), 1)
-    out: dict = {"none": base}
-    for name in schedules:
-        schedule = load_schedule(name, num_iter, config)
-        totals = total(schedule, batch_size)
-        out[str(name)] = {**totals, "ratio": base["total"] / totals["total"],
-                          "ratio_batch1": base1["total"] / total(schedule, 1)["total"]}
-    released = total(load_schedule("lazymar-released", num_iter, config), batch_size)["total"]
-    out["released_convention"] = total(none_schedule(num_iter), batch_size)["total"] / released
-    return out
 
 
 def _num(value):

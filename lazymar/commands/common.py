@@ -87,3 +87,12 @@ def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", type=schedule_spec, default="none", metavar="NAME|PATH.json",
                         help="cache schedule: 'none' (exact), 'lazymar', 'lazymar-released', 'lazymar-new-tokens' "
                              "(lazymar with the buffer's encoder rows cached too), or a schedule JSON file")
+
+
+
+def schedule_from_args(model: MAR, args: argparse.Namespace, settings: SamplingSettings):
+    """The ``--schedule`` (a parsed :class:`~lazymar.cache.schedule_file.ScheduleChoice`) for this model and
+    ``settings``, checked now (a bad schedule fails before any sampling); None for "none": the plain sampler. A
+    command runs it with a fresh ``CacheEngine(schedule)`` per generation."""
+    from ..cache.schedule_file import NO_CACHE
+    return (getattr(args, "schedule", None) or NO_CACHE).sampler_schedule(settings.num_iter, model.config)

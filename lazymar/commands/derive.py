@@ -3,75 +3,23 @@ fidelity floor), and `lazymar sweep`: the speed/quality trade-off of schedules a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
-from pathlib import Path
 
 import torch
 
 from .. import schedules, sweep
 from ..errors import ArgumentError
 from ..validation import (check_outputs, finite_float, float_in, greater_than, non_negative_int, positive_int,
-                          schedule_spec, seed, sweep_schedule_spec)
+                          seed, sweep_schedule_spec)
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
 
-def derive_outputs(out: str | None) -> list[Path]:
-    """The files ``derive --out`` writes: the schedule JSON and its markdown report beside it."""
-    return [] if out is None else [Path(out), Path(out).with_suffix(".md")]
-
-
-def default_stats(model: str = "digits") -> Path:
-    """The committed recording of an embedded model (found from the package, not the working directory):
-    data/stats/<model>.nc or <model>.zarr. Other models have none: their sweeps need --stats or --no-defaults."""
-    from ..checkpoint import DATA_DIR, EMBEDDED
-    if model not in EMBEDDED:
-        raise ArgumentError(f"no committed recording for {model!r}; pass --stats (a `lazymar record` output) "
-                            "or --no-defaults with --schedule")
-    nc = DATA_DIR / "stats" / f"{model}.nc"
-    return nc if nc.exists() else DATA_DIR / "stats" / f"{model}.zarr"
-
-
-def load_profile(derive, stats: str | Path):
-    """The redundancy profile of a recording; a recording without any finite token similarity (e.g. all NaN)
-    cannot rank positions, so it is rejected with one line instead of failing inside the search."""
-    import numpy as np
-    from ..recording import load_stats
-    from ..recording.dataset import reading
-    ds = load_stats(stats)
-    with reading(stats):  # a damaged chunk of a lazy store surfaces here: one line naming the store
-        if "token_cosine" in ds and not np.isfinite(ds["token_cosine"].values).any():
-            raise derive.DerivationError(f"{stats}: token_cosine holds no finite values (all NaN); record it again")
-        return dataclasses.replace(derive.RedundancyProfile.from_stats(ds), source=str(stats))
-
-
-def recorded_model(args: argparse.Namespace, profile):
-    """The --model, which must be the recording's (ModelMismatchError naming both); without --model (derive), the
-    recording's own model."""
-    from ..fingerprint import check_same_model
-    if args.model is None:
-        args.model = str(profile.attrs.get("model", "digits"))
-    model = load_model_from_args(args)
-    check_same_model(f"recording {profile.source}", profile.config, model.config, f"--model {args.model}",
-                     str(profile.attrs.get("model", "")) or None)
-    return model
-
-
-def recorded_settings(args: argparse.Namespace, profile, model):
-    """The sampling settings of the command line, which must sample the recording's step count."""
-    settings = sampling_from_args(model, args)
-    if profile is not None and settings.num_iter != profile.num_iter:
-        raise ArgumentError(f"the recording has {profile.num_iter} steps but sampling uses {settings.num_iter}; "
-                            f"pass --num-iter {profile.num_iter}")
-    return settings
-
-
-def _reference(args: argparse.Namespace, profile, model):
+def _reference(args: argparse.Namespace, profile):
     """The uncached reference run on --measure-samples fixed samples, for measured PSNR (lazymar.runs)."""
     from ..runs import Reference, RunError, SamplePlan
-    model = model or recorded_model(args, profile)  # default: the recording's model
-    settings = recorded_settings(args, profile, model)
+    model = load_model_from_args(args)
+    settings = sampling_from_args(model, args)
+    profile.check_model(model.config, settings.num_iter, args.model)
     if model.config.vae_stride != 1:
         raise RunError("measured PSNR is taken on images and this model's tokens are VAE latents; "
                        "use --no-measure for a budget search")
@@ -96,22 +44,23 @@ def cmd_derive(args: argparse.Namespace) -> int:
     """Under torchrun the measured searches sample every candidate on all ranks (lazymar.runs: each rank its
     share, the PSNR merged on every rank, so every rank takes the same path); rank 0 prints and writes."""
     from .launch import launched
-    check_outputs(derive_outputs(args.out), args.force)
+    check_outputs(schedules.derive_outputs(args.out), args.force)
     with launched(args):
         return _derive(args)
 
 
 def _derive(args: argparse.Namespace) -> int:
     from .. import distributed
-    derive = schedules
     quiet = args.json or not distributed.is_main()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.target_flops_ratio is not None and args.min_psnr is not None:
         raise ArgumentError("pass either --target-flops-ratio or --min-psnr, not both")
-    profile = load_profile(derive, args.stats)
-    # a --model given must be the recording's (checked now); the measured searches sample it, loaded when needed
-    model = recorded_model(args, profile) if args.model is not None else None
+    profile = schedules.load_profile(args.stats)
+    if args.model is None:  # default: the recording's own model
+        args.model = str(profile.attrs.get("model", "digits"))
+    else:  # a --model given must be the recording's, checked before any search
+        profile.check_model(load_model_from_args(args).config, None, args.model)
     measured, considered, reference = [], None, None
     mode = "thresholds"
     if args.target_flops_ratio is not None or args.min_psnr is not None:
@@ -123,22 +72,22 @@ def _derive(args: argparse.Namespace) -> int:
                 raise ArgumentError(f"--target-flops-ratio must be > 1 (1 is no caching), got {args.target_flops_ratio}")
             measure = None
             if not args.no_measure:
-                derive.search_budget(profile, args.target_flops_ratio, None, grid=grid,  # impossible budget: fail now
+                schedules.search_budget(profile, args.target_flops_ratio, None, grid=grid,  # impossible budget: fail now
                                      flops_batch_size=args.flops_batch_size)
-                reference = _reference(args, profile, model)
+                reference = _reference(args, profile)
                 measure = _measurer(reference, quiet)
-            result = derive.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
+            result = schedules.search_budget(profile, args.target_flops_ratio, measure, num_measured=args.candidates,
                                           grid=grid, progress=not quiet, flops_batch_size=args.flops_batch_size)
         else:
             mode = "fidelity"
             if args.no_measure:
                 raise ArgumentError("--min-psnr needs measured PSNR; drop --no-measure")
-            reference = _reference(args, profile, model)
-            result = derive.search_fidelity(profile, args.min_psnr, _measurer(reference, quiet), grid=grid,
+            reference = _reference(args, profile)
+            result = schedules.search_fidelity(profile, args.min_psnr, _measurer(reference, quiet), grid=grid,
                                             progress=not quiet, flops_batch_size=args.flops_batch_size)
         derived, measured, considered = result.best, result.measured, result.considered
     else:
-        derived = derive.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
+        derived = schedules.derive_schedule(profile, tau_token=args.tau_token, tau_refresh=args.tau_refresh,
                                          tau_cfg=args.tau_cfg, selection_layer=args.selection_layer,
                                          tau_head=args.tau_head, token_quantile=args.token_quantile,
                                          tau_buffer=args.tau_buffer,
@@ -147,28 +96,17 @@ def _derive(args: argparse.Namespace) -> int:
     if args.name:
         schedule = schedule.with_changes(name=args.name)
     if measured:  # the seeds the pick looked at: quote this schedule's quality from other seeds
-        schedule = schedule.with_changes(search={
-            "seeds": [args.seed], "num_samples": args.measure_samples, "batch_size": args.batch_size,
-            "objective": (f"best measured PSNR vs uncached at predicted FLOPs ratio >= {args.target_flops_ratio}"
-                          if mode == "budget" else f"highest predicted FLOPs ratio with measured PSNR >= "
-                                                   f"{args.min_psnr} dB"),
-            "candidates_measured": len(measured)})
-    out = derived_record(derived, profile, args.stats, mode, schedule.name)
-    if args.target_flops_ratio is not None:
-        out["target_flops_ratio"] = args.target_flops_ratio
-    if args.min_psnr is not None:
-        out["min_psnr"] = args.min_psnr
-    if considered is not None:
-        out["candidates_considered"] = considered
-    if measured:
-        out["measured"] = measured
-        best = [m for m in measured if m["name"] == derived.schedule.name]
-        out["measured_psnr"] = best[0]["psnr"] if best else None
-        out["measure_samples"], out["search_seed"] = args.measure_samples, args.seed
+        schedule = schedule.with_changes(search=schedules.search_provenance(
+            args.seed, args.measure_samples, args.batch_size, measured, target_flops_ratio=args.target_flops_ratio,
+            min_psnr=args.min_psnr))
+    out = schedules.derived_record(derived, profile, args.stats, mode, schedule.name,
+                                   target_flops_ratio=args.target_flops_ratio, min_psnr=args.min_psnr,
+                                   candidates_considered=considered, measured=measured,
+                                   measure_samples=args.measure_samples, search_seed=args.seed)
     if not distributed.is_main():
         return 0
     if args.out:
-        path, report = write_derived(schedule, out, args.out)
+        path, report = schedules.write_derived(schedule, out, args.out)
         out["out"], out["report"] = str(path), str(report)
     if args.json:
         print_json(out)
@@ -183,102 +121,12 @@ def _derive(args: argparse.Namespace) -> int:
     return 0
 
 
-def derived_record(derived, profile, stats, mode: str = "thresholds", name: str | None = None) -> dict:
-    """What `derive` reports of a derived schedule (its --json output and the source of its .md report)."""
-    return {"mode": mode, "stats": str(stats), "name": name or derived.schedule.name, **derived.to_dict(),
-            "selection_study": json.loads(profile.selection.reset_index().to_json(orient="records"))}
-
-
-def write_derived(schedule, record: dict, path: str | Path) -> tuple[Path, Path]:
-    """The schedule JSON at ``path`` and its markdown report (from ``record``, see derived_record) beside it;
-    also what the workbook's explorer saves."""
-    path = schedule.save(path)
-    report = path.with_suffix(".md")
-    report.write_text(_report(record))
-    return path, report
-
-
-def _number(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
-def _report(out: dict) -> str:
-    lines = [f"# Derived cache schedule `{out['name']}`", "", out["summary"], "",
-             f"- recording: `{out['stats']}`; mode: {out['mode']}"]
-    if "target_flops_ratio" in out:
-        lines.append(f"- target FLOPs ratio: >= {out['target_flops_ratio']:g}")
-    if "min_psnr" in out:
-        lines.append(f"- PSNR floor: >= {out['min_psnr']:g} dB")
-    lines.append(f"- thresholds: {json.dumps(out['params'])}")
-    lines.append(f"- selection-layer study (decoder block: Spearman / AUROC top 20%): " + ", ".join(
-        f"{r['layer']}: {_number(r['spearman'])} / {_number(r['auroc'])}" for r in out["selection_study"]))
-    batch = out["params"].get("flops_batch_size", 1)  # predicted_flops prices a whole batch of this size
-    lines.append(f"- predicted FLOPs per image (batch of {batch}): {out['flops']['total'] / batch / 1e9:.3f} GFLOPs "
-                 f"(uncached {out['flops']['baseline'] / batch / 1e9:.3f}), ratio {out['predicted_flops_ratio']:.3f}")
-    if out.get("measured"):
-        lines += ["", f"Candidates measured (PSNR vs uncached on {out['measure_samples']} fixed samples of seed "
-                        f"{out['search_seed']}; quote this schedule's quality from other seeds):", "",
-                  "| role | name | predicted FLOPs ratio | predicted PSNR (dB) | measured PSNR (dB) |",
-                  "|---|---|---|---|---|"]
-        for row in out["measured"]:
-            predicted = "" if row.get("predicted_psnr") is None else f"{row['predicted_psnr']:.2f}"
-            lines.append(f"| {row['role']} | {row['name']} | {row['predicted_flops_ratio']:.3f} | {predicted} | "
-                         f"{row['psnr']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
 GRID_ARGS = {
     "token-quantile": "tau_token as quantiles of the selection layer's similarity",
     "tau-token": "tau_token cosines (instead of quantiles)",
     "tau-refresh": "tau_refresh step-equivalents", "tau-cfg": "tau_cfg cosines",
     "tau-head": "tau_head relative changes", "tau-buffer": "tau_buffer cosines",
 }
-
-
-# --- sweep ---------------------------------------------------------------------------------------------------
-def default_points(profile, reference_settings, config, derive, sweep, extra: list) -> list:
-    """The committed sweep: the lazymar preset, ``extra`` (e.g. the derived schedules of data/schedules/), a
-    small grid of derived thresholds, and the baselines: fewer MAR steps at the FLOPs of lazymar and of the
-    fastest schedule, fixed-interval reuse every 4 and 8 steps, and random token selection in place of the
-    similarity ranking for lazymar and for the derived schedule closest to lazymar's FLOPs."""
-    from ..cache.schedule_file import load_schedule
-    use_cfg = reference_settings.cfg != 1.0
-    lazymar = sweep.SweepPoint("lazymar", "lazymar", load_schedule("lazymar", reference_settings.num_iter, config),
-                               params={"preset": "lazymar"})
-    grid = []
-    for params in DERIVED_GRID:
-        params = dict(params)
-        params["tau_token"] = profile.tau_token_at(params.pop("token_quantile"), params["selection_layer"])
-        d = derive.derive_schedule(profile, **params)
-        grid.append(sweep.SweepPoint(d.schedule.name, "derived", d.schedule, params=d.params))
-    derived = extra + grid
-    ratio = {id(p): derive.predicted_flops(p.schedule, config, use_cfg)["ratio"] for p in [lazymar] + derived}
-    points = [lazymar] + derived
-    fastest = max(ratio.values())
-    points.append(sweep.fewer_steps_point(reference_settings, config, ratio[id(lazymar)]))
-    points.append(sweep.fewer_steps_point(reference_settings, config, fastest))
-    for interval in (4, 8):
-        points.append(sweep.fixed_interval_point(reference_settings.num_iter, interval))
-    points.append(sweep.random_point(lazymar))
-    if derived:
-        closest = min(derived, key=lambda p: abs(ratio[id(p)] - ratio[id(lazymar)]))
-        points.append(sweep.random_point(closest))
-    unique, seen = [], set()
-    for p in points:  # e.g. two fewer-steps targets that land on the same step count
-        if p.name not in seen:
-            seen.add(p.name)
-            unique.append(p)
-    return unique
-
-
-# thresholds of the derived grid points of the default sweep, besides the schedule files given with --schedule
-DERIVED_GRID = [
-    dict(token_quantile=0.5, tau_refresh=6.0, tau_cfg=0.9995, selection_layer=1, tau_head=0.1),
-    dict(token_quantile=0.0, tau_refresh=8.0, tau_cfg=0.999, selection_layer=0, tau_head=0.2),
-    dict(token_quantile=0.0, tau_refresh=12.0, tau_cfg=0.995, selection_layer=0, tau_head=0.4),
-    dict(token_quantile=0.0, tau_refresh=24.0, tau_cfg=0.99, selection_layer=0, tau_head=0.8),
-    dict(token_quantile=0.0, tau_refresh=6.0, tau_cfg=1.0, selection_layer=0, tau_head=0.6, tau_buffer=0.999),
-]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -290,37 +138,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    derive = schedules
-    from .. import distributed
+    from .. import distributed, peers
     from ..runs import Reference, SamplePlan
-    from ..cache.schedule_file import load_schedule
     from .imagenet_options import image_space_from_args, quality_from_args
     check_outputs([args.out], args.force)
     if args.stats is None and not args.no_defaults:
-        args.stats = default_stats(args.model)
+        args.stats = sweep.default_stats(args.model)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    profile = None if args.stats is None else load_profile(derive, args.stats)
-    model = load_model_from_args(args) if profile is None else recorded_model(args, profile)
-    settings = recorded_settings(args, profile, model)
-    from .. import peers
-    extra = []
-    for spec in args.schedule or []:
-        if spec in peers.PEER_PRESETS:  # MARché / GtR at the paper's settings (lazymar.peers)
-            extra.append(peers.preset_point(spec, settings, model.config))
-            continue
-        schedule = load_schedule(spec, settings.num_iter, model.config)
-        family = "lazymar" if spec.text.startswith("lazymar") and not spec.is_file else "derived"
-        extra.append(sweep.SweepPoint(Path(spec.text).stem if spec.is_file else spec.text, family, schedule,
-                                      params={"schedule": spec.text, "schedule_name": schedule.name}))
-    points = extra if args.no_defaults else default_points(profile, settings, model.config, derive, sweep, extra)
+    profile = None if args.stats is None else schedules.load_profile(args.stats)
+    model = load_model_from_args(args)
+    settings = sampling_from_args(model, args)
+    if profile is not None:
+        profile.check_model(model.config, settings.num_iter, args.model)
+    # MARché / GtR at the paper's settings (lazymar.peers), else presets and schedule files
+    extra = [peers.preset_point(spec, settings, model.config) if spec in peers.PEER_PRESETS
+             else sweep.schedule_point(spec, settings, model.config) for spec in args.schedule or []]
+    points = extra if args.no_defaults else sweep.default_points(profile, settings, model.config, extra)
     images = image_space_from_args(model, args, need_images=False)
     quality = quality_from_args(model, args)
     for family in args.family or []:
         points += peers.family_points(family, settings, model.config)
     from ..runs import intervals
     options = intervals.IntervalOptions.from_args(args)
-    baseline = _baseline_point(args.baseline, points, settings, model.config)
+    baseline = sweep.baseline_point(args.baseline, points, settings, model.config)
     if baseline is not None and baseline.name not in [p.name for p in points]:
         points.insert(0, baseline)
     seeds = args.seeds or [args.seed]
@@ -356,22 +197,6 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.out:
             print(f"wrote {args.out}")
     return 0
-
-
-def _baseline_point(spec, points: list, settings, config):
-    """The sweep point ``--baseline`` names: a point of the sweep by name, else the schedule (preset or JSON file)
-    it names, added; None for 'none' (the uncached reference row)."""
-    from ..cache.schedule_file import load_schedule
-    if spec is None or spec == "none":
-        return None
-    for point in points:
-        if point.name == spec:
-            return point
-    schedule = load_schedule(spec, settings.num_iter, config)
-    is_file = str(spec).endswith(".json")
-    return sweep.SweepPoint(Path(spec).stem if is_file else spec,
-                            "lazymar" if str(spec).startswith("lazymar") and not is_file else "derived", schedule,
-                            params={"schedule": spec, "schedule_name": schedule.name})
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,7 +11,7 @@ from ..runs import Run, SamplePlan, generate_tokens
 from ..validation import (check_outputs, finite_float, image_path, labels, positive_float, positive_int, seed,
                           step_list)
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
-                     sampling_from_args)
+                     sampling_from_args, schedule_from_args)
 from .imagenet_options import add_imagenet_args, image_space_from_args, quality_from_args
 from .launch import launched
 
@@ -33,7 +33,7 @@ def _sample(args: argparse.Namespace) -> int:
     if bad:
         raise ArgumentError(f"label {bad[0]} out of range: the model has {model.config.class_num} classes (-1 = unconditional)")
     images_of = image_space_from_args(model, args)
-    schedule = args.schedule.sampler_schedule(settings.num_iter, model.config)  # checked now, before sampling
+    schedule = schedule_from_args(model, args, settings)
     plan = SamplePlan.of(labels, args.seed, args.batch_size)
     rank, world = distributed.rank(), distributed.world_size()
     start = time.perf_counter()
@@ -69,7 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..cache.schedule_file import exact_schedule
     from ..runs import intervals
     # uncached: the fastest exact sampler, the very samples of bench's and sweep's uncached reference
-    schedule = args.schedule.sampler_schedule(settings.num_iter, model.config) or exact_schedule(settings.num_iter)
+    schedule = schedule_from_args(model, args, settings) or exact_schedule(settings.num_iter)
     seeds = args.seeds or [args.seed]
     runs, arrays = {}, {}
     for run_seed in seeds:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..fingerprint import ModelFingerprint
+from ..schedules.quality import quality_report_markdown
 from ..validation import schedule_spec
 from .common import add_model_args, load_model_from_args, print_json, sampling_from_args
 
@@ -52,45 +53,15 @@ def _search_quality(args: argparse.Namespace) -> int:
         schedule = result.best.with_changes(search=record, name=args.name or result.best.name,
                                             made_for=ModelFingerprint.of(model.config))  # searched on this model
         path = schedule.save(args.out)
-        path.with_suffix(".md").write_text(_report(schedule, result, args))
+        path.with_suffix(".md").write_text(quality_report_markdown(
+            schedule, result, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
+            bases=args.base, floor=args.floor, target_flops_ratio=args.target_flops_ratio))
         out["out"] = str(path)
     if args.json:
         print_json(out)
     else:
         print(json.dumps(out, indent=1, default=float))
     return 0 if result.best is not None else 1
-
-
-def _native_cells(row: dict, keys) -> list[str]:
-    return [f"{row[k]:.3f} | " if k.startswith("roughness") else f"{row[k]:.2f} | " for k in keys]
-
-
-def _report(schedule, result, args) -> str:
-    from ..schedules.quality import NATIVE_QUALITY
-    native = [k for k in NATIVE_QUALITY if k in result.floor]
-    lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
-             f"Searched by `lazymar search-quality` on calibration seed {args.seed} ({args.num_samples} samples, "
-             f"batch {args.batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
-             "", f"- base schedules: {', '.join(map(str, args.base))}; floor: {args.floor}",
-             f"- target predicted FLOPs ratio: >= {args.target_flops_ratio:g}",
-             f"- every seed that shaped it: {schedule.search['seeds']}"
-             + (" (with its base's own search)" if "base_search" in schedule.search else ""), "",
-             "| name | predicted FLOPs | FLOPs ratio | wall ratio | PSNR | accuracy | FID | "
-             + "".join(f"{k} | " for k in native) + "d_psnr [95% CI] | d_accuracy [95% CI] | d_fid [95% CI] | "
-             "verdict | feasible |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(native) + "---|---|---|---|---|",
-             f"| {result.floor['name']} (floor) | | {result.floor['flops_ratio']:.2f} | "
-             f"{result.floor['wall_ratio']:.2f} | {result.floor['psnr']:.2f} | {result.floor['accuracy']:.3f} | "
-             f"{result.floor['fid']:.2f} | " + "".join(_native_cells(result.floor, native)) + " | | | | |"]
-    from ..runs.intervals import cell
-    for r in result.measured:
-        diffs = " | ".join(cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"),
-                                3 if m == "accuracy" else 2) + f" ({r.get(f'verdict_{m}', '')})"
-                           for m in ("psnr", "accuracy", "fid"))
-        lines.append(f"| {r['name']} | {r['predicted_flops_ratio']:.2f} | {r['flops_ratio']:.2f} | "
-                     f"{r['wall_ratio']:.2f} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fid']:.2f} | "
-                     + "".join(_native_cells(r, native)) + f"{diffs} | {r.get('verdict', '')} | {r['feasible']} |")
-    return "\n".join(lines) + "\n"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

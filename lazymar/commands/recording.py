@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
 
 from .. import distributed
+from ..cache.engine import CacheEngine
 from ..recording import load_stats, merge_stats, save_stats
 from ..recording.dataset import RecordingError, reading
 from ..recording.driver import record
 from ..recording.summary import overview
 from ..validation import check_outputs, keep_bits, positive_int
 from .common import (add_model_args, add_sampling_args, add_schedule_arg, load_model_from_args, print_json,
-                     sampling_from_args)
+                     sampling_from_args, schedule_from_args)
 from .launch import launched
 
 
@@ -34,17 +36,14 @@ def _record(args: argparse.Namespace, out: Path) -> int:
     rank, world = distributed.rank(), distributed.world_size()
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
-    # checked now, not after the first batch; None ("none"): the plain model's own forward (the recorder's
-    # default row layout), else a fresh cache engine per batch on the one schedule
-    schedule = args.schedule.sampler_schedule(settings.num_iter, model.config)
-    runner_factory = None
-    if schedule is not None:
-        from ..cache.engine import CacheEngine
-        runner_factory = lambda: CacheEngine(schedule)  # noqa: E731
+    schedule = schedule_from_args(model, args, settings)
+    # None ("none"): the plain model's own forward (the recorder's default row layout)
+    runner_factory = None if schedule is None else functools.partial(CacheEngine, schedule)
     barrier = distributed.barrier if world > 1 else None
     start = time.perf_counter()
     ds = record(model, out, args.num_samples, settings, seed=args.seed, batch_size=args.batch_size,
-                model_name=str(args.model), runner_factory=runner_factory, schedule=str(args.schedule), rank=rank,
+                model_name=str(args.model), runner_factory=runner_factory,
+                schedule=str(getattr(args, "schedule", None) or "none"), rank=rank,
                 world_size=world, resume=args.resume, keep_bits=args.keep_bits, progress=not args.no_progress,
                 barrier=barrier)
     if barrier is not None:

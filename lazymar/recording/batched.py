@@ -27,8 +27,8 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
-def scatter_rows(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...], keep: tuple[str, ...],
-             B: int, P: int) -> tuple[Tensor, Tensor]:
+def features_at_positions(feats: Tensor, rows: Optional[Tensor], branches: tuple[str, ...],
+                          keep: tuple[str, ...], B: int, P: int) -> tuple[Tensor, Tensor]:
     """Layers' network rows (L, NB, n, ...) -> (L, len(keep) * B, P, ...) features at their positions,
     [cond; uncond], and validity (len(keep) * B, P)."""
     if rows is None and branches[: len(keep)] == keep:

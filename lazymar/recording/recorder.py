@@ -41,7 +41,8 @@ from torch import Tensor
 
 from ..model import MAR
 from ..sampling import BRANCHES, SamplingSettings, StepContext, StepObserver, current_step, observe_steps
-from .batched import HeadChanges, HeadStep, LayerFeatures, cfg_statistics, scatter_rows, token_cosines
+from .batched import (HeadChanges, HeadStep, LayerFeatures, cfg_statistics, features_at_positions,
+                      token_cosines)
 from .dataset import CFG_STATS, FEATURE_KINDS, RecordingError, STATUS_CODES, concat_batches, make_dataset
 
 # head steps stashed (references to res-block inputs/outputs) before their statistics are computed: bounds memory
@@ -325,7 +326,7 @@ class RedundancyRecorder(StepObserver):
         kinds = OUTPUT if start == OUTPUT.start else KEYS_VALUES
         keep = BRANCHES if (kinds == OUTPUT and "uncond" in branches) else ("cond",)
         stacked = torch.stack([feats for _, feats, _ in members])               # (L, NB, n, K, G, d)
-        full, valid = scatter_rows(stacked, members[0][2], branches, keep, B, P)
+        full, valid = features_at_positions(stacked, members[0][2], branches, keep, B, P)
         valid = valid.expand(len(members), -1, -1)
         layers = tuple(layer for layer, _, _ in members)
         current = LayerFeatures(step, layers, full, valid, B, with_cfg=len(keep) == 2)

@@ -20,6 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from .. import stats
+from ..tables import markdown_table
 from .execute import Run
 from .images import DigitsQuality, DigitsStream
 from .native_intervals import NATIVE_METRICS, native_metrics, native_sample_arrays
@@ -203,8 +204,7 @@ def verdict_markdown(df, baseline: str, options: IntervalOptions) -> str:
     """The differences against the baseline with their intervals, per-metric verdicts and the overall one."""
     metrics = [m for m in METRICS if f"d_{m}" in df.columns]
     head = ["name"] + [f"d_{m} [95% CI]" for m in metrics] + [f"verdict {m}" for m in metrics] + ["verdict"]
-    lines = [f"Against {baseline} ({options.describe()}):", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    rows = []
     for _, row in df.iterrows():
         cells = [str(row["name"])]
         cells += [cell(row.get(f"d_{m}"), row.get(f"d_{m}_ci_low"), row.get(f"d_{m}_ci_high"),
@@ -212,8 +212,8 @@ def verdict_markdown(df, baseline: str, options: IntervalOptions) -> str:
         cells += [str(row.get(f"verdict_{m}", "") if isinstance(row.get(f"verdict_{m}"), str) else "")
                   for m in metrics]
         cells.append(str(row.get("verdict", "") if isinstance(row.get("verdict"), str) else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return f"Against {baseline} ({options.describe()}):\n\n" + markdown_table(head, rows)
 
 
 def pooled_bench(per_seed: dict[int, dict], per_seed_arrays: dict[int, dict[str, dict]],

@@ -25,9 +25,9 @@ import torch
 MMAP_THRESHOLD = 128 << 10
 
 
-def _status_kb(field_name: str) -> Optional[int]:
+def _status_kb(field_name: str, pid: int | str = "self") -> Optional[int]:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -71,9 +71,16 @@ def weights_mb(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def resident_mb() -> Optional[float]:
-    """The process's resident set size in MiB (None off Linux)."""
-    kb = _status_kb("VmRSS")
+def resident_mb(pid: int | str = "self") -> Optional[float]:
+    """The resident set size of this process (or of process ``pid``) in MiB (None off Linux, or once it ended)."""
+    kb = _status_kb("VmRSS", pid)
+    return None if kb is None else kb / 1024
+
+
+def peak_resident_mb() -> Optional[float]:
+    """This process's peak resident set size (VmHWM) in MiB since it started or since :class:`PeakMemory` last
+    reset it (None off Linux)."""
+    kb = _status_kb("VmHWM")
     return None if kb is None else kb / 1024
 
 
@@ -103,5 +110,5 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif self._resettable and self.cpu_baseline_mb is not None:
-            hwm = _status_kb("VmHWM")
-            self.peak_mb = None if hwm is None else hwm / 1024 - self.cpu_baseline_mb
+            hwm = peak_resident_mb()
+            self.peak_mb = None if hwm is None else hwm - self.cpu_baseline_mb

@@ -8,17 +8,20 @@
   ``schedule_matrix`` for heat maps;
 - predicted_flops.py: memoised FLOPs predictions (calls to :mod:`lazymar.cache.flops`);
 - error_model.py: what a schedule leaves stale, and its calibration into predicted PSNR;
-- search.py: the FLOPs-budget and fidelity-floor searches.
+- search.py: the FLOPs-budget and fidelity-floor searches;
+- report.py: what ``lazymar derive`` reports of a derived schedule (record and markdown report).
 """
 from .derive import DerivedSchedule, derive_schedule, schedule_matrix
 from .error_model import ERROR_COMPONENTS, ErrorModel, calibrate_error_model, component_probe, error_components
 from .predicted_flops import predicted_flops
-from .profile import DERIVED_ALWAYS_KEEP, TAU_TOKEN_ALL, DerivationError, HeadProfile, RedundancyProfile
+from .profile import DERIVED_ALWAYS_KEEP, TAU_TOKEN_ALL, DerivationError, HeadProfile, RedundancyProfile, load_profile
+from .report import derive_outputs, derived_record, report_markdown, search_provenance, write_derived
 from .search import DEFAULT_GRID, SearchResult, candidate_schedules, search_budget, search_fidelity
 from .selection import SelectionStudyError, selection_markdown, selection_study
 
-__all__ = ["DERIVED_ALWAYS_KEEP", "DEFAULT_GRID", "ERROR_COMPONENTS", "TAU_TOKEN_ALL", "DerivationError",
-           "DerivedSchedule", "ErrorModel", "HeadProfile", "RedundancyProfile", "SearchResult", "SelectionStudyError",
-           "calibrate_error_model", "candidate_schedules", "component_probe", "derive_schedule", "error_components",
-           "predicted_flops", "schedule_matrix", "search_budget", "search_fidelity", "selection_markdown",
-           "selection_study"]
+__all__ = ["DERIVED_ALWAYS_KEEP", "DEFAULT_GRID", "ERROR_COMPONENTS", "TAU_TOKEN_ALL", "DerivationError", "DerivedSchedule",
+           "ErrorModel", "HeadProfile", "RedundancyProfile", "SearchResult", "SelectionStudyError",
+           "calibrate_error_model", "candidate_schedules", "component_probe", "derive_outputs", "derive_schedule",
+           "derived_record", "error_components", "load_profile", "predicted_flops", "report_markdown",
+           "schedule_matrix", "search_budget", "search_fidelity", "search_provenance", "selection_markdown",
+           "selection_study", "write_derived"]

@@ -33,7 +33,7 @@ thresholds into a :class:`~lazymar.cache.schedule_file.CacheSchedule` in millise
   reuses the parts whose error is <= tau_head (eps difference -> CFG cache; res-blocks -> reused residuals); the
   k that saves the most head FLOPs wins (ties: the smaller k). The exact hoisting of the head's invariants is on.
 
-Predicted FLOPs come from :func:`lazymar.cache.flops.estimate_generation_flops` (per image, batch 1: the
+Predicted FLOPs come from :func:`lazymar.cache.engine.estimate_generation_flops` (per image, batch 1: the
 conservative figure; a batch shares the hoisted time embedding, so measured ratios at batch 100 are ~4% higher),
 memoised in :mod:`lazymar.schedules.predicted_flops`. The per-step decisions are methods of
 :class:`~lazymar.schedules.profile.RedundancyProfile`; searches live in :mod:`lazymar.schedules.search`.

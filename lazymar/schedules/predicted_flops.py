@@ -1,14 +1,14 @@
 """Predicted FLOPs of schedules, memoised: searches price thousands of schedules that share their parts.
 
-Every figure comes from :func:`lazymar.cache.flops.estimate_generation_flops` (the accounting the engine's ledger
+Every figure comes from :func:`lazymar.cache.engine.estimate_generation_flops` (the accounting the engine's ledger
 matches); this module only caches calls to it, keyed by what each part depends on.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
-from ..cache.flops import estimate_generation_flops
-from ..cache.schedule_file import CacheSchedule, HeadCachePolicy, exact_schedule, none_schedule
+from ..cache.engine import estimate_generation_flops
+from ..cache.schedule_file import CacheSchedule, HeadCachePolicy, exact_schedule, load_schedule, none_schedule
 from ..config import MARConfig
 
 
@@ -50,3 +50,23 @@ def predicted_flops(schedule: CacheSchedule, config: MARConfig, use_cfg: bool = 
         totals = estimate_generation_flops(config, schedule, use_cfg=use_cfg, batch_size=batch_size).totals()
     base = baseline_flops(config, schedule.num_iter, use_cfg, batch_size)
     return {**{k: int(v) for k, v in totals.items()}, "baseline": int(base), "ratio": base / totals["total"]}
+
+
+def flops_ratios(config: MARConfig, schedules: list[str], num_iter: int, batch_size: int,
+                 use_cfg: bool = True) -> dict:
+    """Analytic FLOPs of each schedule (preset name or JSON file) and its ratios against the fastest exact uncached
+    sampler (head invariants hoisted: cache.schedule_file.exact_schedule, the "none" entry) at ``batch_size``
+    (``ratio``) and at batch 1 (``ratio_batch1``: the hoisted time embedding is shared by a batch's rows), and
+    ``released_convention``: the plain uncached sampler (no hoisting) over the released scheme
+    ("lazymar-released"), the convention of the LazyMAR paper's speed-ups, to set beside them."""
+    def total(schedule: CacheSchedule, batch: int) -> dict:
+        return estimate_generation_flops(config, schedule, batch_size=batch, use_cfg=use_cfg).totals()
+    out: dict = {"none": total(exact_schedule(num_iter), batch_size)}
+    for name in schedules:
+        schedule = load_schedule(name, num_iter, config)
+        priced = predicted_flops(schedule, config, use_cfg, batch_size)
+        out[str(name)] = {**{k: priced[k] for k in ("encoder", "decoder", "head", "total")}, "ratio": priced["ratio"],
+                          "ratio_batch1": predicted_flops(schedule, config, use_cfg, 1)["ratio"]}
+    released = total(load_schedule("lazymar-released", num_iter, config), batch_size)["total"]
+    out["released_convention"] = total(none_schedule(num_iter), batch_size)["total"] / released
+    return out

@@ -11,10 +11,10 @@ import json
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from ..errors import LazymarError
 from ..cache.schedule_file import HeadCachePolicy
 from ..config import MARConfig
 from ..recording import STATUS_CODES, load_stats
+from ..recording.dataset import reading
 from .levels import count_below, levels_from_counts, merge_counts, sample_chunks, stored_bits, value_counts
 from .predicted_flops import head_flops
 from .selection import selection_study
@@ -174,6 +175,17 @@ class RedundancyProfile:
                    residual_angle=residual_angle, guidance_weight=guidance_weight, head=head,
                    selection=selection_study(ds), source=source, attrs=attrs)
 
+    def check_model(self, config: MARConfig, num_iter: Optional[int], model: str) -> None:
+        """Refuse a model of ``config`` (named ``model``) other than the recording's, in one line naming both
+        (fingerprint.ModelMismatchError), and, with ``num_iter``, another step count (DerivationError): the
+        recording's schedules only fit that model and step count."""
+        from ..fingerprint import check_same_model
+        check_same_model(f"recording {self.source}", self.config, config, model,
+                         str(self.attrs.get("model", "")) or None)
+        if num_iter is not None and num_iter != self.num_iter:
+            raise DerivationError(f"the recording has {self.num_iter} steps but sampling uses {num_iter}; "
+                                  f"pass --num-iter {self.num_iter}")
+
     @property
     def recommended_layer(self) -> int:
         """The selection layer the selection-layer study recommends."""
@@ -319,3 +331,14 @@ def _weighted_quantiles(values: np.ndarray, counts: np.ndarray, q: Sequence[floa
         hi = min(lo + 1, total - 1)
         out[float(x)] = at(lo) + (h - lo) * (at(hi) - at(lo))
     return out
+
+
+def load_profile(stats: str | Path) -> RedundancyProfile:
+    """The redundancy profile of the recording at ``stats``; a recording without any finite token similarity (e.g.
+    all NaN) cannot rank positions, so it is rejected with one line instead of failing inside the search. A
+    damaged chunk of a lazily opened store surfaces while the profile reads it: one line naming the store."""
+    ds = load_stats(stats)
+    with reading(stats):
+        if "token_cosine" in ds and not np.isfinite(ds["token_cosine"].values).any():
+            raise DerivationError(f"{stats}: token_cosine holds no finite values (all NaN); record it again")
+        return replace(RedundancyProfile.from_stats(ds), source=str(stats))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..cache.schedule_file import CacheSchedule, HeadCachePolicy
 from ..config import MARConfig
+from ..tables import markdown_table
 from .predicted_flops import predicted_flops
 from .profile import DerivationError
 
@@ -167,3 +168,33 @@ def quality_search(reference, floor_schedule: CacheSchedule, candidates: Sequenc
         if row["feasible"] and (best_row is None or objective.rank_key(row) > objective.rank_key(best_row)):
             best_row, result.best = row, schedule
     return result
+
+
+def quality_report_markdown(schedule: CacheSchedule, result: QualitySearchResult, *, seed: int, num_samples: int,
+                            batch_size: int, bases: Sequence[str], floor: str, target_flops_ratio: float) -> str:
+    """The markdown report of ``lazymar search-quality``'s pick ``schedule`` (with its ``search`` record) from
+    ``result``: how it was searched, and the floor and every measured candidate with the quality differences and
+    verdicts."""
+    from ..runs.intervals import cell
+    native = [k for k in NATIVE_QUALITY if k in result.floor]
+    lines = [f"# Quality-searched cache schedule `{schedule.name}`", "",
+             f"Searched by `lazymar search-quality` on calibration seed {seed} ({num_samples} samples, "
+             f"batch {batch_size}); objective: {schedule.search['objective']}. Quote results from other seeds.",
+             "", f"- base schedules: {', '.join(bases)}; floor: {floor}",
+             f"- target predicted FLOPs ratio: >= {target_flops_ratio:g}",
+             f"- every seed that shaped it: {schedule.search['seeds']}"
+             + (" (with its base's own search)" if "base_search" in schedule.search else ""), ""]
+
+    def measured(r: dict, name: str, predicted: str) -> list[str]:
+        return [name, predicted, f"{r['flops_ratio']:.2f}", f"{r['wall_ratio']:.2f}", f"{r['psnr']:.2f}",
+                f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
+                *[f"{r[k]:.3f}" if k.startswith("roughness") else f"{r[k]:.2f}" for k in native]]
+    rows = [measured(result.floor, f"{result.floor['name']} (floor)", "") + [""] * 5]
+    for r in result.measured:
+        diffs = [cell(r.get(f"d_{m}"), r.get(f"d_{m}_ci_low"), r.get(f"d_{m}_ci_high"), 3 if m == "accuracy" else 2)
+                 + f" ({r.get(f'verdict_{m}', '')})" for m in ("psnr", "accuracy", "fid")]
+        rows.append(measured(r, r["name"], f"{r['predicted_flops_ratio']:.2f}") + diffs
+                    + [r.get("verdict", ""), r["feasible"]])
+    columns = ["name", "predicted FLOPs", "FLOPs ratio", "wall ratio", "PSNR", "accuracy", "FID", *native,
+               "d_psnr [95% CI]", "d_accuracy [95% CI]", "d_fid [95% CI]", "verdict", "feasible"]
+    return "\n".join(lines + [markdown_table(columns, rows)]) + "\n"

@@ -26,6 +26,7 @@ from scipy.stats import rankdata
 
 from ..errors import LazymarError
 from ..recording import STATUS_CODES
+from ..tables import markdown_table
 from .levels import sample_chunks
 
 ALWAYS_KEPT = ("to_predict", "new")
@@ -120,8 +121,6 @@ def _se(values: np.ndarray) -> float:
 
 def selection_markdown(table: pd.DataFrame) -> str:
     """The study as a markdown table."""
-    lines = ["| layer | Spearman | AUROC (top 20%) | recommended |", "|---|---|---|---|"]
-    for layer, r in table.iterrows():
-        lines.append(f"| {layer} | {r.spearman:.3f} ± {r.spearman_se:.3f} | {r.auroc:.3f} ± {r.auroc_se:.3f} | "
-                     f"{'yes' if r.recommended else ''} |")
-    return "\n".join(lines)
+    return markdown_table(["layer", "Spearman", "AUROC (top 20%)", "recommended"],
+                          [[layer, f"{r.spearman:.3f} ± {r.spearman_se:.3f}", f"{r.auroc:.3f} ± {r.auroc_se:.3f}",
+                            "yes" if r.recommended else ""] for layer, r in table.iterrows()])
