@@ -19,7 +19,7 @@ def _reference(args: argparse.Namespace, profile):
     from ..runs import Reference, RunError, SamplePlan
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
-    profile.check_model(model.config, settings.num_iter, args.model)
+    profile.check_model(model.config, settings.num_iter, f"--model {args.model}")
     if model.config.vae_stride != 1:
         raise RunError("measured PSNR is taken on images and this model's tokens are VAE latents; "
                        "use --no-measure for a budget search")
@@ -60,7 +60,7 @@ def _derive(args: argparse.Namespace) -> int:
     if args.model is None:  # default: the recording's own model
         args.model = str(profile.attrs.get("model", "digits"))
     else:  # a --model given must be the recording's, checked before any search
-        profile.check_model(load_model_from_args(args).config, None, args.model)
+        profile.check_model(load_model_from_args(args).config, None, f"--model {args.model}")
     measured, considered, reference = [], None, None
     mode = "thresholds"
     if args.target_flops_ratio is not None or args.min_psnr is not None:
@@ -150,7 +150,7 @@ def _sweep(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = sampling_from_args(model, args)
     if profile is not None:
-        profile.check_model(model.config, settings.num_iter, args.model)
+        profile.check_model(model.config, settings.num_iter, f"--model {args.model}")
     # MARché / GtR at the paper's settings (lazymar.peers), else presets and schedule files
     extra = [peers.preset_point(spec, settings, model.config) if spec in peers.PEER_PRESETS
              else sweep.schedule_point(spec, settings, model.config) for spec in args.schedule or []]
