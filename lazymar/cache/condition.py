@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import StepContext
-from .mechanism import CacheMechanism, EngineRun, TransformerPass
+from .mechanism import CacheMechanism, CacheShape, EngineRun, TransformerPass
 from .buffers import CACHE_DTYPE
 
 
@@ -38,6 +38,13 @@ class ConditionCache(CacheMechanism):
             step.x = self.complete(step.x)
         elif self.keep[ctx.step]:
             self.store(step.x)
+
+    def cache_bytes(self, shape: CacheShape) -> int:
+        """uncond - cond of the last block's output, for every position of the batch, when a step reuses it."""
+        c = shape.config
+        if not shape.later(lambda p: p.condition_cache):
+            return 0
+        return shape.batch_size * (c.buffer_size + c.seq_len) * c.decoder_embed_dim * shape.element_bytes
 
     def reset(self) -> None:
         self.difference: Optional[Tensor] = None

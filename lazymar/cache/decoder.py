@@ -16,7 +16,7 @@ from torch import Tensor
 from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
-from .mechanism import CacheMechanism, EngineRun, StepPrice, TransformerPass
+from .mechanism import CacheMechanism, CacheShape, EngineRun, StepPrice, TransformerPass
 from .schedule_file import CacheSchedule, StepPlan
 from .attention_selection import attention_received, capturing_queries, scoring_queries
 from .buffers import CACHE_DTYPE, keep_rows, scatter_rows
@@ -62,6 +62,15 @@ class DecoderTokenCache(CacheMechanism):
             flops += F.attention_score_flops(N, c.decoder_num_heads, counts.new + counts.to_predict, total,
                                              c.decoder_embed_dim // c.decoder_num_heads)
         return {"decoder": flops}
+
+    def cache_bytes(self, shape: CacheShape) -> int:
+        """When a later step is a cached one: the last block's output, K and V of the blocks after the selection
+        layer, and (similarity selection) the selection layer's V, each for every position."""
+        c, sch = shape.config, shape.schedule
+        if not shape.later(lambda p: not p.refresh):
+            return 0
+        arrays = 1 + 2 * (c.decoder_depth - sch.selection_layer - 1) + (sch.selection == "similarity")
+        return shape.rows * (c.buffer_size + c.seq_len) * c.decoder_embed_dim * arrays * shape.element_bytes
 
     def reset(self) -> None:
         if self.model is None:  # not bound yet

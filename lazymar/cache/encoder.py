@@ -17,7 +17,7 @@ from torch import Tensor
 from ..model import MAR, KVHook
 from ..sampling import StepContext
 from . import flops as F
-from .mechanism import CacheMechanism, EngineRun, StepPrice, TransformerPass
+from .mechanism import CacheMechanism, CacheShape, EngineRun, StepPrice, TransformerPass
 from .schedule_file import StepPlan
 from .buffers import CACHE_DTYPE, keep_rows, scatter_rows, write_slices
 
@@ -55,6 +55,16 @@ class EncoderCache(CacheMechanism):
             embedded, run = c.seq_len, visible
         blocks = c.encoder_depth * F.encoder_block_flops(c, N, run, visible)
         return {"encoder": F.token_embed_flops(c, N * embedded) + blocks, "decoder": F.decoder_embed_flops(c, N * run)}
+
+    def cache_bytes(self, shape: CacheShape) -> int:
+        """K and V of every encoder block and the decoder embeddings, for every position (buffer + tokens), when a
+        later step runs the encoder incrementally."""
+        c = shape.config
+        if not shape.later(lambda p: p.incremental_encoder):
+            return 0
+        positions = c.buffer_size + c.seq_len
+        return shape.rows * positions * (2 * c.encoder_depth * c.encoder_embed_dim + c.decoder_embed_dim) \
+            * shape.element_bytes
 
     def reset(self) -> None:
         depth = len(self.model.encoder_blocks) if self.model is not None else 0

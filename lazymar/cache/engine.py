@@ -42,7 +42,7 @@ from .condition import ConditionCache
 from .decoder import DecoderTokenCache
 from .encoder import EncoderCache
 from .head import HeadCache
-from .mechanism import CacheMechanism, EngineRun, HeadPass, StepPrice, TransformerPass
+from .mechanism import CacheMechanism, CacheShape, EngineRun, HeadPass, StepPrice, TransformerPass
 from .schedule_file import CacheSchedule
 from .buffers import CACHE_DTYPE
 
@@ -87,11 +87,15 @@ class CacheEngine(StepRunner):
     def head_cache(self) -> Optional[HeadCache]:
         return self.mechanism(HeadCache)
 
+    def schedule_plans(self, settings: SamplingSettings) -> list:
+        """The schedule's plan of every step under ``settings`` (with or without CFG)."""
+        return [self.schedule.step_plan(s, settings.cfg != 1.0) for s in range(self.schedule.num_iter)]
+
     def start(self, model: MAR, settings: SamplingSettings, batch_size: int) -> None:
         sch = self.schedule
         sch.validate_for(model.config, settings.num_iter)
         self.model = model
-        plans = self.plans = [sch.step_plan(s, settings.cfg != 1.0) for s in range(sch.num_iter)]
+        plans = self.plans = self.schedule_plans(settings)
         # rows kept in caches: the network rows that cached steps run (cond first)
         both = any(p.branches == 2 for p in plans if not p.refresh)
         self.cache_rows = batch_size * (2 if both else 1)
@@ -101,6 +105,7 @@ class CacheEngine(StepRunner):
         run = EngineRun(model, sch, plans, self.cache_rows, self.flops, self.cache_dtype)
         for mechanism in self.mechanisms:
             mechanism.start(run)
+        self.peak_cache_bytes = {type(m).__name__: 0 for m in self.mechanisms}  # measured, after each step
 
     def reset(self) -> None:
         """Release every cache (done after the last step of a generation)."""
@@ -121,6 +126,9 @@ class CacheEngine(StepRunner):
             mechanism.run_decoder(ctx, step)
         for mechanism in self.mechanisms:
             mechanism.run_output(ctx, step)
+        for mechanism in self.mechanisms:  # what the caches keep for later steps (a few tensors: cheap)
+            name = type(mechanism).__name__
+            self.peak_cache_bytes[name] = max(self.peak_cache_bytes[name], mechanism.held_bytes())
         return self.model.decoder_output(step.x)
 
     def head(self, ctx: StepContext, z: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
@@ -152,3 +160,18 @@ def estimate_generation_flops(config: MARConfig, schedule: CacheSchedule, batch_
             for component, flops in mechanism.flops(price).items():
                 ledger.add(component, flops)
     return ledger
+
+
+def estimate_cache_bytes(config: MARConfig, schedule: CacheSchedule, batch_size: int = 1, use_cfg: bool = True,
+                         cache_dtype: torch.dtype = CACHE_DTYPE,
+                         mechanisms: Optional[Sequence[CacheMechanism]] = None) -> dict[str, int]:
+    """The bytes each mechanism (by class name) keeps between steps at its largest, for a generation of
+    ``batch_size`` samples under ``schedule``: the cache-memory model, asked of the same mechanism objects the
+    engine runs (default: :func:`default_mechanisms`). An engine measures the same quantity in
+    ``peak_cache_bytes``. The head cache lives within one MAR step and keeps nothing between steps."""
+    mechanisms = list(mechanisms) if mechanisms is not None else default_mechanisms()
+    plans = [schedule.step_plan(s, use_cfg) for s in range(schedule.num_iter)]
+    both = any(p.branches == 2 for p in plans if not p.refresh)
+    shape = CacheShape(config, schedule, plans, batch_size * (2 if both else 1), batch_size,
+                       torch.empty((), dtype=cache_dtype).element_size())
+    return {type(m).__name__: m.cache_bytes(shape) for m in mechanisms}

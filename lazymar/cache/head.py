@@ -21,7 +21,7 @@ from torch import Tensor
 from ..model import MAR
 from ..sampling import StepContext, sample_head
 from . import flops as F
-from .mechanism import CacheMechanism, EngineRun, HeadPass, StepPrice
+from .mechanism import CacheMechanism, EngineRun, HeadPass, StepPrice, tensor_bytes
 from .schedule_file import HeadCachePolicy
 
 
@@ -78,6 +78,10 @@ class HeadCache(CacheMechanism):
             self.ledger.add("head", F.head_net_flops(self.config, x.shape[0]))
             return plain(x, i, zz)
         return diffloss.sample(z, temperature, cfg, generator, denoise=denoise, steps=steps)
+
+    def held_bytes(self) -> int:
+        """The head's caches (not its diffusion tables); they live within one MAR step."""
+        return tensor_bytes(self.cond, self.eps_difference, self.deltas, self.mlps, self._mlp_out)
 
     def reset(self) -> None:
         self.cond: Optional[Tensor] = None         # hoisted cond_embed(z)

@@ -68,6 +68,23 @@ class HeadPass:
 
 
 @dataclass(frozen=True)
+class CacheShape:
+    """What the cache-memory model tells a mechanism about a generation: every step's plan, the rows the caches
+    keep (the batch, or twice it when cached steps run both CFG branches) and the bytes of one cached element."""
+
+    config: MARConfig
+    schedule: CacheSchedule
+    plans: list[StepPlan]
+    rows: int
+    batch_size: int
+    element_bytes: int
+
+    def later(self, use: Callable[[StepPlan], bool]) -> bool:
+        """Whether some step after the first satisfies ``use`` (then an earlier step keeps its work)."""
+        return any(use(p) for p in self.plans[1:])
+
+
+@dataclass(frozen=True)
 class StepPrice:
     """What the analytic FLOPs model tells a mechanism about one step of a generation of ``batch_size`` samples."""
 
@@ -119,3 +136,32 @@ class CacheMechanism:
         """The FLOPs per component (lazymar.cache.flops.COMPONENTS) this mechanism charges on the step ``price``
         describes; none by default."""
         return {}
+
+    def cache_bytes(self, shape: CacheShape) -> int:
+        """The bytes this mechanism keeps between steps at its largest, for the generation ``shape`` describes (the
+        cache-memory model; :meth:`held_bytes` measures it); none by default."""
+        return 0
+
+    def held_bytes(self) -> int:
+        """The bytes of the tensors the mechanism holds now (its attributes, and lists and dicts of tensors in
+        them), each storage counted once; a mechanism with constant tables overrides it to count its caches."""
+        return tensor_bytes(*vars(self).values())
+
+
+def tensor_bytes(*values) -> int:
+    """The bytes of the tensors in ``values`` (and in lists, tuples and dicts of them), each storage once."""
+    seen: dict[int, int] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+    for value in values:
+        visit(value)
+    return sum(seen.values())
