@@ -12,11 +12,16 @@
 # mechanism, attention, redundancy over training, and lean caches.
 
 # %% tags=["parameters"]
-STATS = "../data/stats/digits16.zarr"    # a recording (`lazymar record`) of the model below
-MODELS = {                               # model -> {figure column name: schedule (preset name or JSON path)}
-    "digits16": {"lazymar preset": "lazymar", "digits16_3.5x_q": "../data/schedules/digits16_3.5x_q.json"},
-    "digits": {"lazymar preset": "lazymar", "digits_4.5x": "../data/schedules/digits_4.5x.json"},
-}
+STATS = "../data/stats/digits16.zarr"    # a recording (`lazymar record`) of MODEL
+MODEL = "digits16"                       # "digits", "digits16" or a path to an official MAR checkpoint
+VAE = None                               # path to the KL-16 VAE of an official MAR checkpoint (None: none)
+DEVICE = "cpu"                           # torch device
+ARCH = None                              # architecture of a checkpoint that does not name it (e.g. "mar_base")
+NUM_ITER = None                          # MAR steps of the sample comparison (None: the model's default)
+SCHEDULES = {                            # figure column name -> schedule (preset name or JSON path) for MODEL
+    "lazymar preset": "lazymar", "digits16_3.5x_q": "../data/schedules/digits16_3.5x_q.json"}
+ALSO = {                                 # other models drawn the same way: model -> {column name: schedule}
+    "digits": {"lazymar preset": "lazymar", "digits_4.5x": "../data/schedules/digits_4.5x.json"}}
 LABELS = (0, 2, 5, 8)                    # one sample of each class per figure
 SEED = 7                                 # a held-out seed (no schedule search used it)
 LAYER = "decoder.3"                      # the layer whose token change is mapped
@@ -24,12 +29,13 @@ INK = -0.5                               # a pixel above this value (range -1 bl
 FIGURES = "../runs/figures/05"           # folder to also save the figures into (None: display only)
 
 # %%
+from dataclasses import replace
+
 from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
 from analysis import redundancy_maps, workbook
 from analysis.sample_differences import draw_sample_differences, sample_differences
-from lazymar import load_model
 from lazymar.cache import load_schedule
 from lazymar.recording import load_stats
 from lazymar.runs import SamplePlan
@@ -45,22 +51,24 @@ save = writer.figure
 # random draw with the uncached run, so the maps show only what reuse changed.
 
 # %%
-for name, schedules in tqdm(MODELS.items(), desc="models"):
-    model = load_model(name)
-    settings = model.sampling_defaults
+for name, schedules in tqdm({MODEL: SCHEDULES, **ALSO}.items(), desc="models"):
+    model, vae = workbook.load_model(name, VAE if name == MODEL else None, DEVICE, ARCH if name == MODEL else None)
+    settings = model.sampling_defaults if NUM_ITER is None else replace(model.sampling_defaults, num_iter=NUM_ITER)
     plan = SamplePlan(tuple(LABELS), seed=SEED, batch_size=len(LABELS))
     runs = {column: load_schedule(spec, settings.num_iter, model.config) for column, spec in schedules.items()}
-    found = sample_differences(model, runs, plan, settings, progress=True)
-    save(draw_sample_differences(found, title=f"{name}: cached against uncached samples, seed {SEED}"),
-         f"nb_sample_differences_{name}")
+    found = sample_differences(model, runs, plan, settings, vae=vae, progress=True)
+    label = workbook.model_label(name)
+    save(draw_sample_differences(found, title=f"{label}: cached against uncached samples, seed {SEED}"),
+         f"nb_sample_differences_{label}")
     ink = (found.uncached.mean(axis=-1) > INK)  # pixels with ink in the uncached sample
     lines = []
     for column in runs:
         difference = found.difference(column)
-        lines.append(f"- {column}: PSNR {found.psnr(column).min():.1f}-{found.psnr(column).max():.1f} dB; "
-                     f"{difference[ink].sum() / difference.sum():.0%} of the absolute difference lies on the "
-                     f"{ink.mean():.0%} of pixels that carry ink in the uncached sample")
-    display(Markdown(f"**{name}** ({len(LABELS)} samples, {settings.num_iter} steps, cfg {settings.cfg:g}):\n"
+        share = (f"{difference[ink].sum() / difference.sum():.0%} of the absolute difference lies on the "
+                 f"{ink.mean():.0%} of pixels that carry ink in the uncached sample" if difference.sum() > 0
+                 else "identical to the uncached samples (no step reuses anything at these settings)")
+        lines.append(f"- {column}: PSNR {found.psnr(column).min():.1f}-{found.psnr(column).max():.1f} dB; {share}")
+    display(Markdown(f"**{label}** ({len(LABELS)} samples, {settings.num_iter} steps, cfg {settings.cfg:g}):\n"
                      + "\n".join(lines)))
 
 # %% [markdown]

@@ -228,6 +228,8 @@ OFFICIAL_PARAMETERS = {  # per notebook: what differs for a 2+2-block model reco
     "03_cache_schedules": {"SWEEP": None, "CHECK_SAMPLES": 2},
     "04_paper_figures": {"SWEEP": "no_sweep.csv", "LIVE_SAMPLES": 2, "ABLATION_SAMPLES": 2, "REFRESH_INTERVALS": (2,),
                          "COMPARE": {}},
+    "05_beyond_the_paper": {"NUM_ITER": 16, "SCHEDULES": {"lazymar preset": "lazymar"}, "ALSO": {},
+                            "LAYER": "decoder.1", "LABELS": (0, 1)},
 }
 # appended to notebook 03: press Measure (the VAE makes images, so the sample grid is drawn) and save the schedule
 CHECK_CELL = """result = explorer.run_check(timeout=600)
