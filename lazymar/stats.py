@@ -87,19 +87,28 @@ class RealStatistics:
 
 
 def fid_of_features(features: np.ndarray, real: RealStatistics, weights: np.ndarray,
-                    chunk: int = 32) -> np.ndarray:
+                    chunk: Optional[int] = None, budget_bytes: int = 256 * 2**20) -> np.ndarray:
     """FID of each weighting (rows of ``weights``, counts summing to n) of the (n, D) features against ``real``:
-    ||mu - mu_r||^2 + tr S + tr R - 2 tr sqrt(R^1/2 S R^1/2), S the weighted covariance (ddof 1, as np.cov)."""
+    ||mu - mu_r||^2 + tr S + tr R - 2 tr sqrt(R^1/2 S R^1/2), S the weighted covariance (ddof 1, as np.cov).
+
+    Memory stays within about ``budget_bytes`` whatever n and D are (Inception's D = 2048 at 50,000 samples
+    included): weightings are taken ``chunk`` at a time (default: as many (D, D) covariances as fit the budget)
+    and their second moments summed over blocks of samples."""
     features = np.asarray(features, np.float64)
     weights = np.atleast_2d(np.asarray(weights, np.float64))
-    n = features.shape[0]
+    n, dim = features.shape
     if n < 2:  # no covariance from one sample: FID is undefined (NaN), as for the point estimate
         return np.full(len(weights), np.nan)
+    chunk = chunk or max(1, min(len(weights), budget_bytes // (3 * 8 * dim * dim)))
+    rows = max(1, budget_bytes // (8 * dim * chunk))  # samples per block of the (b, D, rows) weighted features
     out = np.empty(len(weights))
     for start in range(0, len(weights), chunk):
         w = weights[start:start + chunk]
         mu = w @ features / n                                                     # (b, D)
-        second = np.matmul(features.T[None] * w[:, None, :], features)            # (b, D, D)
+        second = np.zeros((len(w), dim, dim))
+        for first in range(0, n, rows):
+            block = features[first:first + rows]
+            second += np.matmul(block.T[None] * w[:, None, first:first + rows], block)
         cov = (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
         inner = real.root @ cov @ real.root
         eig = np.linalg.eigvalsh((inner + np.swapaxes(inner, 1, 2)) / 2)

@@ -143,3 +143,22 @@ def test_eval_without_torch_fidelity_says_so_in_one_line_before_sampling(tmp_pat
     assert "torch-fidelity" in err and err.startswith("lazymar eval: error:")
     assert main(["eval", "--model", str(checkpoint), "--fid-stats", str(tmp_path / "stats.npz")]) == 2
     assert "--vae" in capsys.readouterr().err
+
+
+def test_imagenet_runs_get_fid_intervals_from_their_kept_features(imagenet_quality):
+    """A VAE model's sweep row gets FID intervals and a paired FID verdict, resampled from the Inception features
+    the stream kept (no image scored again); the point FID is the run's own."""
+    from lazymar.runs import intervals
+    model, vae, quality = latent_mar(), upsampling_vae(), imagenet_quality("cpu")
+    plan = SamplePlan.balanced(12, 10, seed=3, batch_size=6)
+    reference = Reference(model, plan, SETTINGS, vae=vae, evaluator=quality)
+    run, row = reference.measure(load_schedule("lazymar", SETTINGS.num_iter, model.config))
+    arrays = {"none": intervals.sample_arrays(reference.run, reference.run, quality),
+              "lazymar": intervals.sample_arrays(run, reference.run, quality)}
+    assert arrays["lazymar"]["features"].shape == (12, 64)
+    found = intervals.intervals([arrays], intervals.IntervalOptions(resamples=200, baseline="none"), quality,
+                                baseline="none")
+    fid = found["lazymar"]
+    assert fid["fid"] == pytest.approx(row["fid"], rel=1e-5)
+    assert math.isfinite(fid["fid_ci_low"]) and fid["fid_ci_high"] > fid["fid_ci_low"]
+    assert "d_fid" in fid and fid["verdict_fid"] in ("better", "no worse", "worse", "inconclusive")

@@ -60,6 +60,9 @@ def real_statistics(evaluator) -> Optional[stats.RealStatistics]:
     if isinstance(evaluator, DigitsQuality):
         from ..metrics import _train_statistics
         return stats.RealStatistics.of(*_train_statistics())
+    from ..imagenet import ImageNetQuality
+    if isinstance(evaluator, ImageNetQuality):  # the FID reference statistics (e.g. ADM's in256)
+        return stats.RealStatistics.of(evaluator.reference.mu, evaluator.reference.sigma)
     return None
 
 
@@ -68,13 +71,22 @@ def sample_arrays(run: Run, reference: Optional[Run], evaluator=None) -> dict:
     error per sample) against ``reference`` (None without images) and the evaluator's arrays
     (:func:`image_sample_arrays`). Under torchrun each rank contributes its own samples
     (runs.compare.sample_squared_errors, the evaluator's merged stream), as one process computes them: a collective
-    call, made on every rank. ImageNet runs: ``sq_err`` only."""
+    call, made on every rank. ImageNet runs: ``sq_err`` and ``features``, the Inception pool features that the
+    evaluator's stream kept per sample (FID is resampled from them; no image is scored again)."""
     from .compare import sample_squared_errors
     out = image_sample_arrays(None, [], None)
     if reference is not None:
         errors = sample_squared_errors(run, reference)
         if errors.get("images") is not None:
             out["sq_err"] = errors["images"] / errors["image_elements"]
+    from ..imagenet import ImageNetQuality
+    if isinstance(evaluator, ImageNetQuality):
+        stream = getattr(run, "quality_stream", None)
+        if stream is None:  # not scored yet: score this run's samples now
+            run.score(evaluator)
+            stream = run.quality_stream
+        if stream is not None and stream.state().count:
+            out["features"] = stream.state().ordered_features()
     if isinstance(evaluator, DigitsQuality):
         stream = getattr(run, "quality_stream", None)
         if not isinstance(stream, DigitsStream):  # not scored yet: score this run's samples now
