@@ -54,6 +54,8 @@ figures: setup
 	    notebooks/04_paper_figures.py $(FIGURE_SETTINGS) --set MODEL='"digits16"' \
 	    --set STATS='"../data/stats/digits16.zarr"' --set SWEEP='"../data/sweeps/digits16_heldout_seed7.csv"' \
 	    --set FIGURES='"../data/figures/digits16"'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m analysis.run_notebook \
+	    notebooks/05_beyond_the_paper.py --set FIGURES='"../data/figures/beyond"'
 	@echo "data/figures: timings (seconds, wall_ratio of ablations.*) were measured on this machine, one thread"
 
 # After editing a notebook's .py source (the .ipynb twins follow; see notebooks/jupytext.toml).
